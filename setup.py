@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="vitprune",
+    version="0.1.0",
+    description="Structured lottery tickets for Vision Transformers: Refill and RSST, with Triton kernels",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder is installed as vitprune.kernels, so the package never
+    # claims the generic top-level name `kernels`.
+    packages=["vitprune", "vitprune.kernels"],
+    package_dir={"vitprune": "vitprune", "vitprune.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0",
+        "fire>=0.5",
+        "wandb>=0.16",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "matplotlib",
+        "scipy",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={"dev": ["pytest>=7"], "report": ["wandb-workspaces"]},
+)

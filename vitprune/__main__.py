@@ -1,0 +1,97 @@
+"""Command line: python -m vitprune run|report|sweep|bench|export|info (Fire).
+
+Bad input ends with one line naming the flag and the valid values, exit code 2.
+"""
+import json
+import sys
+from pathlib import Path
+
+import fire
+
+from vitprune.config import ConfigError, from_flags
+
+# Flags that may change when a run is resumed: they say how to execute, not what to compute.
+EXECUTION_FLAGS = {"resume", "overwrite", "device", "kernels", "precision", "compile", "data_dir",
+                   "out_dir", "name", "wandb", "wandb_project", "wandb_entity"}
+
+
+def run(**flags):
+    """Run the state loop. Flags are the fields of vitprune.config.Config, e.g.
+    --method=rsst --dataset=cifar100 --ratio=0.7 --states=16 --epochs=60."""
+    from vitprune.train import run as run_loop
+    cfg = from_flags(flags)
+    if cfg.resume:
+        cfg = _resumed_config(cfg, flags)
+    run_loop(cfg)
+
+
+def _resumed_config(cfg, flags):
+    """The saved config of the run folder, with only execution flags taken from the command."""
+    path = Path(cfg.out_dir) / cfg.run_name / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no run folder with config.json at {path.parent}; check --out_dir and --name")
+    saved = json.loads(path.read_text())
+    for key, value in flags.items():
+        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved.get(key):
+            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved.get(key)!r} in {path}; "
+                              f"a resumed run keeps its config (drop the flag or start a new run)")
+    saved.update({k: getattr(cfg, k) for k in EXECUTION_FLAGS if k in flags})
+    saved["resume"] = True
+    saved["name"] = cfg.run_name
+    return from_flags(saved)
+
+
+def report(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wandb_report=None):
+    """Seed-style Markdown report (+ PNG plots) comparing run folders."""
+    from vitprune.report import main
+    main(*run_dirs, out=out, wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_report=wandb_report)
+
+
+def sweep(path, dry_run=False, out_dir="runs"):
+    """Run a W&B grid sweep YAML locally, one run after another (resumable)."""
+    from vitprune.sweep import main
+    main(path, dry_run=dry_run, out_dir=out_dir)
+
+
+def info():
+    """Versions of torch/timm/triton/wandb and the devices this machine offers."""
+    import platform
+
+    import torch
+    from vitprune import kernels
+    lines = [f"python  {platform.python_version()}", f"torch   {torch.__version__}"]
+    for name in ("torchvision", "timm", "triton", "wandb", "fire"):
+        try:
+            lines.append(f"{name:<7} {__import__(name).__version__}")
+        except Exception:
+            lines.append(f"{name:<7} not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i}  {p.name}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("cuda    not available (CPU only)")
+    lines.append(f"kernels auto -> {kernels.resolve_backend('auto', 'cuda' if torch.cuda.is_available() else 'cpu')}")
+    import os
+    mode = os.environ.get("WANDB_MODE", "auto")
+    lines.append(f"wandb   WANDB_MODE={mode}, API key {'set' if os.environ.get('WANDB_API_KEY') else 'not in the environment'}")
+    print("\n".join(lines))
+
+
+def main():
+    commands = {"run": run, "report": report, "sweep": sweep, "info": info}
+    for optional in ("bench", "export"):
+        try:
+            module = __import__(f"vitprune.{optional}", fromlist=["cli"])
+            commands[optional] = module.cli
+        except (ImportError, AttributeError):
+            pass
+    try:
+        fire.Fire(commands)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Run logging: metrics.jsonl (the source of truth) and W&B.
+
+metrics.jsonl holds one JSON object per line: {"kind": "epoch", ...} after every epoch and
+{"kind": "state", ...} after every state; accuracies are in percent.
+
+W&B mirrors every record under the same names (see `wandb_names`):
+- epoch metrics keep their metrics.jsonl names (val_acc, train_loss, ...) and are plotted
+  against `global_epoch`;
+- state metrics are prefixed `state/` (state/final_test_acc, state/time_s, ...) because several
+  names (time_s, target_norm_ratio) exist in both kinds, and are plotted against `state`.
+W&B is a mirror only: any failure there warns once and training goes on.
+"""
+import json
+import netrc
+import os
+import sys
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+EPOCH_STEP = "global_epoch"
+STATE_STEP = "state"
+STATE_PREFIX = "state/"
+
+
+def write_json_atomic(path, obj):
+    """Write JSON through a temp file + rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir):
+    """All records of a run folder's metrics.jsonl (a torn last line is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def wandb_names(record: dict) -> dict:
+    """The W&B row of a metrics.jsonl record: its numeric fields under their W&B names."""
+    row = {}
+    for key, value in record.items():
+        if key == "kind" or isinstance(value, str) or value is None:
+            continue
+        if record["kind"] == "state" and key != STATE_STEP:
+            key = STATE_PREFIX + key
+        row[key] = value
+    return row
+
+
+def record_from_wandb(row: dict):
+    """Inverse of `wandb_names` for one W&B history row (W&B's own `_step`, `_runtime`, ...
+    are dropped); None for a row that is neither kind."""
+    if any(k.startswith(STATE_PREFIX) for k in row):
+        record = {"kind": "state", STATE_STEP: row.get(STATE_STEP)}
+        record.update({k[len(STATE_PREFIX):]: v for k, v in row.items() if k.startswith(STATE_PREFIX)})
+    elif EPOCH_STEP in row:
+        record = {"kind": "epoch"}
+        record.update({k: v for k, v in row.items() if not k.startswith("_")})
+    else:
+        return None
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def has_wandb_credentials() -> bool:
+    """Whether W&B could log in without a prompt: an API key or identity token in the
+    environment, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto: WANDB_MODE if set (as wandb itself does), else online with credentials, else offline."""
+    if mode != "auto":
+        return mode
+    env = {"dryrun": "offline", "run": "online"}.get(os.environ.get("WANDB_MODE"), os.environ.get("WANDB_MODE"))
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if has_wandb_credentials() else "offline"
+
+
+class RunLog:
+    """Appends records to metrics.jsonl and mirrors them to W&B (one W&B run per run folder)."""
+
+    def __init__(self, run_dir, config: dict, wandb_mode: str = "disabled"):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.config = config
+        self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self._warned = False
+        self._defined = set()  # W&B metrics whose step metric is already declared
+        self.wandb_run = self._start_wandb() if self.wandb_mode != "disabled" else None
+
+    def _warn(self, message: str):
+        if not self._warned:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self._warned = True
+
+    def _start_wandb(self):
+        try:
+            import wandb
+        except Exception as e:  # a broken install must not stop training
+            self._warn(f"W&B unavailable ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            return None
+        c = self.config
+        id_file = self.run_dir / "wandb_id.txt"
+        # A resumed run continues its W&B run; under `wandb agent` the agent's WANDB_RUN_ID rules.
+        run_id = id_file.read_text().strip() if id_file.exists() and not os.environ.get("WANDB_RUN_ID") else None
+        ratio = c.get("ratio")
+        kwargs = dict(
+            project=c.get("wandb_project") or "vitprune", entity=c.get("wandb_entity"),
+            name=self.run_dir.name, config=c, dir=str(self.run_dir), id=run_id, resume="allow",
+            # runs of one group are the seeds of one configuration: the UI averages them and
+            # compares groups (methods) curve against curve
+            group=f"{c.get('dataset')}/{c.get('method')}/r{ratio:g}" if ratio is not None else None,
+            job_type=c.get("method"),
+            tags=[str(c[k]) for k in ("model", "dataset", "method") if c.get(k)])
+        error = None
+        for mode in [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else []):
+            try:
+                run = wandb.init(mode=mode, **kwargs)
+            except Exception as e:  # bad key, no network, service crash: fall back, never stop
+                error = error or e
+                continue
+            id_file.write_text(run.id)
+            if error is not None:
+                self._warn(f"W&B online failed ({type(error).__name__}: {error}); logging offline, "
+                           f"upload later with `wandb sync {run.settings.sync_dir}`")
+            elif mode == "offline":
+                why = "" if has_wandb_credentials() else " (no credentials: set WANDB_API_KEY or run `wandb login`)"
+                print(f"W&B offline{why}; upload later with `wandb sync {run.settings.sync_dir}`", file=sys.stderr)
+            return run
+        self._warn(f"W&B failed ({type(error).__name__}: {error}); logging to metrics.jsonl only")
+        return None
+
+    def _wandb_log(self, record: dict):
+        if self.wandb_run is None:
+            return
+        try:
+            row = wandb_names(record)
+            for key in row.keys() - self._defined:
+                if key in (EPOCH_STEP, STATE_STEP):
+                    self.wandb_run.define_metric(key)
+                else:
+                    step = STATE_STEP if key.startswith(STATE_PREFIX) else EPOCH_STEP
+                    self.wandb_run.define_metric(key, step_metric=step)
+                self._defined.add(key)
+            self.wandb_run.log(row)
+        except Exception as e:
+            self._warn(f"W&B logging failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            self.wandb_run = None
+
+    def truncate(self, state: int, epochs_done: int):
+        """Keep only the records of the run up to (state, epochs_done): used on resume, so the
+        records of work after the last checkpoint, which is redone, are not duplicated.
+        (W&B keeps its rows: the redone epochs are logged again at the same global_epoch.)"""
+        kept = [r for r in read_metrics(self.run_dir)
+                if r["state"] < state or (r["state"] == state and r["kind"] == "epoch" and r["epoch"] < epochs_done)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def _append(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._wandb_log(record)
+
+    def epoch(self, record: dict):
+        self._append({"kind": "epoch", **record})
+
+    def state(self, record: dict):
+        self._append({"kind": "state", **record})
+
+    def summary(self, summary: dict):
+        """Write summary.json atomically and mirror its status to the W&B run summary."""
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update({k: summary[k] for k in ("status", "states_done") if k in summary})
+            except Exception as e:
+                self._warn(f"W&B summary failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+                self.wandb_run = None
+
+    def close(self, exit_code: int = 0):
+        """Finish the W&B run (exit_code != 0 marks it failed in W&B)."""
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish(exit_code=exit_code)
+            except Exception as e:
+                self._warn(f"W&B finish failed ({type(e).__name__}: {e})")
+            self.wandb_run = None

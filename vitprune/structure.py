@@ -1,0 +1,151 @@
+"""Prunable groups (attention heads, MLP neurons), masks, and counts of the alive network.
+
+head h of block l:   rows j·H·hd + h·hd + [0, hd) of attn.qkv for q, k, v (j = 0, 1, 2),
+                     their bias entries, and columns h·hd + [0, hd) of attn.proj;
+neuron n of block l: row n of mlp.fc1, bias n of mlp.fc1, column n of mlp.fc2.
+Everything else (patch/position embedding, norms, proj/fc2 biases, classifier) is never
+pruned. A pruned group is exactly zero; parameter shapes never change.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from vitprune.kernels import PrunableParams
+
+PRUNABLE_WEIGHTS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+
+
+@dataclass
+class Structure:
+    """Which groups are alive. heads [L, H] and neurons [L, M] are bool CPU tensors;
+    elements maps 'blocks.{l}.{PRUNABLE_WEIGHTS}' to a bool mask (unstructured pruning only)."""
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    elements: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def full(cls, model) -> "Structure":
+        L, H, _, _, M = dims(model)
+        return cls(torch.ones(L, H, dtype=torch.bool), torch.ones(L, M, dtype=torch.bool))
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads, "neurons": self.neurons, "elements": self.elements}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Structure":
+        return cls(d["heads"].bool(), d["neurons"].bool(), d.get("elements"))
+
+
+def dims(model):
+    """(depth L, heads H, head_dim hd, embed dim D, MLP width M)."""
+    attn = model.blocks[0].attn
+    return (len(model.blocks), attn.num_heads, attn.head_dim, model.embed_dim,
+            model.blocks[0].mlp.fc1.out_features)
+
+
+def prunable_params(model) -> PrunableParams:
+    """The tensors of every block's prunable groups, in the layout the kernels expect."""
+    b = model.blocks
+    return PrunableParams([x.attn.qkv.weight for x in b], [x.attn.qkv.bias for x in b],
+                          [x.attn.proj.weight for x in b], [x.mlp.fc1.weight for x in b],
+                          [x.mlp.fc1.bias for x in b], [x.mlp.fc2.weight for x in b])
+
+
+def head_rows(live_heads: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv row indices of the given heads, ordered (q, k, v) × head × dim as timm reshapes them."""
+    dim = torch.arange(head_dim, device=live_heads.device)
+    cols = (live_heads[:, None] * head_dim + dim).flatten()
+    return torch.cat([j * num_heads * head_dim + cols for j in range(3)])
+
+
+def head_cols(live_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """proj column indices read from the given heads."""
+    dim = torch.arange(head_dim, device=live_heads.device)
+    return (live_heads[:, None] * head_dim + dim).flatten()
+
+
+@torch.no_grad()
+def zero_dead(model, structure: Structure) -> None:
+    """Set every weight and bias entry of a dead group (and every masked element) to zero."""
+    L, H, hd, D, M = dims(model)
+    device = model.blocks[0].attn.qkv.weight.device
+    for l, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        dead_heads = (~structure.heads[l]).nonzero().flatten()
+        rows, cols = head_rows(dead_heads, H, hd).to(device), head_cols(dead_heads, hd).to(device)
+        attn.qkv.weight[rows] = 0
+        attn.qkv.bias[rows] = 0
+        attn.proj.weight[:, cols] = 0
+        dead = (~structure.neurons[l]).nonzero().flatten().to(device)
+        mlp.fc1.weight[dead] = 0
+        mlp.fc1.bias[dead] = 0
+        mlp.fc2.weight[:, dead] = 0
+        if structure.elements is not None:
+            for name in PRUNABLE_WEIGHTS:
+                block.get_parameter(name).mul_(structure.elements[f"blocks.{l}.{name}"].to(device))
+
+
+def set_live(model, structure: Structure) -> None:
+    """Make the forward compute only the groups alive in `structure` (and apply its element
+    masks). Weights are not touched: RSST evaluates its pruned network this way while the
+    targets still hold weights."""
+    L, H, hd, D, M = dims(model)
+    device = model.blocks[0].attn.qkv.weight.device
+    for l, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        heads, neurons = structure.heads[l], structure.neurons[l]
+        live = heads.nonzero().flatten()
+        attn.qkv_rows = None if bool(heads.all()) else head_rows(live, H, hd).to(device)
+        attn.proj_cols = None if bool(heads.all()) else head_cols(live, hd).to(device)
+        mlp.live = None if bool(neurons.all()) else neurons.nonzero().flatten().to(device)
+        masks = {name: None if structure.elements is None else
+                 structure.elements[f"blocks.{l}.{name}"].to(device) for name in PRUNABLE_WEIGHTS}
+        attn.qkv_mask, attn.proj_mask = masks["attn.qkv.weight"], masks["attn.proj.weight"]
+        mlp.fc1_mask, mlp.fc2_mask = masks["mlp.fc1.weight"], masks["mlp.fc2.weight"]
+
+
+def apply_structure(model, structure: Structure) -> None:
+    """Prune to `structure`: dead groups become zero and are skipped by the forward."""
+    zero_dead(model, structure)
+    set_live(model, structure)
+
+
+def group_sizes(model):
+    """Parameters per head and per neuron (weights + bias entries)."""
+    _, _, hd, D, _ = dims(model)
+    return 3 * hd * D + 3 * hd + hd * D, 2 * D + 1
+
+
+def count(model, structure: Structure) -> dict:
+    """Alive parameters, groups and forward FLOPs per image of the network `structure` describes."""
+    L, H, hd, D, M = dims(model)
+    total = sum(p.numel() for p in model.parameters())
+    head_size, neuron_size = group_sizes(model)
+    heads_alive = int(structure.heads.sum())
+    neurons_alive = int(structure.neurons.sum())
+    attn_alive = heads_alive * head_size
+    mlp_alive = neurons_alive * neuron_size
+    fixed = total - L * H * head_size - L * M * neuron_size
+    if structure.elements is not None:
+        # Unstructured: count surviving weight elements; bias entries stay.
+        pruned = sum(int((~m).sum()) for k, m in structure.elements.items() if "attn" in k)
+        attn_alive -= pruned
+        mlp_alive -= sum(int((~m).sum()) for k, m in structure.elements.items() if "mlp" in k)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    patch_flops = 2 * model.patch_embed.num_patches * model.patch_embed.proj.weight[0].numel() * D
+    head_flops = 2 * D * model.num_classes
+    flops_alive = patch_flops + head_flops
+    flops_total = patch_flops + head_flops
+    for l in range(L):
+        a, n = int(structure.heads[l].sum()) * hd, int(structure.neurons[l].sum())
+        # qkv + proj + q·kᵀ + attn·v over alive heads; fc1 + fc2 over alive neurons.
+        flops_alive += 2 * tokens * (4 * a * D + 2 * tokens * a + 2 * n * D)
+        flops_total += 2 * tokens * (4 * H * hd * D + 2 * tokens * H * hd + 2 * M * D)
+    return {
+        "params_alive": fixed + attn_alive + mlp_alive, "params_total": total,
+        "attn_params_alive": attn_alive, "mlp_params_alive": mlp_alive,
+        "heads_alive": heads_alive, "heads_total": L * H,
+        "neurons_alive": neurons_alive, "neurons_total": L * M,
+        "flops_alive": flops_alive, "flops_total": flops_total,
+    }
