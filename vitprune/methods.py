@@ -68,7 +68,9 @@ class RsstRegularizer:
     """The penalty of one RSST state, applied every step in one vectorised pass.
 
     l2: grad += λ·w on the targets; group_lasso: grad += λ·w/‖w_g‖. With AdamW it is
-    decoupled (w -= lr·λ·w after the step), so Adam's normalisation cannot cancel it.
+    decoupled (w -= lr·λ·w after the step), so Adam's normalisation cannot cancel it; there
+    lr is the state's base --lr, not the scheduled one: λ(p) alone sets how the pull grows,
+    and a cosine schedule cannot switch it off right when it must be strongest.
     """
 
     def __init__(self, model, head_targets, neuron_targets, cfg, steps_in_state: int, group_reg,
@@ -96,10 +98,10 @@ class RsstRegularizer:
             self.group_reg(self.params, grads, self.heads, self.neurons, self.lam(step), self.cfg.reg_kind)
 
     @torch.no_grad()
-    def after_step(self, step: int, lr: float):
+    def after_step(self, step: int):
         """Decoupled penalty: shrink the targets' weights (AdamW)."""
         if self.decoupled:
-            self.group_reg(self.params, self.params, self.heads, self.neurons, -lr * self.lam(step),
+            self.group_reg(self.params, self.params, self.heads, self.neurons, -self.cfg.lr * self.lam(step),
                            self.cfg.reg_kind)
 
     @torch.no_grad()

@@ -79,8 +79,9 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
         x = out.detach().float().unflatten(-1, split)
         if criterion == "saliency":
             # The hook sits on the tensor the forward really uses, so it sees its gradient.
-            out.register_hook(lambda g: target.index_add_(
-                0, index, (g.float().unflatten(-1, split) * x).sum((1, 3)).abs().sum(0) / len(x)))
+            def taylor(grad):
+                target.index_add_(0, index, (grad.float().unflatten(-1, split) * x).sum((1, 3)).abs().sum(0) / len(x))
+            out.register_hook(taylor)
         else:
             target.index_add_(0, index, reduce(x, (0, 1, 3)))
 

@@ -212,7 +212,7 @@ def run(cfg: Config) -> Path:
                     rsst.before_step(step)
                 opt.step()
                 if rsst:
-                    rsst.after_step(step, opt.param_groups[0]["lr"])
+                    rsst.after_step(step)
                 sched.step()
                 # Accumulate on the device: no host sync inside the step loop.
                 loss_sum += loss.detach() * len(y)

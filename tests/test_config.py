@@ -1,0 +1,96 @@
+"""Bad input: one clear line naming the flag, exit code 2, nothing created or touched."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vitprune.__main__ import main
+from vitprune.config import Config, ConfigError, from_flags
+
+
+def cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["vitprune", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("method", "prune", "refill, rsst, imp, dense"),
+    ("dataset", "mnist", "cifar10, cifar100, synthetic"),
+    ("model", "vit_huge", "vit_small, vit_tiny, vit_base, vit_micro"),
+    ("criterion", "taylor", "magnitude, l1, l2, remain, saliency, random"),
+    ("ratio", "1.0", "[0, 1)"),
+    ("ratio", "-0.1", "[0, 1)"),
+    ("states", "0", "at least 1"),
+    ("epochs", "0", "at least 1"),
+    ("rewind", "epoch:x", "init, none, epoch:K"),
+    ("pretrained", "/no/such/weights.pth", "cannot read file"),
+    ("kernels", "cuda", "auto, triton, torch"),
+    ("lr_rate", "0.1", "unknown flag"),
+])
+def test_bad_flag_is_one_line_exit_2_and_no_folder(tmp_path, monkeypatch, capsys, flag, value, expect):
+    out = tmp_path / "runs"
+    code, err = cli(monkeypatch, capsys, "run", f"--{flag}={value}", "--dataset=synthetic" if flag != "dataset" else "",
+                    f"--out_dir={out}", "--wandb=disabled")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: --{flag}") and expect in err, err
+    assert not out.exists()
+
+
+def test_defaults_are_the_seed_recipe():
+    c = Config()
+    assert (c.model, c.ratio, c.states, c.epochs, c.batch_size) == ("vit_small", 0.7, 16, 60, 128)
+    assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.lr_schedule) == ("sgd", 0.01, 0.9, 1e-4, "multistep")
+    assert (c.criterion, c.sorting, c.schedule, c.rewind) == ("magnitude", "global", "oneshot", "init")
+    assert (c.reg_schedule, c.reg_granularity_prune, c.exponents) == ("exp_custom_exponents", 1.0, 4.0)
+
+
+def test_flag_coercion_and_derived_ratios():
+    c = from_flags({"ratio": 0, "head_ratio": 0.5, "target": "both"})
+    assert c.ratio == 0.0 and isinstance(c.ratio, float)
+    assert (c.head_prune, c.mlp_prune) == (0.5, 0.0)
+    assert from_flags({"target": "heads"}).mlp_prune == 0.0
+    assert from_flags({"target": "mlp"}).head_prune == 0.0
+    assert from_flags({"rewind": "epoch:3", "epochs": 5}).rewind_epoch == 3
+    assert from_flags({"rewind": "none"}).rewind_epoch is None
+    with pytest.raises(ConfigError, match="--rewind"):
+        from_flags({"rewind": "epoch:9", "epochs": 5})
+    with pytest.raises(ConfigError, match="--resume and --overwrite"):
+        from_flags({"resume": True, "overwrite": True})
+
+
+def test_missing_cifar_names_data_dir_and_synthetic(tmp_path, monkeypatch, capsys):
+    import torchvision
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", no_network)
+    out = tmp_path / "runs"
+    code, err = cli(monkeypatch, capsys, "run", "--dataset=cifar10", f"--data_dir={tmp_path / 'none'}",
+                    f"--out_dir={out}", "--wandb=disabled")
+    assert code == 2 and err.count("\n") == 1
+    assert "--data_dir" in err and "--dataset=synthetic" in err
+    assert not out.exists()
+
+
+def test_existing_run_folder_is_refused_untouched(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "epoch"}\n')
+    code, err = cli(monkeypatch, capsys, "run", "--dataset=synthetic", "--model=vit_micro",
+                    f"--out_dir={tmp_path / 'runs'}", "--name=demo", "--wandb=disabled")
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == '{"kind": "epoch"}\n'
+    code, err = cli(monkeypatch, capsys, "run", "--dataset=synthetic", "--model=vit_micro", "--resume",
+                    f"--out_dir={tmp_path / 'runs'}", "--name=demo", "--wandb=disabled")
+    assert code == 2 and err.startswith("error: --resume")
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+
+
+def test_cli_subprocess_bad_method():
+    r = subprocess.run([sys.executable, "-m", "vitprune", "run", "--method=prune"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --method: unknown value 'prune'; choose from refill, rsst, imp, dense"]

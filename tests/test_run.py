@@ -1,0 +1,104 @@
+"""The state loop end to end on the synthetic set: the demo, the run folder, exact resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vitprune.model import build_model
+from vitprune.structure import Structure, count, dims
+
+DEMO = ["--method=refill", "--dataset=synthetic", "--model=vit_micro", "--optimizer=adamw", "--lr=1e-3",
+        "--states=3", "--epochs=2", "--wandb=disabled"]
+
+
+def vitprune(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "vitprune", *args], capture_output=True, text=True, **kwargs)
+
+
+def records(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def comparable(run_dir):
+    """Every metric except wall-clock times."""
+    return [{k: v for k, v in r.items() if k != "time_s"}
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = vitprune("run", *DEMO, f"--out_dir={out}", "--name=demo")
+    assert r.returncode == 0, r.stderr
+    return out / "demo", r.stdout
+
+
+def test_demo_run_folder(demo):
+    run_dir, stdout = demo
+    assert "results in" in stdout and str(run_dir) in stdout
+    assert sorted(p.name for p in run_dir.iterdir()) >= ["checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    epochs, states = records(run_dir, "epoch"), records(run_dir, "state")
+    assert len(epochs) == 6 and len(states) == 3
+    for r in epochs:
+        assert {"state", "epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "reg_lambda", "time_s"} <= r.keys()
+    for r in states:
+        assert {"state", "final_val_acc", "final_test_acc", "best_val_acc", "best_test_acc", "params_alive",
+                "params_total", "heads_alive", "neurons_alive", "flops_alive", "time_s"} <= r.keys()
+    assert states[0]["final_test_acc"] >= 30.0  # 3x chance on 10 classes
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["states_done"] == 3
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.pt", "rewind.pt", "state_00.pt", "state_01.pt", "state_02.pt"]
+
+
+def test_pruned_states_count_and_zeros(demo):
+    run_dir, _ = demo
+    model = build_model("vit_micro", 10)
+    L, H, hd, D, M = dims(model)
+    states = records(run_dir, "state")
+    for s in (1, 2):
+        ck = torch.load(run_dir / "checkpoints" / f"state_{s:02d}.pt", weights_only=False)
+        st = Structure.from_state_dict(ck["structure"])
+        # ratio 0.7: round(0.3 · 16) heads and round(0.3 · 512) neurons are kept
+        assert int(st.heads.sum()) == 5 and int(st.neurons.sum()) == 154
+        head_params, neuron_params = 3 * hd * D + 3 * hd + hd * D, 2 * D + 1
+        fixed = count(model, Structure.full(model))["params_total"] - L * (H * head_params + M * neuron_params)
+        assert states[s]["params_alive"] == fixed + 5 * head_params + 154 * neuron_params
+        sd = ck["model"]
+        for l in range(L):
+            dead_h, dead_n = ~st.heads[l], ~st.neurons[l]
+            assert sd[f"blocks.{l}.attn.qkv.weight"].view(3, H, hd, D)[:, dead_h].abs().sum() == 0
+            assert sd[f"blocks.{l}.attn.qkv.bias"].view(3, H, hd)[:, dead_h].abs().sum() == 0
+            assert sd[f"blocks.{l}.attn.proj.weight"].view(D, H, hd)[:, dead_h].abs().sum() == 0
+            assert sd[f"blocks.{l}.mlp.fc1.weight"][dead_n].abs().sum() == 0
+            assert sd[f"blocks.{l}.mlp.fc2.weight"][:, dead_n].abs().sum() == 0
+        alive = sum(int((v != 0).sum()) for v in sd.values())
+        assert alive <= states[s]["params_alive"]
+
+
+def test_sigkill_mid_state_then_resume_equals_uninterrupted(demo, tmp_path):
+    run_dir, _ = demo
+    args = ["run", *DEMO, f"--out_dir={tmp_path}", "--name=killed"]
+    proc = subprocess.Popen([sys.executable, "-m", "vitprune", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 600
+    # Wait for the first epoch of state 1, then kill the process without warning.
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"state": 1, "epoch": 0' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(records(tmp_path / "killed", "state")) == 1  # killed inside state 1
+    r = vitprune(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert comparable(tmp_path / "killed") == comparable(run_dir)

@@ -1,0 +1,310 @@
+"""Physically compacted export of a pruned checkpoint, and its benchmark.
+
+export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json: a plain timm
+               VisionTransformer that holds only the alive heads and neurons. Widths differ per
+               block, so every block's attn / mlp is replaced by a smaller timm Attention (alive
+               heads, same head_dim) / Mlp (alive neurons); the residual width stays.
+load_exported: DIR -> that model, in eval mode.
+bench_export:  parameters, FLOPs, latency and peak memory of the dense model against the exported
+               one, measured side by side in one process.
+
+Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
+weights stored as zeros.
+"""
+import ctypes
+import datetime
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, VisionTransformer
+
+from vitprune.config import ConfigError
+from vitprune.model import build_model
+from vitprune.structure import Structure, apply_structure, count, dims, head_cols, head_rows
+
+EXPORT_FORMAT = "vitprune-export/1"
+
+
+def load_checkpoint(path) -> dict:
+    """An end-of-state checkpoint (RUN/checkpoints/state_XX.pt), or ConfigError in one line."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint: cannot read {str(path)!r} ({type(e).__name__}); "
+                          f"give a run's checkpoints/state_XX.pt") from None
+    if not isinstance(ck, dict) or not {"model", "structure", "config"} <= ck.keys():
+        raise ConfigError(f"checkpoint: {str(path)!r} has no model + structure + config (rewind.pt holds "
+                          f"weights only); give a run's checkpoints/state_XX.pt")
+    return ck
+
+
+def masked_model(ck: dict):
+    """(model, structure): the checkpoint's network as training evaluated it (dense shapes,
+    dead groups zero and skipped), on the CPU in eval mode."""
+    weights = ck["model"]
+    model = build_model(ck["config"]["model"], num_classes=weights["head.weight"].shape[0])
+    model.load_state_dict(weights)
+    structure = Structure.from_state_dict(ck["structure"])
+    apply_structure(model, structure)
+    return model.eval(), structure
+
+
+def _alive(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the alive groups of one block. With none alive, keep group 0 (zero after
+    apply_structure, so it adds exactly nothing): timm's Mlp reads hidden_features=0 as
+    'as wide as the input'."""
+    alive = mask.nonzero().flatten()
+    return alive if len(alive) else torch.zeros(1, dtype=torch.long)
+
+
+def architecture(model, structure: Structure) -> dict:
+    """What rebuilds the compacted model (the architecture part of config.json)."""
+    L, H, hd, D, M = dims(model)
+    return {
+        "format": EXPORT_FORMAT,
+        "img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0],
+        "in_chans": model.patch_embed.proj.in_channels, "embed_dim": D, "depth": L, "head_dim": hd,
+        "num_classes": model.num_classes,
+        # block l: timm Attention(num_heads[l], attn_head_dim=head_dim), timm Mlp(mlp_hidden[l])
+        "num_heads": [int(structure.heads[l].sum()) for l in range(L)],
+        "mlp_hidden": [len(_alive(structure.neurons[l])) for l in range(L)],
+        "dense": {"num_heads": H, "mlp_hidden": M},
+        "unstructured": structure.elements is not None,
+    }
+
+
+def compact_state_dict(model, structure: Structure) -> dict:
+    """The model's weights with only the alive heads' qkv rows / proj columns and the alive
+    neurons' fc1 rows / fc2 columns; every other tensor unchanged. `model` must be pruned
+    to `structure` (apply_structure), so element-masked weights are already zero."""
+    L, H, hd, D, M = dims(model)
+    state = model.state_dict()
+    for l in range(L):
+        heads, neurons = structure.heads[l].nonzero().flatten(), _alive(structure.neurons[l])
+        rows, cols = head_rows(heads, H, hd), head_cols(heads, hd)
+        p = f"blocks.{l}."
+        state.update({
+            p + "attn.qkv.weight": state[p + "attn.qkv.weight"].index_select(0, rows),
+            p + "attn.qkv.bias": state[p + "attn.qkv.bias"].index_select(0, rows),
+            p + "attn.proj.weight": state[p + "attn.proj.weight"].index_select(1, cols),
+            p + "mlp.fc1.weight": state[p + "mlp.fc1.weight"].index_select(0, neurons),
+            p + "mlp.fc1.bias": state[p + "mlp.fc1.bias"].index_select(0, neurons),
+            p + "mlp.fc2.weight": state[p + "mlp.fc2.weight"].index_select(1, neurons),
+        })
+    return state
+
+
+def build_exported(arch: dict, device=None) -> VisionTransformer:
+    """The compacted timm VisionTransformer `arch` (config.json) describes. On device "meta"
+    it holds no memory: load weights with load_state_dict(..., assign=True)."""
+    D, hd = arch["embed_dim"], arch["head_dim"]
+    model = VisionTransformer(img_size=arch["img_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
+                              num_classes=arch["num_classes"], embed_dim=D, depth=arch["depth"],
+                              num_heads=arch["dense"]["num_heads"], qkv_bias=True, device=device)
+    for block, heads, hidden in zip(model.blocks, arch["num_heads"], arch["mlp_hidden"]):
+        block.attn = Attention(D, num_heads=heads, attn_head_dim=hd, qkv_bias=True, device=device)
+        block.mlp = Mlp(D, hidden_features=hidden, device=device)
+    return model
+
+
+def compact_model(model, structure: Structure) -> VisionTransformer:
+    """The plain timm model computing what `model` pruned to `structure` computes."""
+    compact = build_exported(architecture(model, structure), device="meta")
+    compact.load_state_dict(compact_state_dict(model, structure), assign=True)
+    return compact.eval()
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export(checkpoint, out):
+    """Export a state checkpoint as a compacted timm ViT: OUT/model.safetensors + OUT/config.json.
+
+    checkpoint: RUN/checkpoints/state_XX.pt of any method; out: folder (created). Load it back
+    with vitprune.load_exported(OUT).
+    """
+    out = Path(out)
+    _refuse_foreign_folder(out)
+    ck = load_checkpoint(checkpoint)
+    model, structure = masked_model(ck)
+    compact = compact_model(model, structure)
+    record, cfg = ck.get("record", {}), ck["config"]
+    config = {**architecture(model, structure), "params": n_params(compact), "source": {
+        "checkpoint": str(Path(checkpoint).resolve()), "state": ck.get("state"), "method": cfg.get("method"),
+        "model": cfg.get("model"), "dataset": cfg.get("dataset"), "ratio": cfg.get("ratio"),
+        "params_alive": record.get("params_alive"), "final_test_acc": record.get("final_test_acc")}}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(compact.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if structure.elements is not None:
+        print(f"note: {checkpoint} is unstructured ({cfg.get('method')}): no whole head or neuron is pruned, "
+              f"so the export keeps the dense shapes with the pruned weights stored as zeros")
+    print(f"exported {checkpoint} to {out}: {config['params'] / 1e6:.3f}M of {n_params(model) / 1e6:.3f}M "
+          f"parameters; heads per block {config['num_heads']}, MLP widths {config['mlp_hidden']}")
+
+
+def _refuse_foreign_folder(out: Path):
+    """Never overwrite a config.json that export did not write (a run folder's, say)."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("format") == EXPORT_FORMAT
+    except (ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"--out: {out} holds a config.json that is not a vitprune export (a run folder?); "
+                          f"choose another folder")
+
+
+def load_exported(path, device="cpu") -> VisionTransformer:
+    """The model `export` wrote to folder `path`, on `device`, in eval mode."""
+    path = Path(path)
+    try:
+        arch = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"load_exported: no readable config.json in {path} ({type(e).__name__})") from None
+    if arch.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"load_exported: {path / 'config.json'} is not a {EXPORT_FORMAT} config")
+    model = build_exported(arch, device="meta")
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), assign=True)
+    return model.eval()
+
+
+# --- benchmark ------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _proc_status(key: str) -> int:
+    """A size field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def peak_memory(fn, device: torch.device):
+    """Peak memory fn() adds on top of what is already resident (weights, input), in bytes.
+
+    CUDA: torch's allocator peak. CPU (Linux/glibc): growth of the process's peak resident
+    size (VmHWM), after returning freed heap to the OS (malloc_trim) and resetting the peak
+    (clear_refs), so memory cached by earlier runs is not mistaken for free. None elsewhere.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        base = _proc_status("VmRSS:")
+        fn()
+        return _proc_status("VmHWM:") - base
+    except (OSError, AttributeError, StopIteration):
+        return None
+
+
+def _time_side_by_side(fns: dict, warmup: int, iters: int, device) -> dict:
+    """Median time of each fn, the fns alternating every iteration so that a change in the
+    machine's load hits them alike."""
+    from vitprune.bench import time_fn  # here: vitprune.bench offers bench_export as `bench export`
+    for fn in fns.values():
+        time_fn(fn, warmup=warmup, iters=1, device=device)
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, warmup=0, iters=1, device=device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _mib(n):
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def _ratio(num, den):
+    return "n/a" if num is None or den is None or den == 0 else f"{num / den:.2f}×"
+
+
+def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
+    """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
+
+    Prints a Markdown table (parameters, FLOPs per image, latency per batch size = median
+    after warm-up under torch.inference_mode, CUDA events on GPU, and peak memory per batch
+    size) with exported/dense ratios, the device and the date; returns the numbers as a dict.
+    iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
+    runs before (default 10 on CUDA, 1 on CPU).
+    """
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                          else "cpu" if device == "auto" else device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cuda = device.type == "cuda"
+    iters = iters or (50 if cuda else 5)
+    warmup = (10 if cuda else 1) if warmup is None else warmup
+    batches = [batches] if isinstance(batches, int) else list(batches)
+
+    ck = load_checkpoint(checkpoint)
+    model, structure = masked_model(ck)
+    counts = count(model, structure)  # FLOPs of the alive network: what the compacted one runs
+    models = {"dense": compact_model(model, Structure.full(model)), "exported": compact_model(model, structure)}
+    result = {"checkpoint": str(checkpoint), "device": device_name(device), "date": str(datetime.date.today()),
+              "dtype": str(dtype).replace("torch.", ""), "batches": batches}
+    for name, m in models.items():
+        m.to(device, dtype)
+        result[name] = {"params": n_params(m), "weight_bytes": sum(p.numel() * p.element_size() for p in m.parameters()),
+                        "flops_per_image": counts["flops_total" if name == "dense" else "flops_alive"],
+                        "latency_s": {}, "peak_memory_bytes": {}}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 3, *models["dense"].patch_embed.img_size, device=device, dtype=dtype)
+            fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
+            for name, t in _time_side_by_side(fns, warmup, iters, device).items():
+                result[name]["latency_s"][b] = t
+            for name, fn in fns.items():
+                result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
+    print(_table(result, ck, iters, cuda))
+    return result
+
+
+def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
+    d, e = r["dense"], r["exported"]
+    cfg = ck["config"]
+    memory = ("torch.cuda.max_memory_allocated above the resident weights" if cuda else
+              "growth of the peak resident set size (VmHWM) above the resident weights")
+    rows = [("parameters (M)", d["params"] / 1e6, e["params"] / 1e6, "{:.3f}"),
+            ("weights (MiB)", d["weight_bytes"] / 2**20, e["weight_bytes"] / 2**20, "{:.1f}"),
+            ("GFLOPs / image", d["flops_per_image"] / 1e9, e["flops_per_image"] / 1e9, "{:.3f}")]
+    lines = [f"# vitprune export benchmark — {r['device']} — {r['date']} — torch {torch.__version__}, {r['dtype']}",
+             "", f"{r['checkpoint']}: state {ck.get('state')} of {cfg.get('method')} on {cfg.get('dataset')}, "
+             f"{cfg.get('model')}, ratio {cfg.get('ratio')}. Latency: median of {iters} runs after warm-up "
+             f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.", "",
+             "| | dense | exported | exported / dense |", "|---|---|---|---|"]
+    lines += [f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {_ratio(b, a)} |" for label, a, b, fmt in rows]
+    for b in r["batches"]:
+        t_d, t_e = d["latency_s"][b], e["latency_s"][b]
+        lines.append(f"| latency, batch {b} (ms) | {t_d * 1e3:.2f} | {t_e * 1e3:.2f} | {_ratio(t_e, t_d)} |")
+    for b in r["batches"]:
+        m_d, m_e = d["peak_memory_bytes"][b], e["peak_memory_bytes"][b]
+        lines.append(f"| peak memory, batch {b} (MiB) | {_mib(m_d)} | {_mib(m_e)} | {_ratio(m_e, m_d)} |")
+    return "\n".join(lines)
+
+
+# `python -m vitprune export CHECKPOINT --out DIR` (vitprune/__main__.py registers `cli`).
+cli = export
