@@ -1,0 +1,248 @@
+"""Kernel benchmarks (`python -m vitprune bench kernels`).
+
+Times, side by side in one process (warm-up, then the median of `iters` runs, the paths
+taking turns run by run):
+- masked_linear forward+backward on the four linears of a vit_small block, for several
+  fractions of alive heads/neurons: dense F.linear (the unpruned cost), F.linear on a
+  materialised W⊙M (pruning by masking: no saving), the reference gather + F.linear, and the
+  Triton kernel;
+- group_reg over the 12 blocks: a per-layer Python loop (the baseline), the vectorised
+  reference, and the one-launch Triton kernel.
+The Triton kernels are timed only on CUDA; elsewhere the reference paths are.
+"""
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import PrunableParams, reference, resolve_backend
+
+# vit_small/16 on 32×32 images with patch 4: 64 patches + the class token.
+VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
+# For tests: the same structure, tiny.
+SMALL = dict(dim=32, heads=2, head_dim=16, mlp=64, tokens=5, blocks=2)
+
+
+def time_fn(fn, warmup: int = 3, iters: int = 10, device="cpu") -> float:
+    """Median wall time of fn() in seconds: CUDA events on CUDA (GPU time, no sync per call),
+    time.perf_counter on CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_side_by_side(fns: dict, warmup: int, iters: int, device) -> dict:
+    """Median seconds of each of `fns` ({name: fn}), timed run by run in turn, so that a
+    change in machine load during the measurement hits every path alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, warmup=0, iters=1, device=device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def group_reg_loop(params: PrunableParams, grads: PrunableParams, head_targets, neuron_targets,
+                   lam: float, kind: str = "l2"):
+    """The per-layer Python loop that `group_reg` replaces (the benchmark's baseline): same
+    semantics and return value as `reference.group_reg`."""
+    L, H = head_targets.shape
+    heads_sq, neurons_sq = [], []
+    for l in range(L):
+        D = params.qkv_w[l].shape[1]
+        qkv_w = params.qkv_w[l].view(3, H, -1, D)
+        qkv_b = params.qkv_b[l].view(3, H, -1)
+        proj_w = params.proj_w[l].view(D, H, -1)
+        h_sq = (qkv_w.float().square().sum((0, 2, 3)) + qkv_b.float().square().sum((0, 2))
+                + proj_w.float().square().sum((0, 2)))
+        n_sq = (params.fc1_w[l].float().square().sum(1) + params.fc1_b[l].float().square()
+                + params.fc2_w[l].float().square().sum(0))
+        h_c = head_targets[l].float() * lam
+        n_c = neuron_targets[l].float() * lam
+        if kind == "group_lasso":
+            h_c = torch.where(h_sq > 0, h_c * h_sq.rsqrt(), torch.zeros_like(h_c))
+            n_c = torch.where(n_sq > 0, n_c * n_sq.rsqrt(), torch.zeros_like(n_c))
+        h_c, n_c = h_c.to(qkv_w.dtype), n_c.to(qkv_w.dtype)
+        grads.qkv_w[l].view(3, H, -1, D).add_(qkv_w * h_c[None, :, None, None])
+        grads.qkv_b[l].view(3, H, -1).add_(qkv_b * h_c[None, :, None])
+        grads.proj_w[l].view(D, H, -1).add_(proj_w * h_c[None, :, None])
+        grads.fc1_w[l].add_(params.fc1_w[l] * n_c[:, None])
+        grads.fc1_b[l].add_(params.fc1_b[l] * n_c)
+        grads.fc2_w[l].add_(params.fc2_w[l] * n_c[None, :])
+        heads_sq.append(h_sq)
+        neurons_sq.append(n_sq)
+    return torch.stack(heads_sq), torch.stack(neurons_sq)
+
+
+def _kept(n_groups: int, frac: float) -> int:
+    """Groups kept at alive fraction `frac`: round(frac·n_groups), at least one."""
+    return max(1, round(frac * n_groups))
+
+
+def _alive_features(n_groups: int, frac: float, group_size: int, gen) -> torch.Tensor:
+    """Feature indices of _kept(n_groups, frac) randomly chosen groups."""
+    k = _kept(n_groups, frac)
+    groups = torch.randperm(n_groups, generator=gen)[:k].sort().values
+    return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+
+
+def _block_linears(s: dict, frac: float, gen):
+    """(name, out, in, live_out, live_in) of a block's four linears with `frac` of the heads
+    and neurons alive: whole heads of qkv rows / proj columns, neurons of fc1 rows / fc2
+    columns. None (no index) when everything is alive, as for an unpruned layer."""
+    H, hd, D, M = s["heads"], s["head_dim"], s["dim"], s["mlp"]
+    heads = neurons = qkv_rows = None
+    if frac < 1:
+        heads = _alive_features(H, frac, hd, gen)
+        qkv_rows = torch.cat([heads + j * H * hd for j in range(3)])
+        neurons = _alive_features(M, frac, 1, gen)
+    return [("qkv", 3 * H * hd, D, qkv_rows, None), ("proj", D, H * hd, None, heads),
+            ("fc1", M, D, neurons, None), ("fc2", D, M, None, neurons)]
+
+
+def _fwd_bwd(fn, inputs, grad_out):
+    """A step running fn() forward and backward to every input (grads returned, not
+    accumulated into .grad, so repeated steps do identical work)."""
+    return lambda: torch.autograd.grad(fn(), inputs, grad_out)
+
+
+def _linear_steps(n_out, n_in, live_out, live_in, tokens, dtype, device, ops):
+    """Forward+backward steps of one linear: 'dense' (F.linear, everything alive), 'W⊙M'
+    (F.linear on the weight times the structure as an element mask) and each of `ops`
+    ({path: masked_linear implementation}, on compact activations)."""
+    leaf = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    w, b, x_full = leaf(n_out, n_in), leaf(n_out), leaf(tokens, n_in)
+    g_full = torch.randn(tokens, n_out, device=device, dtype=dtype)
+    live_out = None if live_out is None else live_out.to(device)
+    live_in = None if live_in is None else live_in.to(device)
+    x = x_full if live_in is None else leaf(tokens, live_in.numel())
+    g = g_full if live_out is None else torch.randn(tokens, live_out.numel(), device=device,
+                                                    dtype=dtype)
+    m = torch.ones(n_out, n_in, device=device, dtype=dtype)
+    if live_out is not None:
+        m = torch.zeros_like(m).index_fill_(0, live_out, 1)
+    if live_in is not None:
+        m = m * torch.zeros(n_in, device=device, dtype=dtype).index_fill_(0, live_in, 1)
+    steps = {"dense": _fwd_bwd(lambda: F.linear(x_full, w, b), (x_full, w, b), g_full),
+             "W⊙M": _fwd_bwd(lambda: F.linear(x_full, w * m, b), (x_full, w, b), g_full)}
+    for path, op in ops.items():
+        steps[path] = _fwd_bwd(lambda op=op: op(x, w, b, live_out=live_out, live_in=live_in),
+                               (x, w, b), g)
+    return steps
+
+
+def _prunable(s: dict, dtype, device, gen):
+    H, hd, D, M, L = s["heads"], s["head_dim"], s["dim"], s["mlp"], s["blocks"]
+    shapes = [(3 * H * hd, D), (3 * H * hd,), (D, H * hd), (M, D), (M,), (D, M)]
+    return PrunableParams(*[[torch.randn(*shape, generator=gen).to(device, dtype) * 0.02
+                             for _ in range(L)] for shape in shapes])
+
+
+def _fmt(seconds):
+    return "—" if seconds is None else f"{seconds * 1e3:.4g}"
+
+
+def _ratio(base, t):
+    return "—" if t is None or base is None else f"{base / t:.2f}"
+
+
+def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iters=None,
+                  dtype="float32", small=False):
+    """Benchmark masked_linear and group_reg (see the module doc); print Markdown tables.
+
+    batches: images per batch (tokens = batch × 65); alive: fractions of heads and neurons
+    kept; iters: timed runs per measurement (default 50 on CUDA, 3 on CPU); dtype:
+    "float32" or "bfloat16"; small: tiny shapes, for tests. Returns the table rows as dicts
+    (times in seconds, None where a path was not run).
+    """
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                          else "cpu" if device == "auto" else device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    s = SMALL if small else VIT_SMALL
+    cuda = device.type == "cuda"
+    iters = iters or (50 if cuda else 3)
+    # Triton's autotuner runs on the first call of every new shape: keep it out of the timing.
+    timer = lambda fns: time_side_by_side(fns, warmup=5 if cuda else 1, iters=iters,
+                                          device=device)
+    linear_ops = {"reference": reference.masked_linear}
+    reg_ops = {"reference": reference.group_reg}
+    if resolve_backend("auto", device) == "triton":
+        from .kernels.group_reg import group_reg
+        from .kernels.masked_linear import masked_linear
+        linear_ops["triton"] = masked_linear
+        reg_ops["triton"] = group_reg
+    name = torch.cuda.get_device_name(device) if cuda else (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines = [f"# vitprune kernel benchmark — {name} — {datetime.date.today()} — "
+             f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"]
+    if "triton" not in linear_ops:
+        lines.append("Triton kernels need CUDA: timing the PyTorch paths only.")
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    lines += ["", "masked_linear forward+backward, ms; × = speedup over dense F.linear "
+              "(higher is better); tri/ref = speedup of Triton over the reference; alive heads "
+              "are rounded to whole heads.", "",
+              "| batch | alive | heads | layer | dense | W⊙M | reference | triton | W⊙M × "
+              "| ref × | triton × | tri/ref |", "|" + "---|" * 12]
+    for batch in batches:
+        tokens = batch * s["tokens"]
+        for frac in alive:
+            heads = _kept(s["heads"], frac)
+            total = {}
+            for layer, n_out, n_in, live_out, live_in in _block_linears(s, frac, gen):
+                t = {"triton": None, **timer(_linear_steps(n_out, n_in, live_out, live_in,
+                                                          tokens, dtype, device, linear_ops))}
+                rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads,
+                                 layer=layer, **t))
+                total = {k: None if v is None else total.get(k, 0) + v for k, v in t.items()}
+            rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads,
+                             layer="block", **total))
+    for r in (r for r in rows if r["kernel"] == "masked_linear"):
+        lines.append(f"| {r['batch']} | {r['alive']:g} | {r['heads']}/{s['heads']} | "
+                     f"{r['layer']} | {_fmt(r['dense'])} | "
+                     f"{_fmt(r['W⊙M'])} | {_fmt(r['reference'])} | {_fmt(r['triton'])} | "
+                     f"{_ratio(r['dense'], r['W⊙M'])} | {_ratio(r['dense'], r['reference'])} | "
+                     f"{_ratio(r['dense'], r['triton'])} | {_ratio(r['reference'], r['triton'])} |")
+
+    lines += ["", f"group_reg over {s['blocks']} blocks (l2, 1 − alive of the groups are "
+              "targets), ms; × = speedup over the per-layer Python loop.", "",
+              "| alive | loop | reference | triton | ref × | triton × |", "|" + "---|" * 6]
+    params = _prunable(s, dtype, device, gen)
+    grads = PrunableParams(*[[torch.zeros_like(t) for t in kind] for kind in params])
+    L, H, M = s["blocks"], s["heads"], s["mlp"]
+    for frac in alive:
+        head_t = (torch.rand(L, H, generator=gen) >= frac).to(device)
+        neuron_t = (torch.rand(L, M, generator=gen) >= frac).to(device)
+        t = {"triton": None, **timer({
+            path: lambda op=op: op(params, grads, head_t, neuron_t, 1e-4, "l2")
+            for path, op in {"loop": group_reg_loop, **reg_ops}.items()})}
+        rows.append(dict(kernel="group_reg", alive=frac, **t))
+        lines.append(f"| {frac:g} | {_fmt(t['loop'])} | {_fmt(t['reference'])} | "
+                     f"{_fmt(t['triton'])} | {_ratio(t['loop'], t['reference'])} | "
+                     f"{_ratio(t['loop'], t['triton'])} |")
+    print("\n".join(lines), flush=True)
+    return rows
