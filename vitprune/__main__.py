@@ -78,16 +78,34 @@ def info():
     print("\n".join(lines))
 
 
+def export(checkpoint, out):
+    """Write a physically smaller timm ViT (alive heads and neurons only) from a checkpoint."""
+    from vitprune.export import export as export_checkpoint
+    export_checkpoint(checkpoint, out)
+
+
+def _bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iters=None, dtype="float32"):
+    from vitprune.bench import bench_kernels
+    bench_kernels(batches=batches, alive=alive, device=device, iters=iters, dtype=dtype)
+
+
+def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
+                 optimizer="sgd", compile=False, workers=0):
+    from vitprune.bench import bench_train
+    bench_train(model=model, batch=batch, ratio=ratio, iters=iters, device=device, precision=precision,
+                optimizer=optimizer, compile=compile, workers=workers)
+
+
+def _bench_export(checkpoint, batches=(1, 256), iters=None, device="auto"):
+    from vitprune.export import bench_export
+    bench_export(checkpoint, batches=batches, iters=iters, device=device)
+
+
 def main():
-    commands = {"run": run, "report": report, "sweep": sweep, "info": info}
-    for optional in ("bench", "export"):
-        try:
-            module = __import__(f"vitprune.{optional}", fromlist=["cli"])
-            commands[optional] = module.cli
-        except (ImportError, AttributeError):
-            pass
+    commands = {"run": run, "report": report, "sweep": sweep, "export": export, "info": info,
+                "bench": {"kernels": _bench_kernels, "train": _bench_train, "export": _bench_export}}
     try:
-        fire.Fire(commands)
+        fire.Fire(commands, name="vitprune")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -246,3 +246,127 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
                      f"{_ratio(t['loop'], t['triton'])} |")
     print("\n".join(lines), flush=True)
     return rows
+
+
+def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
+                optimizer="sgd", compile=False, workers=0):
+    """Training throughput: a dense step (State 0) against a step of a state pruned at `ratio`
+    (heads and neurons, magnitude, global), and the tensor-resident data path against
+    torchvision's DataLoader with the classic PIL transforms — side by side in one process —
+    then the projected wall time of the seed's experiment (vit_small-sized states: 16 × 60
+    epochs of 45k images + evaluation of 15k images per epoch) at the measured rates."""
+    import contextlib
+
+    from .config import Config
+    from .data import synthetic, train_batches
+    from .model import build_model, set_kernels
+    from .select import importance, select
+    from .structure import Structure, apply_structure
+    from .train import make_optimizer, train_step
+    from . import kernels
+
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                          else "cpu" if device == "auto" else device)
+    cuda = device.type == "cuda"
+    iters = iters or (30 if cuda else 5)
+    bf16 = precision == "bf16" or (precision == "auto" and cuda)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    masked_linear, _ = kernels.get_ops(kernels.resolve_backend("auto", device))
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    data = synthetic(0).to(device)
+    x, y = next(train_batches(data, batch, 0, 0, 0))
+    cfg = Config(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.01, epochs=1)
+
+    def setup(pruned: bool):
+        torch.manual_seed(0)
+        net = build_model(model, 10).to(device)
+        set_kernels(net, masked_linear)
+        if pruned:
+            heads, neurons = importance(net, Structure.full(net), "magnitude")
+            apply_structure(net, Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
+                                           select(neurons, neurons > -1, 1 - ratio, "global", 1)))
+        opt, sched = make_optimizer(cfg, net, 10 ** 9, device)
+        fwd = torch.compile(net) if compile else net
+        step = lambda: train_step(fwd, opt, sched, x, y, 1, autocast)
+
+        @torch.inference_mode()
+        def infer():
+            with autocast():
+                fwd(x)
+        return step, infer, net
+
+    dense_step, dense_eval, _ = setup(False)
+    pruned_step, pruned_eval, _ = setup(True)
+    t = time_side_by_side({"dense": dense_step, "pruned": pruned_step,
+                           "dense_eval": dense_eval, "pruned_eval": pruned_eval},
+                          warmup=3 if not compile else 10, iters=iters, device=device)
+
+    # The data paths, on the CPU copy of the same images (DataLoader + PIL never sees a GPU).
+    tensor_imgs_s = _tensor_loader_rate(data, batch)
+    pil_imgs_s = _pil_loader_rate(data, batch, workers)
+
+    name = torch.cuda.get_device_name(device) if cuda else (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    rate = {k: batch / v for k, v in t.items()}
+    lines = [f"# vitprune training benchmark — {name} — {datetime.date.today()} — torch {torch.__version__}",
+             f"{model}, batch {batch}, {'bf16' if bf16 else 'fp32'}, {optimizer}, ratio {ratio:g}"
+             f"{', torch.compile' if compile else ''}", "",
+             "| path | ms/step | images/s | vs dense |", "|---|---|---|---|",
+             f"| train step, dense (State 0) | {t['dense'] * 1e3:.1f} | {rate['dense']:.0f} | 1.00 |",
+             f"| train step, pruned {ratio:g} | {t['pruned'] * 1e3:.1f} | {rate['pruned']:.0f} | "
+             f"{t['pruned'] / t['dense']:.2f}× time |",
+             f"| eval forward, dense | {t['dense_eval'] * 1e3:.1f} | {rate['dense_eval']:.0f} | 1.00 |",
+             f"| eval forward, pruned | {t['pruned_eval'] * 1e3:.1f} | {rate['pruned_eval']:.0f} | "
+             f"{t['pruned_eval'] / t['dense_eval']:.2f}× time |", "",
+             "| data path (augmented batches) | images/s | ratio |", "|---|---|---|",
+             f"| DataLoader + PIL transforms ({workers} workers) | {pil_imgs_s:.0f} | 1.00 |",
+             f"| tensor loader on {device.type} | {tensor_imgs_s:.0f} | {tensor_imgs_s / pil_imgs_s:.1f}× |"]
+    # The seed's experiment: state 0 dense, states 1-15 pruned; 45k train + 15k eval images per epoch.
+    epoch_dense = 45000 / rate["dense"] + 15000 / rate["dense_eval"]
+    epoch_pruned = 45000 / rate["pruned"] + 15000 / rate["pruned_eval"]
+    total = 60 * epoch_dense + 15 * 60 * epoch_pruned
+    lines += ["", f"Projected seed experiment with this model and batch (16 states × 60 epochs): "
+              f"{total / 3600:.2f} h (a dense epoch {epoch_dense:.1f} s, a pruned epoch {epoch_pruned:.1f} s)."]
+    print("\n".join(lines), flush=True)
+    return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
+            "projected_h": total / 3600}
+
+
+def _tensor_loader_rate(data, batch):
+    from .data import train_batches
+    sync = torch.cuda.synchronize if data.train_x.is_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    n = 0
+    for xb, _ in train_batches(data, batch, 0, 0, 1):
+        n += len(xb)
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def _pil_loader_rate(data, batch, workers):
+    """torchvision's classic CIFAR pipeline: PIL image per sample, RandomCrop(32, 4),
+    RandomHorizontalFlip, ToTensor, Normalize, batched by a DataLoader."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    images = data.train_x.cpu().permute(0, 2, 3, 1).numpy()
+    labels = data.train_y.cpu().tolist()
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+    class PilSet(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(np.ascontiguousarray(images[i]))), labels[i]
+
+    loader = torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers)
+    t0 = time.perf_counter()
+    n = 0
+    for xb, _ in loader:
+        n += len(xb)
+    return n / (time.perf_counter() - t0)

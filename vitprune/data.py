@@ -115,23 +115,30 @@ def epoch_generator(seed: int, state: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1009 + state) * 100003 + epoch) % (2 ** 63))
 
 
-def train_batches(data: Data, batch_size: int, seed: int, state: int, epoch: int):
+def train_batches(data: Data, batch_size: int, seed: int, state: int, epoch: int, rank: int = 0, world: int = 1):
     """Yield augmented, normalised training batches (x float [B, 3, 32, 32], y) of one epoch.
-    The last incomplete batch is dropped so every step has the same shape."""
+
+    The last incomplete batch is dropped so every step has the same shape. With `world`
+    processes (DDP), every process draws the same global batch and takes its 1/world share,
+    so the global batch, and the run, do not depend on the number of processes.
+    """
     n = len(data.train_y)
     g = epoch_generator(seed, state, epoch)
     device = data.train_x.device
     perm = torch.randperm(n, generator=g).to(device)
     shifts = torch.randint(0, 9, (n, 2), generator=g).to(device)
     flips = (torch.rand(n, generator=g) < 0.5).to(device)
-    ar = torch.arange(data.train_x.shape[-1], device=device)
+    size = data.train_x.shape[-1]
+    ar = torch.arange(size, device=device)
+    share = batch_size // world
     for start in range(0, n - batch_size + 1, batch_size):
-        idx = perm[start:start + batch_size]
+        sl = slice(start + rank * share, start + (rank + 1) * share)
+        idx = perm[sl]
         x = torch.nn.functional.pad(data.train_x[idx], (4, 4, 4, 4))  # zeros, like RandomCrop(padding=4)
-        rows = (shifts[start:start + batch_size, 0, None] + ar)[:, None, :, None]
-        cols = (shifts[start:start + batch_size, 1, None] + ar)
-        cols = torch.where(flips[start:start + batch_size, None], cols.flip(1), cols)[:, None, None, :]
-        b = torch.arange(len(idx), device=device)[:, None, None, None]
+        rows = (shifts[sl, 0, None] + ar)[:, None, :, None]
+        cols = shifts[sl, 1, None] + ar
+        cols = torch.where(flips[sl, None], cols.flip(1), cols)[:, None, None, :]
+        b = torch.arange(share, device=device)[:, None, None, None]
         c = torch.arange(3, device=device)[None, :, None, None]
         yield normalize(x[b, c, rows, cols]), data.train_y[idx]
 

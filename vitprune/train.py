@@ -11,14 +11,16 @@ every epoch; the data order depends only on (seed, state, epoch). So a killed ru
 with --resume gives the same numbers as one that was never interrupted.
 """
 import contextlib
-import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import kernels
 from vitprune.config import Config, ConfigError
@@ -68,23 +70,57 @@ def make_optimizer(cfg: Config, model, steps: int, device):
             epoch = step // per_epoch
             return 0.1 ** ((epoch >= cfg.epochs * 0.5) + (epoch >= cfg.epochs * 0.75))
         if cfg.lr_schedule == "cosine":
-            import math
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         return 1.0
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @torch.inference_mode()
-def evaluate(model, x, y, autocast) -> float:
-    """Top-1 accuracy (%) in large batches; one host sync at the end."""
+def evaluate(model, x, y, autocast, rank: int = 0, world: int = 1) -> float:
+    """Top-1 accuracy (%) in large batches; each process takes its share; one host sync."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=y.device)
-    for xb, yb in eval_batches(x, y, 1000):
+    for xb, yb in eval_batches(x[rank::world], y[rank::world], 1000):
         with autocast():
             correct += (model(xb).argmax(1) == yb).sum()
+    if world > 1:
+        dist.all_reduce(correct)
     model.train(was_training)
     return 100.0 * correct.item() / len(y)
+
+
+def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0.0, rsst=None):
+    """One optimisation step; returns (loss, logits) as device tensors (no host sync)."""
+    with autocast():
+        logits = forward(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if rsst:
+        rsst.before_step(step)
+    opt.step()
+    if rsst:
+        rsst.after_step(step)
+    sched.step()
+    return loss.detach(), logits.detach()
+
+
+def init_distributed(cfg: Config):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on
+    CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch_size: {cfg.batch_size} must be divisible by the {world} processes")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -111,7 +147,9 @@ def fmt_time(seconds: float) -> str:
 
 def run(cfg: Config) -> Path:
     # --- everything that can fail on bad input happens before the run folder is touched
-    device = resolve_device(cfg.device)
+    rank, world, device = init_distributed(cfg)
+    main = rank == 0  # only the first process writes files and prints
+    say = print if main else (lambda *a, **k: None)
     try:
         backend = kernels.resolve_backend(cfg.kernels, device)
     except ValueError as e:
@@ -126,7 +164,7 @@ def run(cfg: Config) -> Path:
     model = build_model(cfg.model, data.num_classes)
     if cfg.pretrained:
         from vitprune.model import load_pretrained
-        print(load_pretrained(model, cfg.pretrained))
+        say(load_pretrained(model, cfg.pretrained))
     model.to(device)
     set_kernels(model, masked_linear)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -134,10 +172,21 @@ def run(cfg: Config) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    forward = torch.compile(model) if cfg.compile else model
-    run_dir = prepare_run_dir(cfg)
+    forward = model
+    if world > 1:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        # Index tensors change shape when the structure changes: one recompile per state.
+        forward = torch.compile(forward)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if main:
+        prepare_run_dir(cfg)
+    if world > 1:
+        dist.barrier()  # the folder exists (or the run stopped) before any process reads it
     ckpt_dir = run_dir / "checkpoints"
-    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb)
+    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb) if main else None
+    evaluate_split = lambda split: evaluate(model, getattr(data, f"{split}_x"), getattr(data, f"{split}_y"),
+                                            autocast, rank, world)
 
     # --- the run's position: (state, epochs done in it) and what the state carries
     structure = Structure.full(model)
@@ -147,6 +196,7 @@ def run(cfg: Config) -> Path:
     start_acc = None     # (val, test) of the state's network before training
     state_time = 0.0
     rsst_start_norm = None
+    theta0 = None        # the rewind point, kept in memory once reached
     if cfg.resume:
         ck = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
@@ -155,15 +205,20 @@ def run(cfg: Config) -> Path:
         state, epochs_done, start_acc, state_time = ck["state"], ck["epochs_done"], ck["start_acc"], ck["state_time"]
         rsst_start_norm = ck["rsst_start_norm"]
         torch.set_rng_state(ck["rng"])
-        log.truncate(state, epochs_done)
-        print(f"resuming {run_dir} at state {state}, epoch {epochs_done}")
+        if (ckpt_dir / "rewind.pt").is_file():
+            theta0 = torch.load(ckpt_dir / "rewind.pt", map_location="cpu")["model"]
+        if main:
+            log.truncate(state, epochs_done)
+        say(f"resuming {run_dir} at state {state}, epoch {epochs_done}")
     else:
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if main:
+            write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if cfg.rewind_epoch == 0:
-            save_atomic({"model": model.state_dict(), "epoch": 0}, ckpt_dir / "rewind.pt")
-    print(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
-          f"({count(model, structure)['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
-          f"{cfg.epochs} epochs, {steps} steps/epoch, {device} {'bf16' if bf16 else 'fp32'}, kernels={backend}")
+            theta0 = save_rewind_point(model, 0, ckpt_dir, main)
+    say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
+        f"({count(model, structure)['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
+        f"{cfg.epochs} epochs, {steps} steps/epoch, {device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
+        + (f", {world} processes" if world > 1 else ""))
 
     run_start, epoch_times = time.time(), []
     resumed_mid_state = cfg.resume
@@ -174,15 +229,15 @@ def run(cfg: Config) -> Path:
                 tr = transition(cfg, model, structure, data, state)
                 structure, keep = tr.structure, tr.keep
                 targets = None if tr.head_targets is None else (tr.head_targets, tr.neuron_targets)
-                if cfg.rewind_epoch is not None:
-                    model.load_state_dict(torch.load(ckpt_dir / "rewind.pt", map_location=device)["model"])
+                if theta0 is not None:
+                    model.load_state_dict(theta0)
             apply_structure(model, structure)
             set_live(model, keep)
-            start_acc = (evaluate(model, data.val_x, data.val_y, autocast),
-                         evaluate(model, data.test_x, data.test_y, autocast))
+            start_acc = (evaluate_split("val"), evaluate_split("test"))
             set_live(model, structure)
             epochs_done, rsst_start_norm = 0, None
-            report_structure(cfg, model, state, keep)
+            if main:
+                report_structure(cfg, model, state, keep)
         opt, sched = make_optimizer(cfg, model, steps * cfg.epochs, device)
         rsst = None
         if targets is not None and (targets[0].any() or targets[1].any()):
@@ -197,94 +252,94 @@ def run(cfg: Config) -> Path:
 
         for epoch in range(epochs_done, cfg.epochs):
             t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            # Metrics accumulate on the device: no host sync inside the step loop.
+            sums = torch.zeros(2, device=device)  # loss · n, correct
             seen, heartbeat = 0, time.time()
             model.train()
-            for i, (x, y) in enumerate(train_batches(data, cfg.batch_size, cfg.seed, state, epoch)):
+            for i, (x, y) in enumerate(train_batches(data, cfg.batch_size, cfg.seed, state, epoch, rank, world)):
                 step = epoch * steps + i + 1  # 1-based step within the state
-                with autocast():
-                    logits = forward(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if rsst:
-                    rsst.before_step(step)
-                opt.step()
-                if rsst:
-                    rsst.after_step(step)
-                sched.step()
-                # Accumulate on the device: no host sync inside the step loop.
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                if time.time() - heartbeat > 30:
+                lr = opt.param_groups[0]["lr"]  # the lr this step uses (logged per epoch)
+                loss, logits = train_step(forward, opt, sched, x, y, step, autocast, cfg.label_smoothing, rsst)
+                sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
+                seen += len(y) * world
+                if main and time.time() - heartbeat > 30:
                     heartbeat = time.time()
-                    print(f"  state {state} epoch {epoch + 1}: step {i + 1}/{steps}, "
-                          f"{seen / (heartbeat - t0):.0f} img/s", flush=True)
+                    say(f"  state {state} epoch {epoch + 1}: step {i + 1}/{steps}, "
+                        f"{(i + 1) * cfg.batch_size / (heartbeat - t0):.0f} img/s", flush=True)
+            if world > 1:
+                dist.all_reduce(sums)
+            loss_sum, correct = sums.tolist()
             set_live(model, keep)  # RSST evaluates the network it will become
-            val_acc = evaluate(model, data.val_x, data.val_y, autocast)
-            test_acc = evaluate(model, data.test_x, data.test_y, autocast)
+            val_acc, test_acc = evaluate_split("val"), evaluate_split("test")
             set_live(model, structure)
             record = {
                 "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
-                "train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,
-                "val_acc": val_acc, "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
+                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
                 "reg_lambda": rsst.lam((epoch + 1) * steps) if rsst else 0.0,
                 "target_norm_ratio": rsst.norm_ratio() if rsst else None,
                 "time_s": time.time() - t0,
             }
             state_time += record["time_s"]
             history.append(record)
-            log.epoch(record)
             epoch_times.append(record["time_s"])
             left = (cfg.states - state - 1) * cfg.epochs + cfg.epochs - epoch - 1
             reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if rsst else ""
-            print(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
-                  f"train {record['train_acc']:.1f}% val {val_acc:.2f}% test {test_acc:.2f}%{reg} | "
-                  f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
+            say(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
+                f"train {record['train_acc']:.1f}% val {val_acc:.2f}% test {test_acc:.2f}%{reg} | "
+                f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
             if state == 0 and cfg.rewind_epoch == epoch + 1:
-                save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, ckpt_dir / "rewind.pt")
-            save_atomic({
-                "state": state, "epochs_done": epoch + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "structure": structure.state_dict(), "keep": keep.state_dict(), "targets": targets,
-                "start_acc": start_acc, "state_time": state_time, "rsst_start_norm": rsst_start_norm,
-                "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-            }, ckpt_dir / "last.pt")
+                theta0 = save_rewind_point(model, epoch + 1, ckpt_dir, main)
+            if main:
+                log.epoch(record)
+                save_atomic({
+                    "state": state, "epochs_done": epoch + 1, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "structure": structure.state_dict(), "keep": keep.state_dict(), "targets": targets,
+                    "start_acc": start_acc, "state_time": state_time, "rsst_start_norm": rsst_start_norm,
+                    "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                }, ckpt_dir / "last.pt")
 
         # --- finish the state: RSST hard-prunes its targets; report the pruned network
         record = {"state": state}
         if rsst:
-            record["pre_prune_val_acc"] = evaluate(model, data.val_x, data.val_y, autocast)
-            record["pre_prune_test_acc"] = evaluate(model, data.test_x, data.test_y, autocast)
+            record["pre_prune_val_acc"], record["pre_prune_test_acc"] = evaluate_split("val"), evaluate_split("test")
             record["target_norm_ratio"] = rsst.norm_ratio()
             if record["target_norm_ratio"] > 0.1:
-                print(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
-                      f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
+                say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
+                    f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
         structure, targets = keep, None
         apply_structure(model, structure)
         best = max(history, key=lambda r: r["val_acc"])
         record.update({
-            "final_val_acc": evaluate(model, data.val_x, data.val_y, autocast),
-            "final_test_acc": evaluate(model, data.test_x, data.test_y, autocast),
+            "final_val_acc": evaluate_split("val"), "final_test_acc": evaluate_split("test"),
             "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
             "start_val_acc": start_acc[0], "start_test_acc": start_acc[1],
             **count(model, structure), "time_s": state_time,
         })
-        log.state(record)
-        save_atomic({"state": state, "model": model.state_dict(), "structure": structure.state_dict(),
-                     "record": record, "config": cfg.to_dict()}, ckpt_dir / f"state_{state:02d}.pt")
-        write_json_atomic(run_dir / "summary.json", {
-            "name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
-            "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
-        print(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
-              f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
-              f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
+        if main:
+            log.state(record)
+            save_atomic({"state": state, "model": model.state_dict(), "structure": structure.state_dict(),
+                         "record": record, "config": cfg.to_dict()}, ckpt_dir / f"state_{state:02d}.pt")
+            write_json_atomic(run_dir / "summary.json", {
+                "name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
+                "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
+        say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
+            f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
+            f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
         state += 1
-    log.close()
-    print(f"done in {fmt_time(time.time() - run_start)}; results in {run_dir} (metrics.jsonl, summary.json)")
+    if main:
+        log.close()
+    say(f"done in {fmt_time(time.time() - run_start)}; results in {run_dir} (metrics.jsonl, summary.json)")
     return run_dir
+
+
+def save_rewind_point(model, epoch: int, ckpt_dir: Path, main: bool) -> dict:
+    """Keep θ (the rewind point) in memory on every process; the first one also saves it."""
+    theta = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if main:
+        save_atomic({"model": theta, "epoch": epoch}, ckpt_dir / "rewind.pt")
+    return theta
 
 
 def report_structure(cfg, model, state, keep: Structure):
