@@ -22,5 +22,5 @@ setup(
         "scipy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=7"], "report": ["wandb-workspaces"]},
+    extras_require={"dev": ["pytest>=7", "wandb-workspaces"], "report": ["wandb-workspaces"]},
 )

@@ -3,6 +3,7 @@
 Bad input ends with one line naming the flag and the valid values, exit code 2.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def run(**flags):
     --method=rsst --dataset=cifar100 --ratio=0.7 --states=16 --epochs=60."""
     from vitprune.train import run as run_loop
     cfg = from_flags(flags)
+    if cfg.name is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        # Under `wandb agent` a grid over a flag the default name does not show (e.g. lr) would
+        # send several runs to one folder: the W&B run id keeps them apart.
+        cfg.name = f"{cfg.run_name}_{os.environ['WANDB_RUN_ID']}"
     if cfg.resume:
         cfg = _resumed_config(cfg, flags)
     run_loop(cfg)
@@ -72,9 +77,9 @@ def info():
     else:
         lines.append("cuda    not available (CPU only)")
     lines.append(f"kernels auto -> {kernels.resolve_backend('auto', 'cuda' if torch.cuda.is_available() else 'cpu')}")
-    import os
-    mode = os.environ.get("WANDB_MODE", "auto")
-    lines.append(f"wandb   WANDB_MODE={mode}, API key {'set' if os.environ.get('WANDB_API_KEY') else 'not in the environment'}")
+    from vitprune.log import has_wandb_credentials, resolve_wandb_mode
+    lines.append(f"wandb   --wandb=auto -> {resolve_wandb_mode('auto')} "
+                 f"({'credentials found' if has_wandb_credentials() else 'no credentials'})")
     print("\n".join(lines))
 
 

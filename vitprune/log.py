@@ -127,8 +127,7 @@ class RunLog:
         kwargs = dict(
             project=c.get("wandb_project") or "vitprune", entity=c.get("wandb_entity"),
             name=self.run_dir.name, config=c, dir=str(self.run_dir), id=run_id, resume="allow",
-            # runs of one group are the seeds of one configuration: the UI averages them and
-            # compares groups (methods) curve against curve
+            # the UI averages a group's runs (the seeds) and compares methods curve against curve
             group=f"{c.get('dataset')}/{c.get('method')}/r{ratio:g}" if ratio is not None else None,
             job_type=c.get("method"),
             tags=[str(c[k]) for k in ("model", "dataset", "method") if c.get(k)])

@@ -321,7 +321,7 @@ def run(cfg: Config) -> Path:
             log.state(record)
             save_atomic({"state": state, "model": model.state_dict(), "structure": structure.state_dict(),
                          "record": record, "config": cfg.to_dict()}, ckpt_dir / f"state_{state:02d}.pt")
-            write_json_atomic(run_dir / "summary.json", {
+            log.summary({
                 "name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
                 "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
         say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "

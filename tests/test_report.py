@@ -1,0 +1,176 @@
+"""Report numbers against hand-computed values from tests/fixtures/report_runs (refill: 6 states,
+rsst: 5 states, so 5 common states 0-4), the noise rules, W&B sources with mocks."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from scipy.stats import ttest_ind
+
+from vitprune import report
+from vitprune.config import Config, ConfigError
+from vitprune.log import wandb_names, read_metrics
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report_runs"
+REFILL, RSST = FIXTURES / "cifar10_refill_vit_small_r0.7_s0", FIXTURES / "cifar10_rsst_vit_small_r0.7_s0"
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_online(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_run_stats_by_hand():
+    # refill final test acc over the common states 0-4: 80, 79, 82, 83, 82
+    s = report.run_stats(report.load_run(REFILL).acc(n=5))
+    assert s["state0"] == 80.0 and (s["best"], s["best_state"]) == (83.0, 3)
+    assert s["mean"] == pytest.approx((82 + 83 + 82) / 3)
+    assert s["std"] == pytest.approx((((82 - 82.3333) ** 2 * 2 + (83 - 82.3333) ** 2) / 2) ** 0.5, abs=1e-4)
+    assert s["retention"] == pytest.approx(100 * 83 / 80)
+    assert s["late"] == pytest.approx((83 + 82) / 2)  # last third of 5 states = states 3-4
+    assert s["last"] == 82.0
+
+
+def test_comparison_winner_and_within_noise():
+    runs = [report.load_run(REFILL), report.load_run(RSST)]
+    rows = {metric: (cells, delta, verdict)
+            for metric, _, cells, delta, verdict in report.comparison(report.configurations(runs), 5)}
+    noise = 2 * ((1 / 3) ** 0.5)  # refill's std over states 2-4 (rsst's is 0.29)
+    cells, delta, verdict = rows["state0"]  # 80.0 vs 80.5: 0.5 < 1.15
+    assert cells == {"refill": "80.00%", "rsst": "80.50%"}
+    assert delta == pytest.approx(0.5) and verdict == f"within noise (2σ = {noise:.2f})"
+    cells, delta, verdict = rows["mean"]  # 82.33 vs 80.17: 2.17 > 1.15
+    assert delta == pytest.approx(82 + 1 / 3 - (80 + 1 / 6)) and verdict == f"**refill** (Δ > 2σ = {noise:.2f})"
+    assert rows["best"][0] == {"refill": "83.00% (state 3)", "rsst": "80.50% (state 3)"}
+    assert rows["std"][2] == "–"
+    # retention is in % of State 0: the noise bar is scaled the same way
+    assert rows["retention"][2] == f"**refill** (Δ > 2σ = {noise * 100 / 80:.2f})"
+
+
+def test_markdown_and_plots(tmp_path, capsys):
+    out = tmp_path / "sub" / "report.md"
+    report.main(str(REFILL), str(RSST), out=str(out))
+    md = out.read_text()
+    assert "**final pruned test accuracy**" in md and "### Best-epoch test accuracy" in md
+    assert "refill: 6" not in md and "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
+    assert "the 5 common states 0–4" in md
+    assert "| Mean, states 2–4 | 82.33% | 80.17% | +2.17 | **refill** (Δ > 2σ = 1.15) |" in md
+    assert "| State 0 (dense) | 80.00% | 80.50% | +0.50 | within noise (2σ = 1.15) |" in md
+    # findings: state 0 val 50,60,70,78 -> first-2 55, last-2 74; rsst plateaued (+0.15)
+    assert "| cifar10_refill_vit_small_r0.7_s0 | 55.00% | 74.00% | +19.00 | still rising" in md
+    assert "| cifar10_rsst_vit_small_r0.7_s0 | 75.90% | 76.05% | +0.15 | plateaued" in md
+    # recovery: state 0 final 80 -> state 1 start 10, epoch 0 30 -> state 1 final 79
+    assert "| cifar10_refill_vit_small_r0.7_s0 | 80.00% | 10.00% | 30.00% | -50.00 | 79.00% | -1.00 |" in md
+    assert "| Total parameters | 1.00M | 400.0K (2.50×) | 400.0K (2.50×) |" in md
+    assert "| Attention parameters | 300.0K | 90.0K (3.33×) |" in md
+    assert "| cifar10_refill_vit_small_r0.7_s0 | 100.0 s | 3.3 min | 3.5 min | 19.0 min | 50.0 s |" in md
+    assert "| before hard prune (RSST) |  | 81.00 | 81.50 | 81.50 | 81.00 |" in md
+    for png in ("report_cifar10_states.png", "report_cifar10_epochs.png"):
+        assert f"]({png})" in md and (out.parent / png).stat().st_size > 1000
+
+
+def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2):
+    cfg = Config(method=method, dataset=dataset, seed=seed, states=len(finals), epochs=epochs).to_dict()
+    run_dir = root / f"{dataset}_{method}_s{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    records = []
+    for s, acc in enumerate(finals):
+        records += [{"kind": "epoch", "state": s, "epoch": e, "global_epoch": s * epochs + e, "val_acc": acc,
+                     "test_acc": acc, "time_s": 1.0} for e in range(epochs)]
+        records.append({"kind": "state", "state": s, "final_test_acc": acc, "best_test_acc": acc + 0.1,
+                        "params_alive": 100 if s == 0 else 30, "params_total": 100, "time_s": 2.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_welch_with_several_seeds(tmp_path):
+    # per-seed means over states 2-3: refill 60.5, 61.0, 60.0; rsst 55.0, 55.5, 56.0 (clear)
+    # and dense 60.25, 61.25, 59.5 (close to refill)
+    runs = [write_run(tmp_path, "refill", [50, 40, 60 + d, 61 + d], seed) for seed, d in enumerate([0, 0.5, -0.5])]
+    runs += [write_run(tmp_path, "rsst", [50, 40, 55 + d, 55 + d], seed) for seed, d in enumerate([0, 0.5, 1.0])]
+    runs += [write_run(tmp_path, "dense", [50, 40, 60 + d, 60.5 + d], seed) for seed, d in enumerate([0, 1.0, -0.75])]
+    loaded = [report.load_run(r) for r in runs]
+    groups = report.configurations(loaded)
+    assert sorted(groups) == ["dense", "refill", "rsst"] and all(len(g) == 3 for g in groups.values())
+    values = {label: [report.run_stats(r.acc())["mean"] for r in g] for label, g in groups.items()}
+    assert values["refill"] == [60.5, 61.0, 60.0]
+    delta, verdict = report.decide({k: values[k] for k in ("refill", "rsst")}, {})
+    p = ttest_ind([60.5, 61.0, 60.0], [55.0, 55.5, 56.0], equal_var=False).pvalue
+    assert delta == pytest.approx(5.0) and verdict == f"**refill** (Welch p={p:.3f})"
+    delta, verdict = report.decide({k: values[k] for k in ("refill", "dense")}, {})
+    p = ttest_ind([60.5, 61.0, 60.0], [60.25, 61.25, 59.5], equal_var=False).pvalue
+    assert p > 0.05 and verdict == f"within noise (Welch p={p:.2f})"
+    md_path = tmp_path / "r.md"
+    report.main(*map(str, runs), out=str(md_path))
+    assert "| Mean, states 2–3 | 60.50% ± 0.50 (3 seeds) |" in md_path.read_text()
+
+
+def test_short_runs_give_na(tmp_path):
+    one = write_run(tmp_path, "refill", [50.0])
+    two = write_run(tmp_path, "rsst", [50.0, 45.0])
+    report.main(str(one), str(two), out=str(tmp_path / "r.md"))
+    md = (tmp_path / "r.md").read_text()
+    # one common state: only State 0 compares; rsst's state 1 still shows in its own series
+    assert "| State 0 (dense) | 50.00% | 50.00% | +0.00 | n/a (noise needs >= 4 states) |" in md
+    assert "| Mean, states 2+ (none) | n/a | n/a | n/a | – |" in md
+    assert "| final test (pruned) | 50.00 | 45.00 |" in md
+    assert report.decide({"a": [1.0], "b": [0.5]}, {"a": None, "b": 0.1})[1] == "n/a (noise needs >= 4 states)"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="not a run folder"):
+        report.main(str(tmp_path), out=str(tmp_path / "r.md"))
+    with pytest.raises(ConfigError, match="no run with a finished state"):
+        report.main(out=str(tmp_path / "r.md"))
+    with pytest.raises(ConfigError, match="--wandb_report: expected ENTITY/PROJECT"):
+        report.main(str(REFILL), out=str(tmp_path / "r.md"), wandb_report="justaproject")
+
+
+def test_wandb_report_offline_still_writes_markdown(tmp_path, capsys):
+    report.main(str(REFILL), str(RSST), out=str(tmp_path / "r.md"), wandb_report="me/vitprune")
+    assert "cannot create a W&B Report offline" in capsys.readouterr().out
+    assert (tmp_path / "r.md").exists()
+
+
+class FakeWandbRun:
+    """What wandb.Api().runs() yields, with the history RunLog would have logged."""
+
+    def __init__(self, run_dir):
+        self.name = run_dir.name
+        self.config = {**json.loads((run_dir / "config.json").read_text()), "_wandb": {"x": 1}}
+        self.state = json.loads((run_dir / "summary.json").read_text())["status"]
+        self.rows = [{**wandb_names(r), "_step": i, "_runtime": 1.0} for i, r in enumerate(read_metrics(run_dir))]
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+def test_report_from_wandb_project_equals_report_from_folders(tmp_path, monkeypatch, capsys):
+    import wandb
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")  # the `report` extra
+    monkeypatch.setenv("WANDB_MODE", "online")
+    asked = []
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {
+        "runs": lambda self, path: asked.append(path) or [FakeWandbRun(REFILL), FakeWandbRun(RSST)]})())
+    saved = []
+    monkeypatch.setattr(wr.Report, "save", lambda self, **kw: saved.append(self))
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example/report"))
+    report.main(out=str(tmp_path / "w" / "r.md"), wandb_project="vitprune", wandb_entity="me",
+                wandb_report="me/vitprune")
+    report.main(str(REFILL), str(RSST), out=str(tmp_path / "f" / "r.md"))
+    assert asked == ["me/vitprune"]
+    assert (tmp_path / "w" / "r.md").read_text() == (tmp_path / "f" / "r.md").read_text()
+    assert len(saved) == 1 and "https://wandb.example/report" in capsys.readouterr().out
+    panels = [b for b in saved[0].blocks if isinstance(b, wr.PanelGrid)]
+    assert panels[0].runsets[0].groupby == ["group"]
+    assert {tuple(p.y) for p in panels[0].panels} >= {("state/final_test_acc",), ("val_acc",)}
+
+
+def test_resumed_records_count_once(tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(REFILL, run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines + lines[:5]) + "\n{\"kind\": \"ep")  # + torn line
+    run = report.load_run(run_dir)
+    assert len(run.states) == 6 and len(run.epochs) == 24

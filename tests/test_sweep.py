@@ -1,0 +1,166 @@
+"""Sweep YAMLs give `python -m vitprune run` the intended flags; the local grid runner."""
+import json
+import sys
+from pathlib import Path
+
+import fire
+import pytest
+import yaml
+
+from vitprune import sweep
+from vitprune.config import ConfigError, from_flags
+
+SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
+POINTS = [(path, point) for path in SWEEPS for point in sweep.grid(yaml.safe_load(path.read_text()))]
+
+
+def command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch):
+    """The command the real `wandb agent` starts for one point (its process launcher captured)."""
+    from wandb import wandb_agent
+    started = []
+
+    class Launcher:  # stands in for the agent's subprocess
+        def __init__(self, command=None, **kwargs):
+            started.append(command)
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Launcher)
+    for var in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # the agent sets them: restore after
+        monkeypatch.setenv(var, "")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep0")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sweep0")
+    agent._sweep_command = sweep_yaml.get("command") or []
+    agent._command_run({"run_id": "run0", "program": sweep_yaml.get("program"),
+                        "args": {k: {"value": v} for k, v in point.items()}})
+    return started[0]
+
+
+def test_all_sweeps_found():
+    assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml"}
+    assert len(POINTS) == 4 + 8 + 2
+
+
+@pytest.mark.parametrize("path,point", POINTS, ids=[f"{p.stem}-{'-'.join(map(str, pt.values()))}" for p, pt in POINTS])
+def test_agent_command_parses_into_the_grid_point(path, point, tmp_path, monkeypatch):
+    sweep_yaml = yaml.safe_load(path.read_text())
+    command = sweep.agent_command(sweep_yaml, point)
+    assert command == command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch)
+    assert command[:5] == ["/usr/bin/env", "python", "-m", "vitprune", "run"]
+    assert command[5:] == [f"--{k}={v}" for k, v in point.items()]
+
+    def capture_fn(**flags):  # what `python -m vitprune run` does with its flags
+        captured.append(from_flags(flags))
+    captured = []
+    fire.Fire(capture_fn, command=command[5:])
+    cfg = captured[0]
+    for flag, value in point.items():
+        assert getattr(cfg, flag) == value and type(getattr(cfg, flag)) is type(value), flag
+
+
+def test_seed_sweep_is_the_seeds_experiment():
+    points = sweep.grid(yaml.safe_load((Path(__file__).parent.parent / "sweeps" / "seed.yaml").read_text()))
+    cfgs = [from_flags(p) for p in points]
+    assert {(c.method, c.dataset) for c in cfgs} == {(m, d) for m in ("refill", "rsst")
+                                                     for d in ("cifar10", "cifar100")}
+    assert all((c.model, c.ratio, c.states, c.epochs) == ("vit_small", 0.7, 16, 60) for c in cfgs)
+
+
+def write_sweep(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+GRID = """
+method: grid
+parameters:
+  method: {values: [refill, rsst]}
+  dataset: {value: synthetic}
+  lr: {values: [0.01, 0.001]}
+command: ["${interpreter}", -m, vitprune, run, "${args}"]
+"""
+
+
+def test_local_runner_skips_finished_resumes_interrupted(tmp_path, monkeypatch, capsys):
+    path = write_sweep(tmp_path, GRID)
+    out = tmp_path / "runs"
+    runs = sweep.plan(path, out)
+    names = [r[1].name for r in runs]
+    # lr is not in the default run name: each point gets its own --name
+    assert names == ["synthetic_refill_vit_small_r0.7_s0_lr0.01", "synthetic_refill_vit_small_r0.7_s0_lr0.001",
+                     "synthetic_rsst_vit_small_r0.7_s0_lr0.01", "synthetic_rsst_vit_small_r0.7_s0_lr0.001"]
+    assert runs[0][0][-2:] == [f"--out_dir={out}", f"--name={names[0]}"]
+    (out / names[0]).mkdir(parents=True)
+    (out / names[0] / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (out / names[1] / "checkpoints").mkdir(parents=True)
+    (out / names[1] / "checkpoints" / "last.pt").write_bytes(b"")
+    (out / names[1] / "summary.json").write_text(json.dumps({"status": "running"}))
+    (out / names[2]).mkdir()
+    (out / names[2] / "config.json").write_text("{}")  # died before its first checkpoint
+    (out / names[3]).mkdir()  # empty
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or type("P", (), {"returncode": 0}))
+    sweep.main(str(path), out_dir=str(out))
+    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--name={names[3]}"]
+    assert ran[0][:5] == [sys.executable, "-m", "vitprune", "run", "--method=refill"]
+    assert "finished, skipped" in capsys.readouterr().out
+
+
+def test_dry_run_prints_commands_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: pytest.fail("dry run started a run"))
+    sweep.main(str(write_sweep(tmp_path, GRID)), dry_run=True, out_dir=str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(" -m vitprune run --method=" in line for line in lines)
+
+
+def test_failed_run_exits_nonzero_after_the_rest(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or type("P", (), {"returncode": 1}))
+    with pytest.raises(SystemExit):
+        sweep.main(str(write_sweep(tmp_path, GRID)), out_dir=str(tmp_path))
+    assert len(ran) == 4
+
+
+@pytest.mark.parametrize("text,match", [
+    ("method: bayes\nparameters: {lr: {min: 0.001, max: 0.1}}\n", "wandb agent"),
+    ("method: grid\nparameters: {lr: {min: 0.001, max: 0.1}}\n", "'lr' needs `value:`"),
+    ("method: grid\n", "no `parameters:`"),
+    ("method: grid\nparameters: {method: {values: [prune_all]}}\ncommand: [python, -m, vitprune, run, '${args}']\n",
+     "--method: unknown value 'prune_all'"),
+    ("method: grid\nparameters: {out_dir: {value: x}}\n", "remove out_dir"),
+    ("method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [python, train.py, '${args}']\n", "must run"),
+])
+def test_bad_sweeps_raise_one_line(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        sweep.main(str(write_sweep(tmp_path, text)), dry_run=True, out_dir=str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_sweep_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        sweep.main(str(tmp_path / "nope.yaml"))
+
+
+def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """The real thing: sweeps/smoke.yaml runs (W&B offline) and `report` summarises it.
+    The slowest test (a few minutes on 2 CPU cores); CI runs it."""
+    from vitprune import report
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    smoke = Path(__file__).parent.parent / "sweeps" / "smoke.yaml"
+    out = tmp_path / "runs"
+    sweep.main(str(smoke), out_dir=str(out))
+    run_dirs = sorted(out.iterdir())
+    points = sweep.grid(yaml.safe_load(smoke.read_text()))
+    assert len(run_dirs) == len(points)
+    for run_dir in run_dirs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["states_done"] == points[0]["states"]
+        assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    sweep.main(str(smoke), out_dir=str(out))  # again: everything is finished, nothing runs
+    assert capsys.readouterr().out.count("finished, skipped") == len(points)
+    md = tmp_path / "report" / "smoke.md"
+    report.main(*map(str, run_dirs), out=str(md))
+    text = md.read_text()
+    assert "## synthetic" in text and "**Key result**" in text
+    assert all(f"**{d.name}**" in text for d in run_dirs)
+    assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png"}

@@ -1,0 +1,428 @@
+"""Seed-style report: Markdown tables + PNG plots comparing runs (run folders or a W&B project).
+
+The headline number of a state is its FINAL PRUNED test accuracy (`final_test_acc`: the network
+after the state's pruning, what one would deploy). The best-epoch accuracy (`best_test_acc`: test
+accuracy at the epoch of best val accuracy) is shown beside it, labelled as such.
+
+Definitions (the seed's tables, made precise):
+- runs of one dataset are compared over their common states 0..n-1 (n = fewest finished states);
+- state 0 is dense; "best pruned" = max over states >= 1; retention = best pruned / state 0;
+- mean and std (ddof=1) over states >= 2 (the seed's "State 2-15"); late phase = the last third of
+  the common states (ceil(n/3) states, never before state 2);
+- a configuration = the runs of one dataset that differ only in seed (and paths/logging);
+- winner: the best configuration beats the runner-up if, with >= 2 seeds each, Welch's t-test on
+  the per-seed values gives p < 0.05; otherwise (one seed), if the gap exceeds 2x the larger std
+  over states >= 2 of the two (the state-to-state noise); else the row says "within noise".
+"""
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitprune.config import ConfigError
+from vitprune.log import read_metrics, record_from_wandb, resolve_wandb_mode
+
+HEADLINE, BEST_EPOCH = "final_test_acc", "best_test_acc"
+# Config fields that do not change what a run computes: runs differing only in these (and seed)
+# are seeds of one configuration.
+NOT_CONFIGURATION = {"seed", "name", "out_dir", "data_dir", "wandb", "wandb_project", "wandb_entity",
+                     "resume", "overwrite", "device", "kernels", "precision", "compile"}
+RISING = 0.5  # state 0 is "still rising" when its last k epochs beat the k before by > 0.5 points
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict
+    status: str
+    epochs: list = field(default_factory=list)  # epoch records in order
+    states: list = field(default_factory=list)  # state records for states 0, 1, ... (no gaps)
+    label: str = ""                             # its configuration's name in the tables
+
+    def acc(self, key=HEADLINE, n=None):
+        return [s.get(key) for s in self.states[:n]]
+
+    def state_epochs(self, state, key="val_acc"):
+        return [e[key] for e in self.epochs if e["state"] == state and e.get(key) is not None]
+
+
+def make_run(name, config, status, records) -> Run:
+    """A Run from metrics records; a record written twice (resume) counts once, the last."""
+    states = {r["state"]: r for r in records if r["kind"] == "state"}
+    epochs = {(r["state"], r["epoch"]): r for r in records if r["kind"] == "epoch"}
+    consecutive = []
+    while len(consecutive) in states:
+        consecutive.append(states[len(consecutive)])
+    return Run(name, config, status, [epochs[k] for k in sorted(epochs)], consecutive)
+
+
+def load_run(run_dir) -> Run:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"report: {run_dir} is not a run folder (no metrics.jsonl); give folders under --out_dir")
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_json(run_dir / "config.json") or summary.get("config", {})
+    return make_run(run_dir.name, config, summary.get("status", "unknown"), read_metrics(run_dir))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def load_wandb_runs(project, entity=None) -> list:
+    """The runs of a W&B project, rebuilt from their histories (names as logged by RunLog)."""
+    import wandb
+    runs = []
+    for r in wandb.Api().runs(f"{entity}/{project}" if entity else project):
+        records = [rec for rec in map(record_from_wandb, r.scan_history()) if rec]
+        config = {k: v for k, v in dict(r.config).items() if not k.startswith("_")}
+        runs.append(make_run(r.name, config, r.state, records))
+    return runs
+
+
+# ---- numbers ------------------------------------------------------------------------------
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs):
+    return statistics.stdev(xs) if len(xs) >= 2 else None
+
+
+def late_start(n):
+    return max(2, n - math.ceil(n / 3))
+
+
+def run_stats(accs) -> dict:
+    """The seed's per-run numbers from accuracies of states 0..n-1 (None = n/a)."""
+    n = len(accs)
+    pruned, later = accs[1:], accs[2:]
+    best = max(pruned) if pruned else None
+    return {
+        "state0": accs[0] if accs else None,
+        "best": best,
+        "best_state": 1 + pruned.index(best) if pruned else None,
+        "mean": _mean(later),
+        "std": _std(later),
+        "retention": 100 * best / accs[0] if pruned and accs[0] else None,
+        "late": _mean(accs[late_start(n):]) if n >= 3 else None,
+        "last": accs[-1] if n >= 2 else None,
+    }
+
+
+def decide(values: dict, noise: dict):
+    """(Δ best − runner-up, verdict) for {label: per-seed values}; noise = {label: std over states}."""
+    ranked = sorted((k for k in values if values[k]), key=lambda k: -_mean(values[k]))
+    if len(ranked) < 2:
+        return None, "–"
+    a, b = ranked[:2]
+    delta = _mean(values[a]) - _mean(values[b])
+    if len(values[a]) >= 2 and len(values[b]) >= 2:
+        if statistics.stdev(values[a]) == statistics.stdev(values[b]) == 0:  # Welch is undefined
+            return delta, "n/a (no seed variance)"
+        from scipy.stats import ttest_ind
+        p = ttest_ind(values[a], values[b], equal_var=False).pvalue
+        return delta, f"**{a}** (Welch p={p:.3f})" if p < 0.05 else f"within noise (Welch p={p:.2f})"
+    if noise.get(a) is None or noise.get(b) is None:
+        return delta, "n/a (noise needs >= 4 states)"
+    bar = 2 * max(noise[a], noise[b])
+    return delta, f"**{a}** (Δ > 2σ = {bar:.2f})" if delta > bar else f"within noise (2σ = {bar:.2f})"
+
+
+def configurations(runs) -> dict:
+    """{label: [runs]} for the runs of one dataset; label = method (+ what else differs)."""
+    key = lambda r: tuple(sorted((k, str(v)) for k, v in r.config.items() if k not in NOT_CONFIGURATION))
+    keys = [dict(k) for k in dict.fromkeys(key(r) for r in runs)]
+    differing = [k for k in dict.fromkeys(f for c in keys for f in c)
+                 if k != "method" and len({c.get(k) for c in keys}) > 1]
+    groups = {}
+    for r in runs:
+        c = dict(key(r))
+        r.label = " ".join([c.get("method", "?")] + [f"{k}={c.get(k)}" for k in differing])
+        groups.setdefault(r.label, []).append(r)
+    return groups
+
+
+def comparison(groups: dict, n: int, key=HEADLINE) -> list:
+    """Rows (metric, title, {label: cell}, Δ, verdict) of the seed's comparison table."""
+    stats = {label: [run_stats(r.acc(key, n)) for r in runs] for label, runs in groups.items()}
+    noise = {label: _mean([s["std"] for s in ss if s["std"] is not None]) for label, ss in stats.items()}
+    # retention is in % of State 0: its noise is the accuracy noise in the same unit
+    noise_retention = {label: None if noise[label] is None else 100 * noise[label] / _mean([s["state0"] for s in ss])
+                       for label, ss in stats.items()}
+    rows = [("state0", "State 0 (dense)"), ("best", "Best pruned (state)"),
+            ("mean", f"Mean, {_span(2, n - 1)}"), ("std", f"Std over {_span(2, n - 1)}"),
+            ("retention", "Retention: best pruned / State 0"),
+            ("late", f"Late phase mean, {_span(late_start(n), n - 1)}"), ("last", f"Last common state ({n - 1})")]
+    table = []
+    for metric, title in rows:
+        values = {label: [s[metric] for s in ss if s[metric] is not None] for label, ss in stats.items()}
+        cells = {label: _cell(values[label], ss, metric) for label, ss in stats.items()}
+        if metric == "std":
+            delta, verdict = None, "–"
+        else:
+            delta, verdict = decide(values, noise_retention if metric == "retention" else noise)
+        table.append((metric, title, cells, delta, verdict))
+    return table
+
+
+def _span(first, last):
+    if last < first:
+        return f"states {first}+ (none)"
+    return f"state {first}" if last == first else f"states {first}–{last}"
+
+
+def _cell(values, stats, metric):
+    if not values:
+        return "n/a"
+    text = f"{_mean(values):.2f}" + ("%" if metric != "std" else "")
+    if len(values) >= 2:
+        text += f" ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+    elif metric == "best":
+        text += f" (state {stats[0]['best_state']})"
+    return text
+
+
+# ---- Markdown -----------------------------------------------------------------------------
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def _pct(x, signed=False):
+    return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}%")
+
+
+def _count(x):
+    for unit, scale, digits in (("G", 1e9, 2), ("M", 1e6, 2), ("K", 1e3, 1)):
+        if x >= scale:
+            return f"{x / scale:.{digits}f}{unit}"
+    return str(x)
+
+
+def _seconds(s):
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def comparison_table(groups, n, key=HEADLINE) -> list:
+    rows = comparison(groups, n, key)
+    return _table(["Metric", *groups, "Δ (1st − 2nd)", "Winner"],
+                  [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
+
+
+def dataset_section(dataset, runs, png) -> list:
+    groups = configurations(runs)
+    n = min(len(r.states) for r in runs)
+    lines = [f"## {dataset}", ""]
+    counts = {r.name: len(r.states) for r in runs}
+    if len(set(counts.values())) > 1:
+        lines += ["Runs finished different numbers of states (" +
+                  ", ".join(f"{k}: {v}" for k, v in counts.items()) +
+                  f"); the comparisons use the {n} common states 0–{n - 1}.", ""]
+    # key result: the mean over states >= 2, or for shorter runs the last common state, or State 0
+    rows = {row[0]: row for row in comparison(groups, n)}
+    _, title, cells, _, verdict = next(rows[k] for k in ("mean", "last", "state0")
+                                       if any(c != "n/a" for c in rows[k][2].values()))
+    lines += [f"**Key result** (final pruned test accuracy, {title[0].lower() + title[1:]}): " +
+              " vs ".join(f"{label} {cell}" for label, cell in cells.items()) + f" → {verdict}.", ""]
+    for key, title in ((HEADLINE, "Final pruned test accuracy (headline)"),
+                       (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
+        lines += [f"### {title}", ""] + comparison_table(groups, n, key) + [""]
+    lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
+    for r in runs:
+        lines += per_state(r)
+    lines += findings(runs, n) + efficiency(runs) + timing(runs)
+    lines += [f"![val accuracy vs epoch]({png['epochs']})", ""]
+    return lines
+
+
+def per_state(r: Run) -> list:
+    rows = [("final test (pruned)", HEADLINE, _num), ("best-epoch test", BEST_EPOCH, _num),
+            ("before hard prune (RSST)", "pre_prune_test_acc", _num),
+            ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", _count)]
+    body = [[title, *("" if s.get(key) is None else fmt(s[key]) for s in r.states)] for title, key, fmt in rows
+            if any(s.get(key) is not None for s in r.states)]
+    planned = r.config.get("states")
+    head = f"**{r.name}** ({r.label}, {len(r.states)}" + (f" of {planned}" if planned else "") + f" states, {r.status})"
+    stats = run_stats(r.acc())
+    trend = "" if stats["best"] is None else (
+        f"Peak pruned {stats['best']:.2f}% at state {stats['best_state']}" +
+        (f"; states 2+ range {min(r.acc()[2:]):.2f}–{max(r.acc()[2:]):.2f}%." if len(r.states) > 2 else "."))
+    return [head, ""] + _table(["State", *range(len(r.states))], body) + ["", trend, ""]
+
+
+def _num(x):
+    return f"{x:.2f}"
+
+
+def findings(runs, n) -> list:
+    lines = [f"### Finding 1: effect of pruning vs State 0 (common states 0–{n - 1})", ""]
+    rows = []
+    for r in runs:
+        s = run_stats(r.acc(n=n))
+        gain = lambda x: None if x is None else x - s["state0"]
+        best = "n/a" if s["best"] is None else f"{s['best']:.2f}% (state {s['best_state']})"
+        rows.append([r.name, _pct(s["state0"]), best, _pct(gain(s["best"]), True),
+                     _pct(s["mean"]), _pct(gain(s["mean"]), True)])
+    lines += _table(["Run", "State 0", "Best pruned", "Δ best", "Mean states 2+", "Δ mean"], rows) + [""]
+
+    lines += ["### Finding 2: is State 0 still improving? (val accuracy per epoch of state 0)", ""]
+    rows = []
+    for r in runs:
+        v = r.state_epochs(0)
+        k = min(5, len(v) // 2)
+        if not k:
+            rows.append([r.name, "n/a", "n/a", "n/a", "n/a (needs >= 2 epochs)"])
+            continue
+        first, last, before = _mean(v[:k]), _mean(v[-k:]), _mean(v[-2 * k:-k])
+        verdict = "still rising" if last - before > RISING else "plateaued"
+        rows.append([r.name, _pct(first), _pct(last), _pct(last - first, True),
+                     f"{verdict} (last {k} vs the {k} before: {last - before:+.2f})"])
+    lines += _table(["Run", "First-k mean", "Last-k mean", "Δ", "Verdict"], rows)
+    lines += ["", f"k = min(5, epochs/2); \"still rising\" = the last k epochs beat the k before "
+                  f"by > {RISING} points.", ""]
+
+    lines += ["### Finding 3: recovery after pruning (test accuracy)", ""]
+    rows = []
+    for r in runs:
+        if len(r.states) < 2:
+            rows.append([r.name] + ["n/a"] * 6)
+            continue
+        s0, s1 = r.states[0][HEADLINE], r.states[1][HEADLINE]
+        e0 = r.state_epochs(1, "test_acc")[:1]
+        rows.append([r.name, _pct(s0), _pct(r.states[1].get("start_test_acc")), _pct(e0[0] if e0 else None),
+                     _pct(e0[0] - s0 if e0 else None, True), _pct(s1), _pct(s1 - s0, True)])
+    lines += _table(["Run", "State 0 final", "State 1 start (rewound + pruned)", "State 1 epoch 0",
+                     "Drop", "State 1 final", "Recovered (vs State 0)"], rows) + [""]
+    return lines
+
+
+def efficiency(runs) -> list:
+    # (title, alive count in a state record, its dense total in the run's state 0 record)
+    items = [("Total parameters", "params_alive", "params_total"),
+             ("Attention parameters", "attn_params_alive", "attn_params_alive"),
+             ("MLP parameters", "mlp_params_alive", "mlp_params_alive"),
+             ("Heads", "heads_alive", "heads_total"), ("MLP neurons", "neurons_alive", "neurons_total"),
+             ("FLOPs per image", "flops_alive", "flops_total")]
+    rows = []
+    for title, alive_key, total_key in items:
+        totals = [r.states[0].get(total_key) for r in runs]
+        if None in totals:
+            continue
+        cells = []
+        for r, total in zip(runs, totals):
+            alive = r.states[-1].get(alive_key)
+            cells.append("n/a" if not alive else f"{_count(alive)} ({total / alive:.2f}×)")
+        rows.append([title, " / ".join(map(_count, dict.fromkeys(totals))), *cells])
+    header = ["", "Dense (State 0)", *(f"{r.name} (state {len(r.states) - 1})" for r in runs)]
+    return ["### Parameter efficiency (alive after the last state; compression ×)", ""] + _table(header, rows) + [""]
+
+
+def timing(runs) -> list:
+    rows = []
+    for r in runs:
+        t = [s.get("time_s", 0.0) for s in r.states]
+        per_epoch = _mean([e["time_s"] for e in r.epochs if e.get("time_s") is not None])
+        rows.append([r.name, _seconds(t[0]), _seconds(t[1]) if len(t) > 1 else "n/a",
+                     _seconds(_mean(t[2:])) if len(t) > 2 else "n/a", _seconds(sum(t)),
+                     _seconds(per_epoch) if per_epoch else "n/a"])
+    return ["### Training time", ""] + _table(
+        ["Run", "State 0", "State 1", "States 2+ (mean per state)", "Total", "Per epoch"], rows) + [""]
+
+
+# ---- plots --------------------------------------------------------------------------------
+
+def plot(dataset, runs, paths):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        x = range(len(r.states))
+        ax.plot(x, r.acc(), "o-", color=colors[r.label], label=f"{r.name} final (pruned)")
+        ax.plot(x, r.acc(BEST_EPOCH), "x--", color=colors[r.label], alpha=0.5, label=f"{r.name} best epoch")
+    ax.set(xlabel="state", ylabel="test accuracy (%)", title=f"{dataset}: accuracy per state")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["states"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        ax.plot([e["global_epoch"] for e in r.epochs], [e["val_acc"] for e in r.epochs],
+                color=colors[r.label], label=r.name, lw=1)
+    for e in runs[0].epochs:  # state boundaries
+        if e["epoch"] == 0 and e["state"] > 0:
+            ax.axvline(e["global_epoch"] - 0.5, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="global epoch", ylabel="val accuracy (%)", title=f"{dataset}: val accuracy per epoch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["epochs"], dpi=120)
+    plt.close(fig)
+
+
+# ---- W&B Report ---------------------------------------------------------------------------
+
+def create_wandb_report(target, tables: dict, title):
+    """A W&B Report with, per dataset, the headline table and the runs' curves grouped by method."""
+    import wandb_workspaces.reports.v2 as wr
+    entity, project = target.split("/")
+    blocks = [wr.H1(title), wr.P("Headline: final pruned test accuracy of every state (state/final_test_acc).")]
+    for dataset, table in tables.items():
+        runs = wr.Runset(entity=entity, project=project, name=dataset,
+                         filters=f"Config('dataset') = '{dataset}'", groupby=["group"])
+        panels = [wr.LinePlot(title="final pruned test acc", x="state", y=["state/final_test_acc"]),
+                  wr.LinePlot(title="best-epoch test acc", x="state", y=["state/best_test_acc"]),
+                  wr.LinePlot(title="val acc", x="global_epoch", y=["val_acc"]),
+                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"])]
+        blocks += [wr.H2(dataset), wr.MarkdownBlock("\n".join(table)), wr.PanelGrid(runsets=[runs], panels=panels)]
+    report = wr.Report(project=project, entity=entity, title=title, blocks=blocks)
+    report.save()
+    return report.url
+
+
+def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wandb_report=None):
+    online = resolve_wandb_mode("auto") == "online"
+    if wandb_report is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", str(wandb_report)):
+        raise ConfigError(f"--wandb_report: expected ENTITY/PROJECT, got {wandb_report!r}")
+    runs = [load_run(d) for d in run_dirs]
+    if wandb_project and online:
+        runs += load_wandb_runs(wandb_project, wandb_entity)
+    elif wandb_project:
+        print(f"report: cannot read W&B project {wandb_project!r} offline (no credentials or WANDB_MODE); "
+              f"using the run folders only")
+    runs = [r for r in runs if r.states]
+    if not runs:
+        raise ConfigError("report: no run with a finished state; give run folders (RUN_DIR...) "
+                          "or --wandb_project with W&B online")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = "Structured pruning of ViTs: " + " vs ".join(dict.fromkeys(r.config.get("method", "?") for r in runs))
+    lines = [f"# {title}", "",
+             "Headline numbers are the **final pruned test accuracy** of each state: the network after the "
+             "state's pruning (RSST: after its hard prune). Best-epoch accuracies are shown separately, labelled.", ""]
+    lines += _table(["Run", "Dataset", "Method", "Model", "Ratio", "Seed", "States", "Epochs/state", "Status"],
+                    [[r.name, *(r.config.get(k) for k in ("dataset", "method", "model", "ratio", "seed")),
+                      f"{len(r.states)}/{r.config.get('states', '?')}", r.config.get("epochs"), r.status]
+                     for r in runs]) + [""]
+    tables = {}  # dataset -> headline table, for the W&B Report
+    for dataset in dict.fromkeys(r.config.get("dataset") for r in runs):
+        subset = [r for r in runs if r.config.get("dataset") == dataset]
+        png = {kind: f"{out.stem}_{dataset}_{kind}.png" for kind in ("states", "epochs")}
+        lines += dataset_section(dataset, subset, png)
+        plot(dataset, subset, {k: out.parent / v for k, v in png.items()})
+        tables[dataset] = comparison_table(configurations(subset), min(len(r.states) for r in subset))
+    out.write_text("\n".join(lines) + "\n")
+    print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
+    if wandb_report and online:
+        print(f"report: W&B report at {create_wandb_report(wandb_report, tables, title)}")
+    elif wandb_report:
+        print("report: cannot create a W&B Report offline (no credentials or WANDB_MODE); the Markdown is written")

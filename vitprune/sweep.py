@@ -1,0 +1,134 @@
+"""Run a W&B grid sweep locally, one run after another.
+
+The YAML is the one `wandb sweep` takes. Every grid point runs the command line `wandb agent`
+would run for it, built with wandb's own sweep-command helpers, plus `--out_dir` (and `--name`
+when two points would share a run folder). Re-running the sweep skips finished runs and
+resumes an interrupted one, so an interrupted sweep is continued by running it again.
+"""
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from vitprune.config import ConfigError, from_flags
+
+# The fields in Config.run_name: points that differ in anything else need their own --name.
+NAMED_FIELDS = ("dataset", "method", "model", "ratio", "seed")
+
+
+def load_sweep(path) -> dict:
+    try:
+        sweep = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"sweep: cannot read {path}: {e}".replace("\n", " ")) from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("parameters"), dict):
+        raise ConfigError(f"sweep: {path} has no `parameters:` mapping (see sweeps/smoke.yaml)")
+    if sweep.get("method") != "grid":
+        raise ConfigError(f"sweep: method {sweep.get('method')!r} in {path} needs the W&B sweep controller: "
+                          f"run `wandb sweep {path}`, then `wandb agent ID`; `vitprune sweep` runs method: grid only")
+    return sweep
+
+
+def grid(sweep: dict) -> list:
+    """All points of a grid sweep, as {flag: value}, in the order of the YAML's parameters."""
+    names, choices = [], []
+    for name, spec in sweep["parameters"].items():
+        if isinstance(spec, dict) and "value" in spec:
+            choices.append([spec["value"]])
+        elif isinstance(spec, dict) and isinstance(spec.get("values"), list) and spec["values"]:
+            choices.append(spec["values"])
+        else:
+            raise ConfigError(f"sweep: parameter {name!r} needs `value:` or a non-empty `values:` list for a grid")
+        names.append(name)
+    return [dict(zip(names, values)) for values in itertools.product(*choices)]
+
+
+def agent_command(sweep: dict, point: dict, interpreter: str = "python") -> list:
+    """The command `wandb agent` runs for one point (wandb_agent.Agent._command_run): the
+    YAML's `command` with env-var macros filled by wandb, ${args} etc. from wandb's flags."""
+    from wandb.sdk.launch.sweeps import utils
+    command = utils.create_sweep_command(list(sweep.get("command") or utils.DEFAULT_SWEEP_COMMAND))
+    macros = utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})
+    macros.update(interpreter=[interpreter], program=[sweep.get("program")], env=["/usr/bin/env"])
+    expanded = []
+    for chunk in map(str, command):
+        is_macro = chunk.startswith("${") and chunk.endswith("}")
+        expanded += (macros.get(chunk[2:-1]) or []) if is_macro else [chunk]
+    return expanded
+
+
+def parse_run_flags(flags: list):
+    """The Config that `python -m vitprune run FLAGS` gets: Fire parses, config validates."""
+    import fire
+    parsed = {}
+    try:
+        fire.Fire(lambda **kwargs: parsed.update(kwargs), command=list(flags), name="vitprune run")
+    except fire.core.FireExit:
+        raise ConfigError(f"sweep: Fire cannot parse the run flags {shlex.join(flags)}") from None
+    return from_flags(parsed)
+
+
+def plan(path, out_dir="runs") -> list:
+    """(command, run folder, status) for every grid point (status: see _status)."""
+    sweep = load_sweep(path)
+    if "out_dir" in sweep["parameters"]:
+        raise ConfigError(f"sweep: remove out_dir from the parameters of {path}; "
+                          f"pass it as `vitprune sweep {path} --out_dir=DIR`")
+    points = grid(sweep)
+    commands = [agent_command(sweep, p, interpreter=sys.executable) + [f"--out_dir={out_dir}"] for p in points]
+    names = [parse_run_flags(_run_flags(c)).run_name for c in commands]
+    if len(set(names)) < len(names):  # e.g. a grid over lr: suffix what varies beyond run_name
+        varying = [k for k in sweep["parameters"] if k not in NAMED_FIELDS and len({str(p[k]) for p in points}) > 1]
+        names = [n + "".join(f"_{k}{p[k]}".replace("/", "-") for k in varying) for n, p in zip(names, points)]
+        commands = [c + [f"--name={n}"] for c, n in zip(commands, names)]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"sweep: grid points of {path} repeat; every point must differ in some flag")
+    runs = []
+    for command, name in zip(commands, names):
+        run_dir = Path(out_dir) / name
+        status = _status(run_dir)
+        extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(status, [])
+        runs.append((command + extra, run_dir, status))
+    return runs
+
+
+def _run_flags(command: list) -> list:
+    """The flags after `vitprune run` (the sweep's command must run the vitprune CLI)."""
+    try:
+        return command[command.index("run", command.index("vitprune")) + 1:]
+    except ValueError:
+        raise ConfigError(f"sweep: `command:` must run `python -m vitprune run ${{args}}`, "
+                          f"got {shlex.join(command)}") from None
+
+
+def _status(run_dir: Path) -> str:
+    """new | finished | resume (has a checkpoint) | restart (died before its first checkpoint)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    try:
+        if json.loads((run_dir / "summary.json").read_text()).get("status") == "finished":
+            return "finished"
+    except (OSError, json.JSONDecodeError):
+        pass
+    return "resume" if (run_dir / "checkpoints" / "last.pt").is_file() else "restart"
+
+
+def main(path, dry_run=False, out_dir="runs"):
+    runs = plan(path, out_dir)
+    failed = []
+    for i, (command, run_dir, status) in enumerate(runs, 1):
+        head = f"[{i}/{len(runs)}] {run_dir}"
+        if status == "finished":
+            print(f"# {head}: finished, skipped")
+            continue
+        print(shlex.join(command) if dry_run else f"{head} ({status}): {shlex.join(command)}", flush=True)
+        if not dry_run and subprocess.run(command).returncode != 0:
+            failed.append(str(run_dir))
+    if failed:
+        print(f"sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; "
+              f"run the sweep again to resume them", file=sys.stderr)
+        raise SystemExit(1)
