@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -13,3 +17,28 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     # Registered so that `-m gpu` / `-m "not gpu"` select without unknown-marker warnings.
     config.addinivalue_line("markers", "gpu: needs CUDA (compiled Triton kernels)")
+
+
+def run_cli(monkeypatch, *args) -> int:
+    """`python -m vitprune ARGS` in this process: its exit code."""
+    from vitprune.__main__ import main
+    monkeypatch.setattr(sys, "argv", ["vitprune", *map(str, args)])
+    try:
+        main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def kill_when_logged(cmd, metrics_path, marker: str, timeout: float = 600):
+    """Start `cmd`, SIGKILL it as soon as `marker` appears in its metrics.jsonl (a crash with
+    no warning, in the middle of a state)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_path.exists() and marker in metrics_path.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

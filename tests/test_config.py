@@ -1,5 +1,4 @@
 """Bad input: one clear line naming the flag, exit code 2, nothing created or touched."""
-import json
 import subprocess
 import sys
 

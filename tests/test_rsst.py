@@ -1,14 +1,13 @@
 """RSST really forms the structure and reports the pruned network; imp and dense baselines."""
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import kill_when_logged
 from vitprune.config import from_flags
 from vitprune.data import eval_batches, synthetic
 from vitprune.methods import reg_lambda
@@ -118,16 +117,7 @@ def test_imp_reaches_the_scheduled_sparsity_and_dense_keeps_everything(tmp_path)
 def test_sigkill_mid_rsst_state_then_resume(runs, tmp_path):
     flags = [f"--{k}={v}" for k, v in STRONG.items()] + [f"--out_dir={tmp_path}", "--name=strong"]
     cmd = [sys.executable, "-m", "vitprune", "run", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path = tmp_path / "strong" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and '"state": 1, "epoch": 0' in path.read_text():
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_logged(cmd, tmp_path / "strong" / "metrics.jsonl", '"state": 1, "epoch": 0')
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     strip = lambda rows: [{k: v for k, v in x.items() if k != "time_s"} for x in rows]

@@ -1,14 +1,12 @@
 """The state loop end to end on the synthetic set: the demo, the run folder, exact resume."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import kill_when_logged
 from vitprune.model import build_model
 from vitprune.structure import Structure, count, dims
 
@@ -85,18 +83,9 @@ def test_pruned_states_count_and_zeros(demo):
 def test_sigkill_mid_state_then_resume_equals_uninterrupted(demo, tmp_path):
     run_dir, _ = demo
     args = ["run", *DEMO, f"--out_dir={tmp_path}", "--name=killed"]
-    proc = subprocess.Popen([sys.executable, "-m", "vitprune", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 600
-    # Wait for the first epoch of state 1, then kill the process without warning.
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"state": 1, "epoch": 0' in metrics.read_text():
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Kill the process without warning in the middle of state 1 (after its first epoch).
+    kill_when_logged([sys.executable, "-m", "vitprune", *args], tmp_path / "killed" / "metrics.jsonl",
+                     '"state": 1, "epoch": 0')
     assert len(records(tmp_path / "killed", "state")) == 1  # killed inside state 1
     r = vitprune(*args, "--resume")
     assert r.returncode == 0, r.stderr

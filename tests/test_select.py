@@ -1,5 +1,4 @@
 """Criteria, sortings, min_keep and schedules on hand-checkable cases."""
-import math
 
 import pytest
 import torch

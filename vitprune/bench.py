@@ -26,6 +26,18 @@ VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
 SMALL = dict(dim=32, heads=2, head_dim=16, mlp=64, tokens=5, blocks=2)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}"
+
+
 def time_fn(fn, warmup: int = 3, iters: int = 10, device="cpu") -> float:
     """Median wall time of fn() in seconds: CUDA events on CUDA (GPU time, no sync per call),
     time.perf_counter on CPU."""
@@ -194,9 +206,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
         from .kernels.masked_linear import masked_linear
         linear_ops["triton"] = masked_linear
         reg_ops["triton"] = group_reg
-    name = torch.cuda.get_device_name(device) if cuda else (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    lines = [f"# vitprune kernel benchmark — {name} — {datetime.date.today()} — "
+    lines = [f"# vitprune kernel benchmark — {device_name(device)} — {datetime.date.today()} — "
              f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"]
     if "triton" not in linear_ops:
         lines.append("Triton kernels need CUDA: timing the PyTorch paths only.")
@@ -306,10 +316,8 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     tensor_imgs_s = _tensor_loader_rate(data, batch)
     pil_imgs_s = _pil_loader_rate(data, batch, workers)
 
-    name = torch.cuda.get_device_name(device) if cuda else (
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     rate = {k: batch / v for k, v in t.items()}
-    lines = [f"# vitprune training benchmark — {name} — {datetime.date.today()} — torch {torch.__version__}",
+    lines = [f"# vitprune training benchmark — {device_name(device)} — {datetime.date.today()} — torch {torch.__version__}",
              f"{model}, batch {batch}, {'bf16' if bf16 else 'fp32'}, {optimizer}, ratio {ratio:g}"
              f"{', torch.compile' if compile else ''}", "",
              "| path | ms/step | images/s | vs dense |", "|---|---|---|---|",

@@ -14,8 +14,6 @@ weights stored as zeros.
 import ctypes
 import datetime
 import json
-import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from vitprune.bench import device_name, time_side_by_side
 from vitprune.config import ConfigError
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, count, dims, head_cols, head_rows
@@ -99,22 +98,24 @@ def compact_state_dict(model, structure: Structure) -> dict:
     return state
 
 
-def build_exported(arch: dict, device=None) -> VisionTransformer:
-    """The compacted timm VisionTransformer `arch` (config.json) describes. On device "meta"
-    it holds no memory: load weights with load_state_dict(..., assign=True)."""
+def build_exported(arch: dict, device="meta") -> VisionTransformer:
+    """The compacted timm VisionTransformer `arch` (config.json) describes. On the default
+    device "meta" it allocates nothing: give it weights with
+    load_state_dict(..., assign=True)."""
     D, hd = arch["embed_dim"], arch["head_dim"]
-    model = VisionTransformer(img_size=arch["img_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
-                              num_classes=arch["num_classes"], embed_dim=D, depth=arch["depth"],
-                              num_heads=arch["dense"]["num_heads"], qkv_bias=True, device=device)
-    for block, heads, hidden in zip(model.blocks, arch["num_heads"], arch["mlp_hidden"]):
-        block.attn = Attention(D, num_heads=heads, attn_head_dim=hd, qkv_bias=True, device=device)
-        block.mlp = Mlp(D, hidden_features=hidden, device=device)
+    with torch.device(device):
+        model = VisionTransformer(img_size=arch["img_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
+                                  num_classes=arch["num_classes"], embed_dim=D, depth=arch["depth"],
+                                  num_heads=arch["dense"]["num_heads"], qkv_bias=True)
+        for block, heads, hidden in zip(model.blocks, arch["num_heads"], arch["mlp_hidden"]):
+            block.attn = Attention(D, num_heads=heads, attn_head_dim=hd, qkv_bias=True)
+            block.mlp = Mlp(D, hidden_features=hidden)
     return model
 
 
 def compact_model(model, structure: Structure) -> VisionTransformer:
     """The plain timm model computing what `model` pruned to `structure` computes."""
-    compact = build_exported(architecture(model, structure), device="meta")
+    compact = build_exported(architecture(model, structure))
     compact.load_state_dict(compact_state_dict(model, structure), assign=True)
     return compact.eval()
 
@@ -172,23 +173,12 @@ def load_exported(path, device="cpu") -> VisionTransformer:
         raise ConfigError(f"load_exported: no readable config.json in {path} ({type(e).__name__})") from None
     if arch.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"load_exported: {path / 'config.json'} is not a {EXPORT_FORMAT} config")
-    model = build_exported(arch, device="meta")
+    model = build_exported(arch)
     model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), assign=True)
     return model.eval()
 
 
 # --- benchmark ------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    threads = torch.get_num_threads()
-    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _proc_status(key: str) -> int:
@@ -220,19 +210,6 @@ def peak_memory(fn, device: torch.device):
         return _proc_status("VmHWM:") - base
     except (OSError, AttributeError, StopIteration):
         return None
-
-
-def _time_side_by_side(fns: dict, warmup: int, iters: int, device) -> dict:
-    """Median time of each fn, the fns alternating every iteration so that a change in the
-    machine's load hits them alike."""
-    from vitprune.bench import time_fn  # here: vitprune.bench offers bench_export as `bench export`
-    for fn in fns.values():
-        time_fn(fn, warmup=warmup, iters=1, device=device)
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            times[name].append(time_fn(fn, warmup=0, iters=1, device=device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _mib(n):
@@ -268,14 +245,14 @@ def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="
               "dtype": str(dtype).replace("torch.", ""), "batches": batches}
     for name, m in models.items():
         m.to(device, dtype)
-        result[name] = {"params": n_params(m), "weight_bytes": sum(p.numel() * p.element_size() for p in m.parameters()),
+        result[name] = {"params": n_params(m), "weight_bytes": sum(p.nbytes for p in m.parameters()),
                         "flops_per_image": counts["flops_total" if name == "dense" else "flops_alive"],
                         "latency_s": {}, "peak_memory_bytes": {}}
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, 3, *models["dense"].patch_embed.img_size, device=device, dtype=dtype)
             fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
-            for name, t in _time_side_by_side(fns, warmup, iters, device).items():
+            for name, t in time_side_by_side(fns, warmup, iters, device).items():
                 result[name]["latency_s"][b] = t
             for name, fn in fns.items():
                 result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
@@ -291,11 +268,11 @@ def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
     rows = [("parameters (M)", d["params"] / 1e6, e["params"] / 1e6, "{:.3f}"),
             ("weights (MiB)", d["weight_bytes"] / 2**20, e["weight_bytes"] / 2**20, "{:.1f}"),
             ("GFLOPs / image", d["flops_per_image"] / 1e9, e["flops_per_image"] / 1e9, "{:.3f}")]
-    lines = [f"# vitprune export benchmark — {r['device']} — {r['date']} — torch {torch.__version__}, {r['dtype']}",
-             "", f"{r['checkpoint']}: state {ck.get('state')} of {cfg.get('method')} on {cfg.get('dataset')}, "
+    title = f"# vitprune export benchmark — {r['device']} — {r['date']} — torch {torch.__version__}, {r['dtype']}"
+    about = (f"{r['checkpoint']}: state {ck.get('state')} of {cfg.get('method')} on {cfg.get('dataset')}, "
              f"{cfg.get('model')}, ratio {cfg.get('ratio')}. Latency: median of {iters} runs after warm-up "
-             f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.", "",
-             "| | dense | exported | exported / dense |", "|---|---|---|---|"]
+             f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.")
+    lines = [title, "", about, "", "| | dense | exported | exported / dense |", "|---|---|---|---|"]
     lines += [f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {_ratio(b, a)} |" for label, a, b, fmt in rows]
     for b in r["batches"]:
         t_d, t_e = d["latency_s"][b], e["latency_s"][b]
@@ -305,6 +282,3 @@ def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
         lines.append(f"| peak memory, batch {b} (MiB) | {_mib(m_d)} | {_mib(m_e)} | {_ratio(m_e, m_d)} |")
     return "\n".join(lines)
 
-
-# `python -m vitprune export CHECKPOINT --out DIR` (vitprune/__main__.py registers `cli`).
-cli = export

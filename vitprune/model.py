@@ -137,7 +137,7 @@ def _pretrained_state_dict(spec: str):
     if os.path.isfile(spec):
         return _read_weights(spec), None
     import timm
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
     from vitprune.config import ConfigError
     try:
         source = timm.create_model(spec, pretrained=True)

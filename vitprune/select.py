@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitprune.data import eval_batches, normalize
+from vitprune.data import eval_batches
 from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims
 
 

@@ -1,0 +1,124 @@
+"""export / load_exported / bench_export on checkpoints of real (tiny) runs of every method.
+
+The runs go through the CLI's entry point in this process, on vit_micro and a small
+synthetic set (2 states × 1 epoch, ratio 0.5), so the whole module takes seconds.
+"""
+import json
+
+import pytest
+import torch
+
+from vitprune import train
+from vitprune.config import ConfigError
+from vitprune.data import synthetic
+from vitprune.export import bench_export, compact_model, export, load_checkpoint, load_exported
+from vitprune.model import build_model
+from vitprune.structure import Structure, apply_structure, count
+
+from conftest import run_cli
+
+METHODS = ("refill", "rsst", "imp")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{method: RUN/checkpoints/state_01.pt} of a refill, an rsst and an imp run."""
+    out = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", lambda name, data_dir, seed: synthetic(seed, sizes=(64, 16, 16)))
+        for method in METHODS:
+            assert run_cli(mp, "run", f"--method={method}", "--dataset=synthetic", "--model=vit_micro",
+                           "--ratio=0.5", "--states=2", "--epochs=1", "--batch_size=32", "--optimizer=adamw",
+                           "--lr=1e-3", "--reg_granularity_prune=10", f"--out_dir={out}", f"--name={method}",
+                           "--wandb=disabled") == 0
+    return {method: out / method / "checkpoints" / "state_01.pt" for method in METHODS}
+
+
+def pruned_network(ck: dict):
+    """(model, structure): the network training evaluated, rebuilt without vitprune.export."""
+    model = build_model(ck["config"]["model"], num_classes=10)
+    model.load_state_dict(ck["model"])
+    structure = Structure.from_state_dict(ck["structure"])
+    apply_structure(model, structure)
+    return model.eval(), structure
+
+
+def outputs(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+@pytest.mark.parametrize("method", ["refill", "rsst"])
+def test_export_computes_the_pruned_network(checkpoints, method, monkeypatch, tmp_path):
+    ck = load_checkpoint(checkpoints[method])
+    masked, structure = pruned_network(ck)
+    assert not structure.heads.all() and not structure.neurons.all()
+    assert run_cli(monkeypatch, "export", checkpoints[method], "--out", tmp_path / "export") == 0
+    exported = load_exported(tmp_path / "export")
+    x = torch.randn(16, 3, 32, 32)
+    assert (outputs(exported, x) - outputs(masked, x)).abs().max() <= 1e-5
+    assert sum(p.numel() for p in exported.parameters()) == ck["record"]["params_alive"]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["num_heads"] == structure.heads.sum(1).tolist() == [b.attn.num_heads for b in exported.blocks]
+    assert config["mlp_hidden"] == structure.neurons.sum(1).tolist()
+    assert config["source"]["method"] == method and config["source"]["state"] == 1
+    assert not exported.training and type(exported.blocks[0].attn).__module__.startswith("timm.")
+    # the saved model is the in-memory one
+    assert torch.equal(outputs(exported, x), outputs(compact_model(masked, structure), x))
+
+
+def test_imp_export_keeps_dense_shapes(checkpoints, tmp_path, capsys):
+    ck = load_checkpoint(checkpoints["imp"])
+    masked, structure = pruned_network(ck)
+    export(checkpoints["imp"], tmp_path)
+    assert "unstructured (imp)" in capsys.readouterr().out
+    exported = load_exported(tmp_path)
+    shapes = lambda model: {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes(exported) == shapes(masked)
+    zeros = sum(int((exported.get_parameter(name) == 0).sum()) for name in structure.elements)
+    assert zeros >= sum(int((~m).sum()) for m in structure.elements.values()) > 0
+    x = torch.randn(4, 3, 32, 32)
+    assert (outputs(exported, x) - outputs(masked, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_blocks_with_nothing_alive_export_exactly():
+    """min_keep >= 1 prevents it in runs, but a block without heads or neurons still exports."""
+    torch.manual_seed(0)
+    model = build_model("vit_micro", 10).eval()
+    structure = Structure.full(model)
+    structure.heads[0] = False
+    structure.neurons[1] = False
+    structure.heads[2, 1:] = False
+    apply_structure(model, structure)
+    compact = compact_model(model, structure)
+    x = torch.randn(4, 3, 32, 32)
+    assert (outputs(compact, x) - outputs(model, x)).abs().max() <= 1e-5
+    assert [b.attn.num_heads for b in compact.blocks] == [0, 4, 1, 4]
+    # the block without neurons keeps one zero neuron (timm's Mlp cannot be 0 wide)
+    assert sum(p.numel() for p in compact.parameters()) == count(model, structure)["params_alive"] + 2 * 64 + 1
+
+
+def test_bad_checkpoint_and_out_fail_in_one_line(checkpoints, monkeypatch, tmp_path, capsys):
+    run_dir = checkpoints["refill"].parent.parent
+    with pytest.raises(ConfigError, match="rewind.pt holds weights only"):
+        export(run_dir / "checkpoints" / "rewind.pt", tmp_path / "x")
+    with pytest.raises(ConfigError, match="cannot read"):
+        export(tmp_path / "missing.pt", tmp_path / "x")
+    config = (run_dir / "config.json").read_text()
+    assert run_cli(monkeypatch, "export", checkpoints["refill"], "--out", run_dir) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --out: ")
+    assert (run_dir / "config.json").read_text() == config
+
+
+def test_bench_export_smoke(checkpoints, capsys):
+    result = bench_export(checkpoints["refill"], batches=(1, 4), iters=2, warmup=0)
+    table = capsys.readouterr().out
+    dense, exported = result["dense"], result["exported"]
+    ck = load_checkpoint(checkpoints["refill"])
+    assert exported["params"] == ck["record"]["params_alive"] and dense["params"] == ck["record"]["params_total"]
+    assert exported["flops_per_image"] == ck["record"]["flops_alive"] < dense["flops_per_image"]
+    assert set(dense["latency_s"]) == set(exported["peak_memory_bytes"]) == {1, 4}
+    assert all(t > 0 for t in [*dense["latency_s"].values(), *exported["latency_s"].values()])
+    assert table.startswith("# vitprune export benchmark — ") and result["date"] in table
+    assert "| parameters (M) | 0.142 |" in table and "| latency, batch 4 (ms) |" in table
