@@ -89,9 +89,14 @@ def export(checkpoint, out):
     export_checkpoint(checkpoint, out)
 
 
+def _as_tuple(value):
+    """Fire reads --batches=128 as an int and --batches=128,512 as a tuple."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def _bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iters=None, dtype="float32"):
     from vitprune.bench import bench_kernels
-    bench_kernels(batches=batches, alive=alive, device=device, iters=iters, dtype=dtype)
+    bench_kernels(batches=_as_tuple(batches), alive=_as_tuple(alive), device=device, iters=iters, dtype=dtype)
 
 
 def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
@@ -103,7 +108,7 @@ def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto
 
 def _bench_export(checkpoint, batches=(1, 256), iters=None, device="auto"):
     from vitprune.export import bench_export
-    bench_export(checkpoint, batches=batches, iters=iters, device=device)
+    bench_export(checkpoint, batches=_as_tuple(batches), iters=iters, device=device)
 
 
 def main():
