@@ -30,14 +30,18 @@ def run_cli(monkeypatch, *args) -> int:
     return 0
 
 
-def kill_when_logged(cmd, metrics_path, marker: str, timeout: float = 600):
-    """Start `cmd`, SIGKILL it as soon as `marker` appears in its metrics.jsonl (a crash with
-    no warning, in the middle of a state)."""
+def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600):
+    """Start `cmd` and SIGKILL it (a crash with no warning) as soon as its rolling checkpoint
+    is at (state, epochs_done): the kill lands inside the next epoch, and resuming must
+    restore the middle of a state, not replay a transition."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if metrics_path.exists() and marker in metrics_path.read_text():
-            break
+        if last.exists():
+            ck = torch.load(last, weights_only=False)  # written by rename: never torn
+            if (ck["state"], ck["epochs_done"]) == (state, epochs_done):
+                break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kill_when_logged
+from conftest import kill_mid_state
 from vitprune.config import from_flags
 from vitprune.data import eval_batches, synthetic
 from vitprune.methods import reg_lambda
@@ -117,8 +117,9 @@ def test_imp_reaches_the_scheduled_sparsity_and_dense_keeps_everything(tmp_path)
 def test_sigkill_mid_rsst_state_then_resume(runs, tmp_path):
     flags = [f"--{k}={v}" for k, v in STRONG.items()] + [f"--out_dir={tmp_path}", "--name=strong"]
     cmd = [sys.executable, "-m", "vitprune", "run", *flags]
-    kill_when_logged(cmd, tmp_path / "strong" / "metrics.jsonl", '"state": 1, "epoch": 0')
+    kill_mid_state(cmd, tmp_path / "strong", state=1, epochs_done=1)  # mid-RSST state: λ, targets in flight
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "at state 1, epoch 1" in r.stdout
     strip = lambda rows: [{k: v for k, v in x.items() if k != "time_s"} for x in rows]
     assert strip(metrics(tmp_path / "strong")) == strip(metrics(runs["strong"]))

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kill_when_logged
+from conftest import kill_mid_state
 from vitprune.model import build_model
 from vitprune.structure import Structure, count, dims
 
@@ -83,11 +83,10 @@ def test_pruned_states_count_and_zeros(demo):
 def test_sigkill_mid_state_then_resume_equals_uninterrupted(demo, tmp_path):
     run_dir, _ = demo
     args = ["run", *DEMO, f"--out_dir={tmp_path}", "--name=killed"]
-    # Kill the process without warning in the middle of state 1 (after its first epoch).
-    kill_when_logged([sys.executable, "-m", "vitprune", *args], tmp_path / "killed" / "metrics.jsonl",
-                     '"state": 1, "epoch": 0')
+    # Kill the process without warning in the middle of state 1 (during its second epoch).
+    kill_mid_state([sys.executable, "-m", "vitprune", *args], tmp_path / "killed", state=1, epochs_done=1)
     assert len(records(tmp_path / "killed", "state")) == 1  # killed inside state 1
     r = vitprune(*args, "--resume")
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
+    assert "at state 1, epoch 1" in r.stdout  # resumed inside the state
     assert comparable(tmp_path / "killed") == comparable(run_dir)

@@ -201,6 +201,7 @@ def run(cfg: Config) -> Path:
         ck = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         structure, keep = Structure.from_state_dict(ck["structure"]), Structure.from_state_dict(ck["keep"])
+        apply_structure(model, structure)  # the forward skips what was dead when the run stopped
         targets = ck["targets"]
         state, epochs_done, start_acc, state_time = ck["state"], ck["epochs_done"], ck["start_acc"], ck["state_time"]
         rsst_start_norm = ck["rsst_start_norm"]
