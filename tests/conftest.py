@@ -30,11 +30,11 @@ def run_cli(monkeypatch, *args) -> int:
     return 0
 
 
-def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600):
+def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600, env=None):
     """Start `cmd` and SIGKILL it (a crash with no warning) as soon as its rolling checkpoint
     is at (state, epochs_done): the kill lands inside the next epoch, and resuming must
     restore the middle of a state, not replay a transition."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -44,5 +44,28 @@ def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers too
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+
+
+def descendants(pid: int) -> list:
+    """Every process below `pid` (read from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
