@@ -8,7 +8,6 @@ imp:    unstructured global magnitude pruning with element masks (the classic ti
 dense:  no pruning (the noise floor of the loop).
 """
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -33,22 +32,17 @@ def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
     raise ValueError(f"unknown reg_schedule {schedule!r}")
 
 
-@dataclass
-class Transition:
-    structure: Structure             # what is alive while the state trains
-    keep: Structure                  # what is alive after the state (RSST: after the hard prune)
-    head_targets: torch.Tensor = None    # RSST: bool [L, H] groups to regularise away
-    neuron_targets: torch.Tensor = None
+def transition(cfg, model, structure: Structure, data, state: int):
+    """Select the structure of `state` (>= 1) from the trained weights of the previous one.
 
-
-def transition(cfg, model, structure: Structure, data, state: int) -> Transition:
-    """Select the structure of `state` (>= 1) from the trained weights of the previous one."""
+    Returns (alive while the state trains, alive after it). They differ only for RSST, whose
+    targets are the difference."""
     if cfg.method == "dense":
-        return Transition(structure, structure)
+        return structure, structure
     if cfg.method == "imp":
         keep = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.ratio)
         new = Structure(structure.heads, structure.neurons, select.select_elements(model, structure, keep))
-        return Transition(new, new)
+        return new, new
     keep_h = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.head_prune)
     keep_n = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.mlp_prune)
     head_size, neuron_size = group_sizes(model)
@@ -60,8 +54,8 @@ def transition(cfg, model, structure: Structure, data, state: int) -> Transition
     kept = Structure(select.select(heads, structure.heads, keep_h, cfg.sorting, cfg.min_keep),
                      select.select(neurons, structure.neurons, keep_n, cfg.sorting, cfg.min_keep))
     if cfg.method == "refill":
-        return Transition(kept, kept)
-    return Transition(structure, kept, structure.heads & ~kept.heads, structure.neurons & ~kept.neurons)
+        return kept, kept
+    return structure, kept
 
 
 class RsstRegularizer:

@@ -191,7 +191,6 @@ def run(cfg: Config) -> Path:
     # --- the run's position: (state, epochs done in it) and what the state carries
     structure = Structure.full(model)
     keep = structure
-    targets = None       # RSST: (heads, neurons) bool masks being regularised away
     state, epochs_done = 0, 0
     start_acc = None     # (val, test) of the state's network before training
     state_time = 0.0
@@ -202,7 +201,6 @@ def run(cfg: Config) -> Path:
         model.load_state_dict(ck["model"])
         structure, keep = Structure.from_state_dict(ck["structure"]), Structure.from_state_dict(ck["keep"])
         apply_structure(model, structure)  # the forward skips what was dead when the run stopped
-        targets = ck["targets"]
         state, epochs_done, start_acc, state_time = ck["state"], ck["epochs_done"], ck["start_acc"], ck["state_time"]
         rsst_start_norm = ck["rsst_start_norm"]
         torch.set_rng_state(ck["rng"])
@@ -227,9 +225,7 @@ def run(cfg: Config) -> Path:
         if not resumed_mid_state:
             state_time = 0.0
             if state > 0:
-                tr = transition(cfg, model, structure, data, state)
-                structure, keep = tr.structure, tr.keep
-                targets = None if tr.head_targets is None else (tr.head_targets, tr.neuron_targets)
+                structure, keep = transition(cfg, model, structure, data, state)
                 if theta0 is not None:
                     model.load_state_dict(theta0)
             apply_structure(model, structure)
@@ -241,8 +237,11 @@ def run(cfg: Config) -> Path:
                 report_structure(cfg, model, state, keep)
         opt, sched = make_optimizer(cfg, model, steps * cfg.epochs, device)
         rsst = None
-        if targets is not None and (targets[0].any() or targets[1].any()):
-            rsst = RsstRegularizer(model, *targets, cfg, steps * cfg.epochs, group_reg, rsst_start_norm)
+        # RSST's targets: alive while the state trains, gone after it.
+        head_targets, neuron_targets = structure.heads & ~keep.heads, structure.neurons & ~keep.neurons
+        if head_targets.any() or neuron_targets.any():
+            rsst = RsstRegularizer(model, head_targets, neuron_targets, cfg, steps * cfg.epochs, group_reg,
+                                   rsst_start_norm)
             rsst_start_norm = rsst.start_norm
         if resumed_mid_state:
             opt.load_state_dict(ck["optimizer"])
@@ -296,7 +295,7 @@ def run(cfg: Config) -> Path:
                 save_atomic({
                     "state": state, "epochs_done": epoch + 1, "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "structure": structure.state_dict(), "keep": keep.state_dict(), "targets": targets,
+                    "structure": structure.state_dict(), "keep": keep.state_dict(),
                     "start_acc": start_acc, "state_time": state_time, "rsst_start_norm": rsst_start_norm,
                     "rng": torch.get_rng_state(), "config": cfg.to_dict(),
                 }, ckpt_dir / "last.pt")
@@ -309,7 +308,7 @@ def run(cfg: Config) -> Path:
             if record["target_norm_ratio"] > 0.1:
                 say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
                     f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
-        structure, targets = keep, None
+        structure = keep
         apply_structure(model, structure)
         best = max(history, key=lambda r: r["val_acc"])
         record.update({
