@@ -64,18 +64,24 @@ class PrunableParams(NamedTuple):
     fc2_w: List[torch.Tensor]   # [D, M]
 
 
-def group_sq_norms(params: PrunableParams, num_heads: int):
-    """Squared L2 norms of every group: ([L, H] heads, [L, M] neurons), fp32."""
+def group_sums(params: PrunableParams, num_heads: int, fn=torch.square):
+    """Σ fn(w) over the entries of every group: ([L, H] heads, [L, M] neurons), fp32.
+    fn=torch.square gives squared L2 norms, fn=torch.abs L1 norms."""
     L, H = len(params.qkv_w), num_heads
     qkv_w = torch.stack(params.qkv_w).float()
     D = qkv_w.shape[-1]
-    heads = (qkv_w.view(L, 3, H, -1, D).square().sum((1, 3, 4))
-             + torch.stack(params.qkv_b).float().view(L, 3, H, -1).square().sum((1, 3))
-             + torch.stack(params.proj_w).float().view(L, D, H, -1).square().sum((1, 3)))
-    neurons = (torch.stack(params.fc1_w).float().square().sum(2)
-               + torch.stack(params.fc1_b).float().square()
-               + torch.stack(params.fc2_w).float().square().sum(1))
+    heads = (fn(qkv_w.view(L, 3, H, -1, D)).sum((1, 3, 4))
+             + fn(torch.stack(params.qkv_b).float().view(L, 3, H, -1)).sum((1, 3))
+             + fn(torch.stack(params.proj_w).float().view(L, D, H, -1)).sum((1, 3)))
+    neurons = (fn(torch.stack(params.fc1_w).float()).sum(2)
+               + fn(torch.stack(params.fc1_b).float())
+               + fn(torch.stack(params.fc2_w).float()).sum(1))
     return heads, neurons
+
+
+def group_sq_norms(params: PrunableParams, num_heads: int):
+    """Squared L2 norms of every group: ([L, H] heads, [L, M] neurons), fp32."""
+    return group_sums(params, num_heads, torch.square)
 
 
 def group_reg(params: PrunableParams, grads: PrunableParams, head_targets: torch.Tensor,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from vitprune.config import ConfigError
 from vitprune.kernels import reference
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
@@ -99,7 +100,6 @@ def load_pretrained(model: VisionTransformer, spec: str) -> str:
     raises ConfigError with one line naming --pretrained.
     """
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
-    from vitprune.config import ConfigError
 
     source, source_heads = _pretrained_state_dict(spec)
     _check_architecture(model, source, source_heads, spec)
@@ -138,7 +138,6 @@ def _pretrained_state_dict(spec: str):
         return _read_weights(spec), None
     import timm
     from huggingface_hub.utils import LocalEntryNotFoundError
-    from vitprune.config import ConfigError
     try:
         source = timm.create_model(spec, pretrained=True)
     except LocalEntryNotFoundError:
@@ -155,7 +154,6 @@ def _pretrained_state_dict(spec: str):
 
 def _read_weights(path: str) -> dict:
     """The tensors of a weights file, unwrapped from a training checkpoint if need be."""
-    from vitprune.config import ConfigError
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -178,7 +176,6 @@ def _read_weights(path: str) -> dict:
 def _check_architecture(model: VisionTransformer, source: dict, source_heads, spec: str) -> None:
     """Raise ConfigError unless `source` holds the same ViT as `model` (up to the patch size,
     the position grid and the classifier): the first difference found, in one line."""
-    from vitprune.config import ConfigError
     flag = _model_flag(model)
     if not {"patch_embed.proj.weight", "pos_embed", "cls_token"} <= source.keys():
         raise ConfigError(f"--pretrained: {spec} is not a timm ViT with a class token (no patch_embed.proj.weight, "
@@ -207,7 +204,6 @@ def _check_architecture(model: VisionTransformer, source: dict, source_heads, sp
 
 def _pos_grid(tokens: int, spec: str) -> int:
     """Side of the square grid of `tokens` position embeddings."""
-    from vitprune.config import ConfigError
     side = int(round(tokens ** 0.5))
     if side * side != tokens:
         raise ConfigError(f"--pretrained: the position embedding of {spec} has {tokens} patch tokens after the "

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vitprune.data import eval_batches
-from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims
+from vitprune.kernels.reference import group_sums
+from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims, prunable_params
 
 
 def keep_fraction(schedule: str, state: int, states: int, prune: float) -> float:
@@ -24,14 +25,8 @@ def keep_fraction(schedule: str, state: int, states: int, prune: float) -> float
 @torch.no_grad()
 def magnitude_scores(model):
     """L1 norm of each group's weights and bias entries, in and out: ([L, H], [L, M])."""
-    L, H, hd, D, M = dims(model)
-    heads, neurons = [], []
-    for b in model.blocks:
-        heads.append(b.attn.qkv.weight.abs().view(3, H, hd, D).sum((0, 2, 3))
-                     + b.attn.qkv.bias.abs().view(3, H, hd).sum((0, 2))
-                     + b.attn.proj.weight.abs().view(D, H, hd).sum((0, 2)))
-        neurons.append(b.mlp.fc1.weight.abs().sum(1) + b.mlp.fc1.bias.abs() + b.mlp.fc2.weight.abs().sum(0))
-    return torch.stack(heads).float().cpu(), torch.stack(neurons).float().cpu()
+    heads, neurons = group_sums(prunable_params(model), dims(model)[1], torch.abs)
+    return heads.cpu(), neurons.cpu()
 
 
 @torch.no_grad()
