@@ -1,4 +1,8 @@
-"""Kernels for the hot paths, with a plain-PyTorch reference for each.
+"""vitprune.kernels: kernels for the hot paths, with a plain-PyTorch reference for each.
+
+The code lives in the repository's top-level folder `kernels/`, which setup.py installs as
+the subpackage `vitprune.kernels` (package_dir), so `from vitprune import kernels` reads
+kernels/__init__.py, kernels/masked_linear.py, kernels/group_reg.py and kernels/reference.py.
 
 Backends: "triton" (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1) and
 "torch" (kernels/reference.py). `import vitprune` never needs triton: the Triton modules

@@ -11,7 +11,8 @@ import torch
 from vitprune import train
 from vitprune.config import ConfigError
 from vitprune.data import synthetic
-from vitprune.export import bench_export, compact_model, export, load_checkpoint, load_exported
+from vitprune.bench import bench_export
+from vitprune.export import compact_model, export, load_checkpoint, load_exported
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, count
 

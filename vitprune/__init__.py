@@ -1,4 +1,7 @@
-"""vitprune: structured lottery tickets (attention heads, MLP neurons) in Vision Transformers."""
+"""vitprune: structured lottery tickets (attention heads, MLP neurons) in Vision Transformers.
+
+The subpackage vitprune.kernels is the repository's top-level folder kernels/ (see setup.py).
+"""
 __version__ = "0.1.0"
 
 

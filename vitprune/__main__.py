@@ -9,11 +9,7 @@ from pathlib import Path
 
 import fire
 
-from vitprune.config import ConfigError, from_flags
-
-# Flags that may change when a run is resumed: they say how to execute, not what to compute.
-EXECUTION_FLAGS = {"resume", "overwrite", "device", "kernels", "precision", "compile", "data_dir",
-                   "out_dir", "name", "wandb", "wandb_project", "wandb_entity"}
+from vitprune.config import EXECUTION_FLAGS, ConfigError, from_flags
 
 
 def run(**flags):
@@ -107,7 +103,7 @@ def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto
 
 
 def _bench_export(checkpoint, batches=(1, 256), iters=None, device="auto"):
-    from vitprune.export import bench_export
+    from vitprune.bench import bench_export
     bench_export(checkpoint, batches=_as_tuple(batches), iters=iters, device=device)
 
 

@@ -1,5 +1,6 @@
-"""Kernel benchmarks (`python -m vitprune bench kernels`).
+"""Benchmarks: `python -m vitprune bench kernels|train|export`.
 
+kernels:
 Times, side by side in one process (warm-up, then the median of `iters` runs, the paths
 taking turns run by run):
 - masked_linear forward+backward on the four linears of a vit_small block, for several
@@ -9,16 +10,20 @@ taking turns run by run):
 - group_reg over the 12 blocks: a per-layer Python loop (the baseline), the vectorised
   reference, and the one-launch Triton kernel.
 The Triton kernels are timed only on CUDA; elsewhere the reference paths are.
+
+train: a dense training step against a pruned one, and the tensor loader against a DataLoader.
+export: the dense model against the physically compacted export of a checkpoint.
 """
 import datetime
-import platform
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from .export import compact_model, load_checkpoint, masked_model, n_params
 from .kernels import PrunableParams, reference, resolve_backend
+from .structure import Structure, count, head_cols, head_rows
+from .timing import device_name, peak_memory, time_side_by_side
 
 # vit_small/16 on 32×32 images with patch 4: 64 patches + the class token.
 VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
@@ -26,87 +31,14 @@ VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
 SMALL = dict(dim=32, heads=2, head_dim=16, mlp=64, tokens=5, blocks=2)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    threads = torch.get_num_threads()
-    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}"
-
-
-def time_fn(fn, warmup: int = 3, iters: int = 10, device="cpu") -> float:
-    """Median wall time of fn() in seconds: CUDA events on CUDA (GPU time, no sync per call),
-    time.perf_counter on CPU."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_side_by_side(fns: dict, warmup: int, iters: int, device) -> dict:
-    """Median seconds of each of `fns` ({name: fn}), timed run by run in turn, so that a
-    change in machine load during the measurement hits every path alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            times[name].append(time_fn(fn, warmup=0, iters=1, device=device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def group_reg_loop(params: PrunableParams, grads: PrunableParams, head_targets, neuron_targets,
                    lam: float, kind: str = "l2"):
-    """The per-layer Python loop that `group_reg` replaces (the benchmark's baseline): same
-    semantics and return value as `reference.group_reg`."""
-    L, H = head_targets.shape
-    heads_sq, neurons_sq = [], []
-    for l in range(L):
-        D = params.qkv_w[l].shape[1]
-        qkv_w = params.qkv_w[l].view(3, H, -1, D)
-        qkv_b = params.qkv_b[l].view(3, H, -1)
-        proj_w = params.proj_w[l].view(D, H, -1)
-        h_sq = (qkv_w.float().square().sum((0, 2, 3)) + qkv_b.float().square().sum((0, 2))
-                + proj_w.float().square().sum((0, 2)))
-        n_sq = (params.fc1_w[l].float().square().sum(1) + params.fc1_b[l].float().square()
-                + params.fc2_w[l].float().square().sum(0))
-        h_c = head_targets[l].float() * lam
-        n_c = neuron_targets[l].float() * lam
-        if kind == "group_lasso":
-            h_c = torch.where(h_sq > 0, h_c * h_sq.rsqrt(), torch.zeros_like(h_c))
-            n_c = torch.where(n_sq > 0, n_c * n_sq.rsqrt(), torch.zeros_like(n_c))
-        h_c, n_c = h_c.to(qkv_w.dtype), n_c.to(qkv_w.dtype)
-        grads.qkv_w[l].view(3, H, -1, D).add_(qkv_w * h_c[None, :, None, None])
-        grads.qkv_b[l].view(3, H, -1).add_(qkv_b * h_c[None, :, None])
-        grads.proj_w[l].view(D, H, -1).add_(proj_w * h_c[None, :, None])
-        grads.fc1_w[l].add_(params.fc1_w[l] * n_c[:, None])
-        grads.fc1_b[l].add_(params.fc1_b[l] * n_c)
-        grads.fc2_w[l].add_(params.fc2_w[l] * n_c[None, :])
-        heads_sq.append(h_sq)
-        neurons_sq.append(n_sq)
-    return torch.stack(heads_sq), torch.stack(neurons_sq)
+    """The per-layer Python loop that `group_reg` replaces (the benchmark's baseline): the
+    reference applied to one block at a time; same semantics and return value."""
+    one = lambda tup, l: PrunableParams(*([kind_list[l]] for kind_list in tup))
+    norms = [reference.group_reg(one(params, l), one(grads, l), head_targets[l:l + 1], neuron_targets[l:l + 1],
+                                 lam, kind) for l in range(len(params.qkv_w))]
+    return torch.cat([h for h, _ in norms]), torch.cat([n for _, n in norms])
 
 
 def _kept(n_groups: int, frac: float) -> int:
@@ -114,11 +46,9 @@ def _kept(n_groups: int, frac: float) -> int:
     return max(1, round(frac * n_groups))
 
 
-def _alive_features(n_groups: int, frac: float, group_size: int, gen) -> torch.Tensor:
-    """Feature indices of _kept(n_groups, frac) randomly chosen groups."""
-    k = _kept(n_groups, frac)
-    groups = torch.randperm(n_groups, generator=gen)[:k].sort().values
-    return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+def _alive_groups(n_groups: int, frac: float, gen) -> torch.Tensor:
+    """Indices of _kept(n_groups, frac) randomly chosen groups, sorted."""
+    return torch.randperm(n_groups, generator=gen)[:_kept(n_groups, frac)].sort().values
 
 
 def _block_linears(s: dict, frac: float, gen):
@@ -126,12 +56,12 @@ def _block_linears(s: dict, frac: float, gen):
     and neurons alive: whole heads of qkv rows / proj columns, neurons of fc1 rows / fc2
     columns. None (no index) when everything is alive, as for an unpruned layer."""
     H, hd, D, M = s["heads"], s["head_dim"], s["dim"], s["mlp"]
-    heads = neurons = qkv_rows = None
+    qkv_rows = proj_cols = neurons = None
     if frac < 1:
-        heads = _alive_features(H, frac, hd, gen)
-        qkv_rows = torch.cat([heads + j * H * hd for j in range(3)])
-        neurons = _alive_features(M, frac, 1, gen)
-    return [("qkv", 3 * H * hd, D, qkv_rows, None), ("proj", D, H * hd, None, heads),
+        heads = _alive_groups(H, frac, gen)
+        qkv_rows, proj_cols = head_rows(heads, H, hd), head_cols(heads, hd)
+        neurons = _alive_groups(M, frac, gen)
+    return [("qkv", 3 * H * hd, D, qkv_rows, None), ("proj", D, H * hd, None, proj_cols),
             ("fc1", M, D, neurons, None), ("fc2", D, M, None, neurons)]
 
 
@@ -197,10 +127,10 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
     cuda = device.type == "cuda"
     iters = iters or (50 if cuda else 3)
     # Triton's autotuner runs on the first call of every new shape: keep it out of the timing.
-    timer = lambda fns: time_side_by_side(fns, warmup=5 if cuda else 1, iters=iters,
-                                          device=device)
+    timer = lambda fns: {"triton": None, **time_side_by_side(fns, warmup=5 if cuda else 1, iters=iters,
+                                                             device=device)}
     linear_ops = {"reference": reference.masked_linear}
-    reg_ops = {"reference": reference.group_reg}
+    reg_ops = {"loop": group_reg_loop, "reference": reference.group_reg}
     if resolve_backend("auto", device) == "triton":
         from .kernels.group_reg import group_reg
         from .kernels.masked_linear import masked_linear
@@ -210,51 +140,54 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
              f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"]
     if "triton" not in linear_ops:
         lines.append("Triton kernels need CUDA: timing the PyTorch paths only.")
-
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    linear_rows = _masked_linear_rows(s, batches, alive, timer, linear_ops, dtype, device, gen)
     lines += ["", "masked_linear forward+backward, ms; × = speedup over dense F.linear "
               "(higher is better); tri/ref = speedup of Triton over the reference; alive heads "
               "are rounded to whole heads.", "",
               "| batch | alive | heads | layer | dense | W⊙M | reference | triton | W⊙M × "
               "| ref × | triton × | tri/ref |", "|" + "---|" * 12]
+    lines += [f"| {r['batch']} | {r['alive']:g} | {r['heads']}/{s['heads']} | {r['layer']} | {_fmt(r['dense'])} | "
+              f"{_fmt(r['W⊙M'])} | {_fmt(r['reference'])} | {_fmt(r['triton'])} | "
+              f"{_ratio(r['dense'], r['W⊙M'])} | {_ratio(r['dense'], r['reference'])} | "
+              f"{_ratio(r['dense'], r['triton'])} | {_ratio(r['reference'], r['triton'])} |" for r in linear_rows]
+    reg_rows = _group_reg_rows(s, alive, timer, reg_ops, dtype, device, gen)
+    lines += ["", f"group_reg over {s['blocks']} blocks (l2, 1 − alive of the groups are "
+              "targets), ms; × = speedup over the per-layer Python loop.", "",
+              "| alive | loop | reference | triton | ref × | triton × |", "|" + "---|" * 6]
+    lines += [f"| {r['alive']:g} | {_fmt(r['loop'])} | {_fmt(r['reference'])} | {_fmt(r['triton'])} | "
+              f"{_ratio(r['loop'], r['reference'])} | {_ratio(r['loop'], r['triton'])} |" for r in reg_rows]
+    print("\n".join(lines), flush=True)
+    return linear_rows + reg_rows
+
+
+def _masked_linear_rows(s, batches, alive, timer, ops, dtype, device, gen) -> list:
+    """One row per (batch, alive fraction, linear of a block) and the block's total."""
+    rows = []
     for batch in batches:
         tokens = batch * s["tokens"]
         for frac in alive:
             heads = _kept(s["heads"], frac)
             total = {}
             for layer, n_out, n_in, live_out, live_in in _block_linears(s, frac, gen):
-                t = {"triton": None, **timer(_linear_steps(n_out, n_in, live_out, live_in,
-                                                          tokens, dtype, device, linear_ops))}
-                rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads,
-                                 layer=layer, **t))
+                t = timer(_linear_steps(n_out, n_in, live_out, live_in, tokens, dtype, device, ops))
+                rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads, layer=layer, **t))
                 total = {k: None if v is None else total.get(k, 0) + v for k, v in t.items()}
-            rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads,
-                             layer="block", **total))
-    for r in (r for r in rows if r["kernel"] == "masked_linear"):
-        lines.append(f"| {r['batch']} | {r['alive']:g} | {r['heads']}/{s['heads']} | "
-                     f"{r['layer']} | {_fmt(r['dense'])} | "
-                     f"{_fmt(r['W⊙M'])} | {_fmt(r['reference'])} | {_fmt(r['triton'])} | "
-                     f"{_ratio(r['dense'], r['W⊙M'])} | {_ratio(r['dense'], r['reference'])} | "
-                     f"{_ratio(r['dense'], r['triton'])} | {_ratio(r['reference'], r['triton'])} |")
+            rows.append(dict(kernel="masked_linear", batch=batch, alive=frac, heads=heads, layer="block", **total))
+    return rows
 
-    lines += ["", f"group_reg over {s['blocks']} blocks (l2, 1 − alive of the groups are "
-              "targets), ms; × = speedup over the per-layer Python loop.", "",
-              "| alive | loop | reference | triton | ref × | triton × |", "|" + "---|" * 6]
+
+def _group_reg_rows(s, alive, timer, ops, dtype, device, gen) -> list:
+    """One row per alive fraction: group_reg over every block, 1 − alive of the groups targets."""
     params = _prunable(s, dtype, device, gen)
     grads = PrunableParams(*[[torch.zeros_like(t) for t in kind] for kind in params])
     L, H, M = s["blocks"], s["heads"], s["mlp"]
+    rows = []
     for frac in alive:
         head_t = (torch.rand(L, H, generator=gen) >= frac).to(device)
         neuron_t = (torch.rand(L, M, generator=gen) >= frac).to(device)
-        t = {"triton": None, **timer({
-            path: lambda op=op: op(params, grads, head_t, neuron_t, 1e-4, "l2")
-            for path, op in {"loop": group_reg_loop, **reg_ops}.items()})}
+        t = timer({path: lambda op=op: op(params, grads, head_t, neuron_t, 1e-4, "l2") for path, op in ops.items()})
         rows.append(dict(kernel="group_reg", alive=frac, **t))
-        lines.append(f"| {frac:g} | {_fmt(t['loop'])} | {_fmt(t['reference'])} | "
-                     f"{_fmt(t['triton'])} | {_ratio(t['loop'], t['reference'])} | "
-                     f"{_ratio(t['loop'], t['triton'])} |")
-    print("\n".join(lines), flush=True)
     return rows
 
 
@@ -265,53 +198,22 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     torchvision's DataLoader with the classic PIL transforms — side by side in one process —
     then the projected wall time of the seed's experiment (vit_small-sized states: 16 × 60
     epochs of 45k images + evaluation of 15k images per epoch) at the measured rates."""
-    import contextlib
-
-    from .config import Config
     from .data import synthetic, train_batches
-    from .model import build_model, set_kernels
-    from .select import importance, select
-    from .structure import Structure, apply_structure
-    from .train import make_optimizer, train_step
-    from . import kernels
 
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                           else "cpu" if device == "auto" else device)
     cuda = device.type == "cuda"
     iters = iters or (30 if cuda else 5)
     bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    masked_linear, _ = kernels.get_ops(kernels.resolve_backend("auto", device))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     data = synthetic(0).to(device)
-    x, y = next(train_batches(data, batch, 0, 0, 0))
-    cfg = Config(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.01, epochs=1)
-
-    def setup(pruned: bool):
-        torch.manual_seed(0)
-        net = build_model(model, 10).to(device)
-        set_kernels(net, masked_linear)
-        if pruned:
-            heads, neurons = importance(net, Structure.full(net), "magnitude")
-            apply_structure(net, Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
-                                           select(neurons, neurons > -1, 1 - ratio, "global", 1)))
-        opt, sched = make_optimizer(cfg, net, 10 ** 9, device)
-        fwd = torch.compile(net) if compile else net
-        step = lambda: train_step(fwd, opt, sched, x, y, 1, autocast)
-
-        @torch.inference_mode()
-        def infer():
-            with autocast():
-                fwd(x)
-        return step, infer, net
-
-    dense_step, dense_eval, _ = setup(False)
-    pruned_step, pruned_eval, _ = setup(True)
-    t = time_side_by_side({"dense": dense_step, "pruned": pruned_step,
-                           "dense_eval": dense_eval, "pruned_eval": pruned_eval},
-                          warmup=3 if not compile else 10, iters=iters, device=device)
-
+    batch_xy = next(train_batches(data, batch, 0, 0, 0))
+    fns = {}
+    for name, pruned in (("dense", False), ("pruned", True)):
+        step, infer = _step_fns(model, pruned, ratio, batch_xy, device, bf16, optimizer, compile)
+        fns.update({name: step, f"{name}_eval": infer})
+    t = time_side_by_side(fns, warmup=3 if not compile else 10, iters=iters, device=device)
     # The data paths, on the CPU copy of the same images (DataLoader + PIL never sees a GPU).
     tensor_imgs_s = _tensor_loader_rate(data, batch)
     pil_imgs_s = _pil_loader_rate(data, batch, workers)
@@ -339,6 +241,38 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     print("\n".join(lines), flush=True)
     return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
             "projected_h": total / 3600}
+
+
+def _step_fns(model_name, pruned, ratio, batch_xy, device, bf16, optimizer, compile):
+    """(train step, inference forward) of a fresh `model_name`, dense or pruned at `ratio`
+    (magnitude, global), as the state loop runs them."""
+    import contextlib
+
+    from . import kernels
+    from .config import Config
+    from .model import build_model, set_kernels
+    from .select import importance, select
+    from .structure import apply_structure
+    from .train import make_optimizer, train_step
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    torch.manual_seed(0)
+    net = build_model(model_name, 10).to(device)
+    set_kernels(net, kernels.get_ops(kernels.resolve_backend("auto", device))[0])
+    if pruned:
+        heads, neurons = importance(net, Structure.full(net), "magnitude")
+        apply_structure(net, Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
+                                       select(neurons, neurons > -1, 1 - ratio, "global", 1)))
+    cfg = Config(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.01, epochs=1)
+    opt, sched = make_optimizer(cfg, net, 10 ** 9, device)
+    fwd = torch.compile(net) if compile else net
+    x, y = batch_xy
+
+    @torch.inference_mode()
+    def infer():
+        with autocast():
+            fwd(x)
+    return (lambda: train_step(fwd, opt, sched, x, y, 1, autocast)), infer
 
 
 def _tensor_loader_rate(data, batch):
@@ -378,3 +312,78 @@ def _pil_loader_rate(data, batch, workers):
     for xb, _ in loader:
         n += len(xb)
     return n / (time.perf_counter() - t0)
+
+
+# --- export: dense vs physically compacted model ------------------------------------------
+
+
+def _mib(n):
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def _times(num, den):
+    return "n/a" if num is None or den is None or den == 0 else f"{num / den:.2f}×"
+
+
+def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
+    """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
+
+    Prints a Markdown table (parameters, FLOPs per image, latency per batch size = median
+    after warm-up under torch.inference_mode, CUDA events on GPU, and peak memory per batch
+    size) with exported/dense ratios, the device and the date; returns the numbers as a dict.
+    iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
+    runs before (default 10 on CUDA, 1 on CPU).
+    """
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                          else "cpu" if device == "auto" else device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cuda = device.type == "cuda"
+    iters = iters or (50 if cuda else 5)
+    warmup = (10 if cuda else 1) if warmup is None else warmup
+    batches = [batches] if isinstance(batches, int) else list(batches)
+
+    ck = load_checkpoint(checkpoint)
+    model, structure = masked_model(ck)
+    counts = count(model, structure)  # FLOPs of the alive network: what the compacted one runs
+    models = {"dense": compact_model(model, Structure.full(model)), "exported": compact_model(model, structure)}
+    result = {"checkpoint": str(checkpoint), "device": device_name(device), "date": str(datetime.date.today()),
+              "dtype": str(dtype).replace("torch.", ""), "batches": batches}
+    for name, m in models.items():
+        m.to(device, dtype)
+        result[name] = {"params": n_params(m), "weight_bytes": sum(p.nbytes for p in m.parameters()),
+                        "flops_per_image": counts["flops_total" if name == "dense" else "flops_alive"],
+                        "latency_s": {}, "peak_memory_bytes": {}}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 3, *models["dense"].patch_embed.img_size, device=device, dtype=dtype)
+            fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
+            for name, t in time_side_by_side(fns, warmup, iters, device).items():
+                result[name]["latency_s"][b] = t
+            for name, fn in fns.items():
+                result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
+    print(_table(result, ck, iters, cuda))
+    return result
+
+
+def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
+    d, e = r["dense"], r["exported"]
+    cfg = ck["config"]
+    memory = ("torch.cuda.max_memory_allocated above the resident weights" if cuda else
+              "growth of the peak resident set size (VmHWM) above the resident weights")
+    rows = [("parameters (M)", d["params"] / 1e6, e["params"] / 1e6, "{:.3f}"),
+            ("weights (MiB)", d["weight_bytes"] / 2**20, e["weight_bytes"] / 2**20, "{:.1f}"),
+            ("GFLOPs / image", d["flops_per_image"] / 1e9, e["flops_per_image"] / 1e9, "{:.3f}")]
+    title = f"# vitprune export benchmark — {r['device']} — {r['date']} — torch {torch.__version__}, {r['dtype']}"
+    about = (f"{r['checkpoint']}: state {ck.get('state')} of {cfg.get('method')} on {cfg.get('dataset')}, "
+             f"{cfg.get('model')}, ratio {cfg.get('ratio')}. Latency: median of {iters} runs after warm-up "
+             f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.")
+    lines = [title, "", about, "", "| | dense | exported | exported / dense |", "|---|---|---|---|"]
+    lines += [f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {_times(b, a)} |" for label, a, b, fmt in rows]
+    for b in r["batches"]:
+        t_d, t_e = d["latency_s"][b], e["latency_s"][b]
+        lines.append(f"| latency, batch {b} (ms) | {t_d * 1e3:.2f} | {t_e * 1e3:.2f} | {_times(t_e, t_d)} |")
+    for b in r["batches"]:
+        m_d, m_e = d["peak_memory_bytes"][b], e["peak_memory_bytes"][b]
+        lines.append(f"| peak memory, batch {b} (MiB) | {_mib(m_d)} | {_mib(m_e)} | {_times(m_e, m_d)} |")
+    return "\n".join(lines)
+

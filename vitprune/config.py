@@ -1,83 +1,114 @@
 """The run configuration: one dataclass, defaults = the seed's experiment, validation.
 
-Every field is a command-line flag of `python -m vitprune run` with the same name.
-Validation happens before anything touches the disk.
+Every field is a command-line flag of `python -m vitprune run` with the same name. What is
+known about a flag (its group, its help line, its valid values or range, whether it only
+says how to execute rather than what to compute, which methods it applies to) lives in the
+field's metadata here, and everything else (validation, resume, reports, sweeps, W&B
+grouping) reads it from there. This module imports neither torch nor timm, so a bad
+command fails before they load.
 """
 import dataclasses
+import math
 import os
+import string
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 METHODS = ("refill", "rsst", "imp", "dense")
-DATASETS = ("cifar10", "cifar100", "synthetic")
-MODELS = ("vit_small", "vit_tiny", "vit_base", "vit_micro")
-TARGETS = ("both", "heads", "mlp")
-CRITERIA = ("magnitude", "l1", "l2", "remain", "saliency", "random")
-SORTINGS = ("global", "layerwise")
-SCHEDULES = ("oneshot", "geometric")
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("multistep", "cosine", "constant")
-REG_SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
-REG_KINDS = ("l2", "group_lasso")
-KERNELS = ("auto", "triton", "torch")
-PRECISIONS = ("auto", "fp32", "bf16")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+STRUCTURED = ("refill", "rsst")  # the methods that prune whole heads and neurons
 
 
 class ConfigError(ValueError):
     """Bad user input: the message is one line naming the flag and the valid values."""
 
 
+def flag(default, help: str, group: str, *, choices=None, range: str = None, execution: bool = False,
+         methods=None):
+    """A Config field with what the command line, validation and reports need to know of it.
+
+    choices: the valid values; range: interval of valid numbers, e.g. "[0, 1)" or "(0, inf)";
+    execution: the flag says how to run, not what to compute (it may change on --resume and
+    does not distinguish configurations); methods: the methods it applies to (None = all)."""
+    meta = dict(help=help, group=group, choices=choices, range=range, execution=execution, methods=methods)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass
 class Config:
-    # what to run
-    method: str = "refill"
-    dataset: str = "cifar10"
-    model: str = "vit_small"
-    pretrained: Optional[str] = None     # timm model name or local weights file
-    # how much to prune
-    ratio: float = 0.7                   # fraction of groups removed (heads and neurons)
-    head_ratio: Optional[float] = None   # overrides ratio for attention heads
-    mlp_ratio: Optional[float] = None    # overrides ratio for MLP neurons
-    target: str = "both"                 # which kinds of groups are pruned
-    min_keep: int = 1                    # groups of each kind every layer keeps
-    # the state loop
-    states: int = 16
-    epochs: int = 60
-    schedule: str = "oneshot"            # keep fraction per state
-    rewind: str = "init"                 # init | epoch:K | none
-    criterion: str = "magnitude"
-    sorting: str = "global"
-    calib_batches: int = 8               # training batches for activation criteria
+    # experiment
+    method: str = flag("refill", "refill: remove at once, retrain; rsst: regularise the doomed groups to zero, "
+                       "then remove them; imp: unstructured lottery ticket; dense: no pruning (noise floor)",
+                       "experiment", choices=METHODS)
+    dataset: str = flag("cifar10", "cifar10 and cifar100 through torchvision; synthetic: built in, offline",
+                        "experiment", choices=("cifar10", "cifar100", "synthetic"))
+    model: str = flag("vit_small", "timm ViT: vit_small (384 wide, 12 deep, 6 heads), vit_tiny, vit_base, "
+                      "vit_micro (CPU demos)", "experiment", choices=("vit_small", "vit_tiny", "vit_base", "vit_micro"))
+    pretrained: Optional[str] = flag(None, "θ0 from a timm model name or a .safetensors/.pth/.pt/.bin state dict",
+                                     "experiment")
+    seed: int = flag(0, "seeds the init, the val split, the data order and the random criterion", "experiment")
+    # pruning
+    ratio: float = flag(0.7, "fraction of the groups removed by the last state", "pruning", range="[0, 1)")
+    head_ratio: Optional[float] = flag(None, "fraction of the attention heads removed (default: --ratio)",
+                                       "pruning", range="[0, 1)", methods=STRUCTURED)
+    mlp_ratio: Optional[float] = flag(None, "fraction of the MLP neurons removed (default: --ratio)", "pruning",
+                                      range="[0, 1)", methods=STRUCTURED)
+    target: str = flag("both", "which kinds of groups are pruned", "pruning", choices=("both", "heads", "mlp"),
+                       methods=STRUCTURED)
+    min_keep: int = flag(1, "groups of each kind every layer keeps", "pruning", range="[1, inf)",
+                         methods=STRUCTURED)
+    states: int = flag(16, "states of the loop (state 0 trains the dense model)", "pruning", range="[1, inf)")
+    epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
+    schedule: str = flag("oneshot", "oneshot: every state >= 1 keeps 1 - ratio; geometric: state s keeps "
+                         "(1 - ratio)^(s/(states-1))", "pruning", choices=("oneshot", "geometric"))
+    rewind: str = flag("init", "init: θ0; epoch:K: the weights after epoch K of state 0; none: fine-tune",
+                       "pruning")
+    criterion: str = flag("magnitude", "group importance: magnitude (L1 of the weights), l1/l2 (of the "
+                          "outputs), remain, saliency, random", "pruning",
+                          choices=("magnitude", "l1", "l2", "remain", "saliency", "random"), methods=STRUCTURED)
+    sorting: str = flag("global", "rank groups across layers (global) or inside each layer", "pruning",
+                        choices=("global", "layerwise"), methods=STRUCTURED)
+    calib_batches: int = flag(8, "training batches the l1, l2 and saliency criteria look at", "pruning",
+                              range="[1, inf)", methods=STRUCTURED)
     # RSST
-    reg_schedule: str = "exp_custom_exponents"
-    reg_granularity_prune: float = 1.0
-    exponents: float = 4.0
-    reg_kind: str = "l2"
+    reg_schedule: str = flag("exp_custom_exponents", "growth of the penalty over the state", "RSST",
+                             choices=("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"),
+                             methods=("rsst",))
+    reg_granularity_prune: float = flag(1.0, "g: the penalty coefficient at the end of the state", "RSST",
+                                        range="[0, inf)", methods=("rsst",))
+    exponents: float = flag(4.0, "k of exp_custom_exponents: λ(p) = g·(e^(p^k) − 1)/(e − 1)", "RSST",
+                            range="(0, inf)", methods=("rsst",))
+    reg_kind: str = flag("l2", "l2: grad += λ·w; group_lasso: grad += λ·w/‖w_g‖", "RSST",
+                         choices=("l2", "group_lasso"), methods=("rsst",))
     # optimisation (the seed's recipe; AdamW + cosine is the from-scratch recipe)
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: str = "multistep"       # multistep: x0.1 at 50% and 75% of the state
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    batch_size: int = 128
-    # execution
-    kernels: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    seed: int = 0
-    # files and logging
-    data_dir: str = "data"
-    out_dir: str = "runs"
-    name: Optional[str] = None           # run folder name; derived from the config when None
-    wandb: str = "auto"
-    wandb_project: str = "vitprune"
-    wandb_entity: Optional[str] = None
-    resume: bool = False
-    overwrite: bool = False
+    optimizer: str = flag("sgd", "the optimizer of every state", "optimisation", choices=("sgd", "adamw"))
+    lr: float = flag(0.01, "base learning rate of every state", "optimisation", range="(0, inf)")
+    momentum: float = flag(0.9, "SGD momentum", "optimisation", range="[0, 1)")
+    weight_decay: float = flag(1e-4, "decoupled for AdamW; not on biases, norms and embeddings", "optimisation",
+                               range="[0, inf)")
+    lr_schedule: str = flag("multistep", "multistep: x0.1 at 50% and 75% of each state", "optimisation",
+                            choices=("multistep", "cosine", "constant"))
+    warmup_epochs: int = flag(0, "linear warm-up epochs at the start of every state", "optimisation",
+                              range="[0, inf)")
+    label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy loss", "optimisation", range="[0, 1)")
+    batch_size: int = flag(128, "images per step (over all processes)", "optimisation", range="[1, inf)")
+    # system
+    kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch", "system", choices=("auto", "triton", "torch"),
+                        execution=True)
+    precision: str = flag("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", "system",
+                          choices=("auto", "fp32", "bf16"), execution=True)
+    compile: bool = flag(False, "torch.compile the training forward", "system", execution=True)
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N", "system", execution=True)
+    data_dir: str = flag("data", "where datasets are found or downloaded", "system", execution=True)
+    # logging
+    out_dir: str = flag("runs", "the parent folder of run folders", "logging", execution=True)
+    name: Optional[str] = flag(None, "run folder name (default: derived from the config)", "logging",
+                               execution=True)
+    wandb: str = flag("auto", "auto: online with credentials, else offline", "logging",
+                      choices=("auto", "online", "offline", "disabled"), execution=True)
+    wandb_project: str = flag("vitprune", "W&B project", "logging", execution=True)
+    wandb_entity: Optional[str] = flag(None, "W&B entity (team or user)", "logging", execution=True)
+    resume: bool = flag(False, "continue the run folder from checkpoints/last.pt", "logging", execution=True)
+    overwrite: bool = flag(False, "replace an existing run folder", "logging", execution=True)
 
     @property
     def head_prune(self) -> float:
@@ -94,7 +125,7 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.dataset}_{self.method}_{self.model}_r{self.ratio:g}_s{self.seed}"
+        return self.name or RUN_NAME.format(**self.to_dict())
 
     @property
     def rewind_epoch(self) -> Optional[int]:
@@ -110,72 +141,83 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# The default run folder name; the fields it shows are the ones that tell runs apart by name.
+RUN_NAME = "{dataset}_{method}_{model}_r{ratio:g}_s{seed}"
+NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME) if name)
+# Flags that say how to execute, not what to compute: they may change on --resume.
+EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["execution"])
 
 
-def _choice(flag, value, choices):
-    if value not in choices:
-        raise ConfigError(f"--{flag}: unknown value {value!r}; choose from {', '.join(choices)}")
+def configuration(config: dict) -> dict:
+    """The fields that define what a run computes, seed aside: runs that agree on these are
+    seeds of one configuration."""
+    return {k: v for k, v in config.items() if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed"}
 
 
-def _number(flag, value, kind, lo=None, hi=None, lo_open=False, hi_open=False, what=""):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"--{flag}: expected {'an integer' if kind is int else 'a number'}{what}, got {value!r}")
-    if (lo is not None and (value < lo or (lo_open and value == lo))) or \
-       (hi is not None and (value > hi or (hi_open and value == hi))):
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ConfigError(f"--{flag}: {value!r} is outside {left}{lo_s}, {hi_s}{right}{what}")
+def wandb_group(config: dict) -> str:
+    """The W&B group of a run: dataset/method/rRATIO, then every other field of its
+    configuration that differs from the default, so that a group holds seeds only."""
+    c = configuration(config)
+    rest = [f"{k}={v}" for k, v in c.items()
+            if k not in ("dataset", "method", "ratio") and v != FIELDS[k].default]
+    return "/".join([str(c.get("dataset")), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
+
+
+def _base_type(f):
+    """int, float, str or bool: the field's type with Optional removed."""
+    return next(t for t in (get_args(f.type) or (f.type,)) if t is not type(None))
+
+
+def _parse_range(text: str):
+    """'[0, 1)' -> (0.0, 1.0, lo_open=False, hi_open=True)."""
+    lo, hi = text[1:-1].split(",")
+    return float(lo), float(hi), text[0] == "(", text[-1] == ")"
+
+
+def describe_range(text: str) -> str:
+    """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'in [0, 1)'."""
+    lo, hi, lo_open, _ = _parse_range(text)
+    if hi == math.inf:
+        return f"{'greater than' if lo_open else 'at least'} {lo:g}"
+    return f"in {text}"
+
+
+def _check_value(name: str, value):
+    f = FIELDS[name]
+    meta, kind = f.metadata, _base_type(f)
+    if value is None:
+        if f.default is not None:
+            raise ConfigError(f"--{name}: needs a value (default {f.default!r})")
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"--{name}: unknown value {value!r}; choose from {', '.join(meta['choices'])}")
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ConfigError(f"--{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+        if meta["range"]:
+            lo, hi, lo_open, hi_open = _parse_range(meta["range"])
+            if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+                raise ConfigError(f"--{name}: {value!r} is not {describe_range(meta['range'])}")
 
 
 def validate(cfg: Config) -> Config:
     """Check every flag; raise ConfigError with one line naming the flag and valid values."""
-    _choice("method", cfg.method, METHODS)
-    _choice("dataset", cfg.dataset, DATASETS)
-    _choice("model", cfg.model, MODELS)
-    _choice("target", cfg.target, TARGETS)
-    _choice("criterion", cfg.criterion, CRITERIA)
-    _choice("sorting", cfg.sorting, SORTINGS)
-    _choice("schedule", cfg.schedule, SCHEDULES)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
-    _choice("reg_schedule", cfg.reg_schedule, REG_SCHEDULES)
-    _choice("reg_kind", cfg.reg_kind, REG_KINDS)
-    _choice("kernels", cfg.kernels, KERNELS)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _choice("wandb", cfg.wandb, WANDB_MODES)
-    for flag in ("ratio", "head_ratio", "mlp_ratio"):
-        value = getattr(cfg, flag)
-        if value is not None:
-            _number(flag, value, float, 0.0, 1.0, hi_open=True, what=" (fraction of groups removed)")
-    _number("states", cfg.states, int, 1, what=" (at least 1)")
-    _number("epochs", cfg.epochs, int, 1, what=" (at least 1)")
-    _number("batch_size", cfg.batch_size, int, 1, what=" (at least 1)")
-    _number("min_keep", cfg.min_keep, int, 1, what=" (at least 1 group per layer)")
-    _number("calib_batches", cfg.calib_batches, int, 1, what=" (at least 1)")
-    _number("lr", cfg.lr, float, 0.0, lo_open=True, what=" (positive)")
-    _number("momentum", cfg.momentum, float, 0.0, 1.0, hi_open=True)
-    _number("weight_decay", cfg.weight_decay, float, 0.0)
-    _number("label_smoothing", cfg.label_smoothing, float, 0.0, 1.0, hi_open=True)
-    _number("warmup_epochs", cfg.warmup_epochs, int, 0)
-    _number("reg_granularity_prune", cfg.reg_granularity_prune, float, 0.0, what=" (non-negative)")
-    _number("exponents", cfg.exponents, float, 0.0, lo_open=True, what=" (positive)")
-    _number("seed", cfg.seed, int)
+    for name in FIELDS:
+        _check_value(name, getattr(cfg, name))
     if cfg.rewind not in ("init", "none"):
-        k = cfg.rewind.split(":", 1)[1] if isinstance(cfg.rewind, str) and cfg.rewind.startswith("epoch:") else ""
+        k = cfg.rewind.split(":", 1)[1] if cfg.rewind.startswith("epoch:") else ""
         if not k.isdigit() or int(k) > cfg.epochs:
             raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, "
                               f"epoch:K with 0 <= K <= --epochs ({cfg.epochs})")
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"--device: unknown value {cfg.device!r}; choose from auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run "
                           "folder, --overwrite replaces it")
-    if cfg.name is not None and (not str(cfg.name) or os.sep in str(cfg.name) or str(cfg.name) in (".", "..")):
+    if cfg.name is not None and (not cfg.name or os.sep in cfg.name or cfg.name in (".", "..")):
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
     if cfg.pretrained is not None:
-        _check_pretrained(str(cfg.pretrained))
+        _check_pretrained(cfg.pretrained)
     return cfg
 
 
@@ -193,23 +235,22 @@ def _check_pretrained(spec: str):
                           f"(e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)")
 
 
+def _coerce(name: str, value):
+    """Fire reads --ratio=1 as int and --name=123 as int: give the value its field's type."""
+    f = FIELDS[name]
+    kind = _base_type(f)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and value is not None and not isinstance(value, str):
+        return str(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"--{name}: expected true or false, got {value!r}")
+    return value
+
+
 def from_flags(flags: dict) -> Config:
     """Build and validate a Config from command-line flags (names exactly as the fields)."""
     unknown = sorted(set(flags) - set(FIELDS))
     if unknown:
         raise ConfigError(f"--{unknown[0]}: unknown flag; valid flags: {', '.join('--' + f for f in FIELDS)}")
-    values = {}
-    for key, value in flags.items():
-        default = FIELDS[key].default
-        # Fire turns --ratio=1 into int, --head_ratio=None into None: coerce to the field's type.
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if key in ("head_ratio", "mlp_ratio") and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if key in ("name", "pretrained", "data_dir", "out_dir", "wandb_project", "wandb_entity", "rewind", "device") \
-                and value is not None and not isinstance(value, str):
-            value = str(value)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"--{key}: expected true or false, got {value!r}")
-        values[key] = value
-    return validate(Config(**values))
+    return validate(Config(**{k: _coerce(k, v) for k, v in flags.items()}))

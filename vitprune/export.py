@@ -1,18 +1,14 @@
-"""Physically compacted export of a pruned checkpoint, and its benchmark.
+"""Physically compacted export of a pruned checkpoint (its benchmark: `bench.bench_export`).
 
 export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json: a plain timm
                VisionTransformer that holds only the alive heads and neurons. Widths differ per
                block, so every block's attn / mlp is replaced by a smaller timm Attention (alive
                heads, same head_dim) / Mlp (alive neurons); the residual width stays.
 load_exported: DIR -> that model, in eval mode.
-bench_export:  parameters, FLOPs, latency and peak memory of the dense model against the exported
-               one, measured side by side in one process.
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
 """
-import ctypes
-import datetime
 import json
 from pathlib import Path
 
@@ -21,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
-from vitprune.bench import device_name, time_side_by_side
 from vitprune.config import ConfigError
 from vitprune.model import build_model
-from vitprune.structure import Structure, apply_structure, count, dims, head_cols, head_rows
+from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
 
 EXPORT_FORMAT = "vitprune-export/1"
 
@@ -176,109 +171,3 @@ def load_exported(path, device="cpu") -> VisionTransformer:
     model = build_exported(arch)
     model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), assign=True)
     return model.eval()
-
-
-# --- benchmark ------------------------------------------------------------------------------
-
-
-def _proc_status(key: str) -> int:
-    """A size field of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
-def peak_memory(fn, device: torch.device):
-    """Peak memory fn() adds on top of what is already resident (weights, input), in bytes.
-
-    CUDA: torch's allocator peak. CPU (Linux/glibc): growth of the process's peak resident
-    size (VmHWM), after returning freed heap to the OS (malloc_trim) and resetting the peak
-    (clear_refs), so memory cached by earlier runs is not mistaken for free. None elsewhere.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident size
-        base = _proc_status("VmRSS:")
-        fn()
-        return _proc_status("VmHWM:") - base
-    except (OSError, AttributeError, StopIteration):
-        return None
-
-
-def _mib(n):
-    return "n/a" if n is None else f"{n / 2**20:.1f}"
-
-
-def _ratio(num, den):
-    return "n/a" if num is None or den is None or den == 0 else f"{num / den:.2f}×"
-
-
-def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
-    """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
-
-    Prints a Markdown table (parameters, FLOPs per image, latency per batch size = median
-    after warm-up under torch.inference_mode, CUDA events on GPU, and peak memory per batch
-    size) with exported/dense ratios, the device and the date; returns the numbers as a dict.
-    iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
-    runs before (default 10 on CUDA, 1 on CPU).
-    """
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                          else "cpu" if device == "auto" else device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    cuda = device.type == "cuda"
-    iters = iters or (50 if cuda else 5)
-    warmup = (10 if cuda else 1) if warmup is None else warmup
-    batches = [batches] if isinstance(batches, int) else list(batches)
-
-    ck = load_checkpoint(checkpoint)
-    model, structure = masked_model(ck)
-    counts = count(model, structure)  # FLOPs of the alive network: what the compacted one runs
-    models = {"dense": compact_model(model, Structure.full(model)), "exported": compact_model(model, structure)}
-    result = {"checkpoint": str(checkpoint), "device": device_name(device), "date": str(datetime.date.today()),
-              "dtype": str(dtype).replace("torch.", ""), "batches": batches}
-    for name, m in models.items():
-        m.to(device, dtype)
-        result[name] = {"params": n_params(m), "weight_bytes": sum(p.nbytes for p in m.parameters()),
-                        "flops_per_image": counts["flops_total" if name == "dense" else "flops_alive"],
-                        "latency_s": {}, "peak_memory_bytes": {}}
-    with torch.inference_mode():
-        for b in batches:
-            x = torch.randn(b, 3, *models["dense"].patch_embed.img_size, device=device, dtype=dtype)
-            fns = {name: (lambda m=m: m(x)) for name, m in models.items()}
-            for name, t in time_side_by_side(fns, warmup, iters, device).items():
-                result[name]["latency_s"][b] = t
-            for name, fn in fns.items():
-                result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
-    print(_table(result, ck, iters, cuda))
-    return result
-
-
-def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
-    d, e = r["dense"], r["exported"]
-    cfg = ck["config"]
-    memory = ("torch.cuda.max_memory_allocated above the resident weights" if cuda else
-              "growth of the peak resident set size (VmHWM) above the resident weights")
-    rows = [("parameters (M)", d["params"] / 1e6, e["params"] / 1e6, "{:.3f}"),
-            ("weights (MiB)", d["weight_bytes"] / 2**20, e["weight_bytes"] / 2**20, "{:.1f}"),
-            ("GFLOPs / image", d["flops_per_image"] / 1e9, e["flops_per_image"] / 1e9, "{:.3f}")]
-    title = f"# vitprune export benchmark — {r['device']} — {r['date']} — torch {torch.__version__}, {r['dtype']}"
-    about = (f"{r['checkpoint']}: state {ck.get('state')} of {cfg.get('method')} on {cfg.get('dataset')}, "
-             f"{cfg.get('model')}, ratio {cfg.get('ratio')}. Latency: median of {iters} runs after warm-up "
-             f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.")
-    lines = [title, "", about, "", "| | dense | exported | exported / dense |", "|---|---|---|---|"]
-    lines += [f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {_ratio(b, a)} |" for label, a, b, fmt in rows]
-    for b in r["batches"]:
-        t_d, t_e = d["latency_s"][b], e["latency_s"][b]
-        lines.append(f"| latency, batch {b} (ms) | {t_d * 1e3:.2f} | {t_e * 1e3:.2f} | {_ratio(t_e, t_d)} |")
-    for b in r["batches"]:
-        m_d, m_e = d["peak_memory_bytes"][b], e["peak_memory_bytes"][b]
-        lines.append(f"| peak memory, batch {b} (MiB) | {_mib(m_d)} | {_mib(m_e)} | {_ratio(m_e, m_d)} |")
-    return "\n".join(lines)
-

@@ -18,20 +18,31 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vitprune.config import wandb_group
+
 EPOCH_STEP = "global_epoch"
 STATE_STEP = "state"
 STATE_PREFIX = "state/"
 
 
-def write_json_atomic(path, obj):
-    """Write JSON through a temp file + rename, so a crash never leaves a half-written file."""
+def write_atomic(path, content):
+    """Write a file through a temp file, fsync and rename, so that a crash never leaves it
+    torn. content: str, bytes, or a callable that writes into the open binary file (e.g.
+    `lambda f: torch.save(obj, f)`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    with open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode() if isinstance(content, str) else content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_metrics(run_dir):
@@ -123,13 +134,11 @@ class RunLog:
         id_file = self.run_dir / "wandb_id.txt"
         # A resumed run continues its W&B run; under `wandb agent` the agent's WANDB_RUN_ID rules.
         run_id = id_file.read_text().strip() if id_file.exists() and not os.environ.get("WANDB_RUN_ID") else None
-        ratio = c.get("ratio")
         kwargs = dict(
             project=c.get("wandb_project") or "vitprune", entity=c.get("wandb_entity"),
             name=self.run_dir.name, config=c, dir=str(self.run_dir), id=run_id, resume="allow",
             # the UI averages a group's runs (the seeds) and compares methods curve against curve
-            group=f"{c.get('dataset')}/{c.get('method')}/r{ratio:g}" if ratio is not None else None,
-            job_type=c.get("method"),
+            group=wandb_group(c), job_type=c.get("method"),
             tags=[str(c[k]) for k in ("model", "dataset", "method") if c.get(k)])
         error = None
         for mode in [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else []):
@@ -172,9 +181,7 @@ class RunLog:
         (W&B keeps its rows: the redone epochs are logged again at the same global_epoch.)"""
         kept = [r for r in read_metrics(self.run_dir)
                 if r["state"] < state or (r["state"] == state and r["kind"] == "epoch" and r["epoch"] < epochs_done)]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _append(self, record: dict):
         with open(self.path, "a") as f:
@@ -189,7 +196,7 @@ class RunLog:
 
     def summary(self, summary: dict):
         """Write summary.json atomically and mirror its status to the W&B run summary."""
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / "summary.json", summary)
         if self.wandb_run is not None:
             try:
                 self.wandb_run.summary.update({k: summary[k] for k in ("status", "states_done") if k in summary})

@@ -8,13 +8,14 @@ imp:    unstructured global magnitude pruning with element masks (the classic ti
 dense:  no pruning (the noise floor of the loop).
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from vitprune import select
 from vitprune.kernels import PrunableParams
 from vitprune.kernels.reference import group_sq_norms
-from vitprune.structure import Structure, dims, group_sizes, prunable_params
+from vitprune.structure import Structure, apply_structure, dims, group_sizes, prunable_params
 
 
 def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
@@ -32,11 +33,28 @@ def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
     raise ValueError(f"unknown reg_schedule {schedule!r}")
 
 
-def transition(cfg, model, structure: Structure, data, state: int):
-    """Select the structure of `state` (>= 1) from the trained weights of the previous one.
+class Transition(NamedTuple):
+    """What a state trains: the structure alive while it trains, the structure alive after
+    it, and RSST's penalty on the difference (None for the other methods)."""
+    train: Structure
+    end: Structure
+    regularizer: Optional["RsstRegularizer"]
 
-    Returns (alive while the state trains, alive after it). They differ only for RSST, whose
-    targets are the difference."""
+
+def transition(cfg, model, structure: Structure, data, state: int, rewind_to: Optional[dict],
+               steps_in_state: int, group_reg) -> Transition:
+    """Between states: select the structure of `state` (>= 1) from the trained weights of the
+    previous one, rewind to `rewind_to` (None: keep the trained weights), prune."""
+    train, end = select_structure(cfg, model, structure, data, state)
+    if rewind_to is not None:
+        model.load_state_dict(rewind_to)
+    apply_structure(model, train)
+    return Transition(train, end, regularizer(cfg, model, train, end, steps_in_state, group_reg))
+
+
+def select_structure(cfg, model, structure: Structure, data, state: int):
+    """(alive while `state` trains, alive after it): they differ only for RSST, whose targets
+    are the difference."""
     if cfg.method == "dense":
         return structure, structure
     if cfg.method == "imp":
@@ -53,9 +71,20 @@ def transition(cfg, model, structure: Structure, data, state: int):
                                        cfg.batch_size, cfg.seed, state)
     kept = Structure(select.select(heads, structure.heads, keep_h, cfg.sorting, cfg.min_keep),
                      select.select(neurons, structure.neurons, keep_n, cfg.sorting, cfg.min_keep))
-    if cfg.method == "refill":
-        return kept, kept
-    return structure, kept
+    return (kept, kept) if cfg.method == "refill" else (structure, kept)
+
+
+def regularizer(cfg, model, train: Structure, end: Structure, steps_in_state: int, group_reg,
+                start_norm: float = None) -> Optional["RsstRegularizer"]:
+    """RSST's penalty on the groups alive in `train` but not in `end` (None for other methods
+    or without targets). start_norm: the targets' norm at the start of the state, when
+    resuming in its middle."""
+    heads, neurons = train.heads & ~end.heads, train.neurons & ~end.neurons
+    if cfg.method != "rsst" or not (heads.any() or neurons.any()):
+        return None
+    return RsstRegularizer(model, heads, neurons, steps_in_state, group_reg, schedule=cfg.reg_schedule,
+                           g=cfg.reg_granularity_prune, k=cfg.exponents, kind=cfg.reg_kind,
+                           decoupled_lr=cfg.lr if cfg.optimizer == "adamw" else None, start_norm=start_norm)
 
 
 class RsstRegularizer:
@@ -67,36 +96,34 @@ class RsstRegularizer:
     and a cosine schedule cannot switch it off right when it must be strongest.
     """
 
-    def __init__(self, model, head_targets, neuron_targets, cfg, steps_in_state: int, group_reg,
-                 start_norm: float = None):
+    def __init__(self, model, head_targets, neuron_targets, steps_in_state: int, group_reg, *, schedule: str,
+                 g: float, k: float, kind: str, decoupled_lr: Optional[float], start_norm: float = None):
         device = model.blocks[0].attn.qkv.weight.device
-        self.model = model
         self.params = prunable_params(model)
         self.heads = head_targets.to(device)
         self.neurons = neuron_targets.to(device)
-        self.cfg = cfg
         self.steps = steps_in_state
         self.group_reg = group_reg
-        self.decoupled = cfg.optimizer == "adamw"
+        self.schedule, self.g, self.k, self.kind = schedule, g, k, kind
+        self.decoupled_lr = decoupled_lr
         self.start_norm = float(self.target_norm()) if start_norm is None else start_norm
 
     def lam(self, step: int) -> float:
         """λ after `step` steps of the state (1-based): p = step / steps_in_state."""
-        return reg_lambda(self.cfg.reg_schedule, min(step / self.steps, 1.0),
-                          self.cfg.reg_granularity_prune, self.cfg.exponents)
+        return reg_lambda(self.schedule, min(step / self.steps, 1.0), self.g, self.k)
 
     def before_step(self, step: int):
         """Coupled penalty: add it to the gradients (SGD)."""
-        if not self.decoupled:
+        if self.decoupled_lr is None:
             grads = PrunableParams(*([p.grad for p in ps] for ps in self.params))
-            self.group_reg(self.params, grads, self.heads, self.neurons, self.lam(step), self.cfg.reg_kind)
+            self.group_reg(self.params, grads, self.heads, self.neurons, self.lam(step), self.kind)
 
     @torch.no_grad()
     def after_step(self, step: int):
         """Decoupled penalty: shrink the targets' weights (AdamW)."""
-        if self.decoupled:
-            self.group_reg(self.params, self.params, self.heads, self.neurons, -self.cfg.lr * self.lam(step),
-                           self.cfg.reg_kind)
+        if self.decoupled_lr is not None:
+            self.group_reg(self.params, self.params, self.heads, self.neurons, -self.decoupled_lr * self.lam(step),
+                           self.kind)
 
     @torch.no_grad()
     def target_norm(self) -> torch.Tensor:

@@ -4,8 +4,6 @@ The models are plain timm `VisionTransformer`s; only the attention and MLP class
 swapped for subclasses whose forward skips dead heads and neurons. Parameter names and
 shapes are timm's, so state dicts load into timm and back.
 """
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -13,6 +11,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 
 from vitprune.config import ConfigError
 from vitprune.kernels import reference
+from vitprune.structure import head_cols, head_rows
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
 MODEL_SPECS = {
@@ -26,17 +25,41 @@ MODEL_SPECS = {
 class PrunableAttention(Attention):
     """timm Attention that computes only the alive heads.
 
-    `qkv_rows` / `proj_cols` index the q, k, v rows of `qkv` and the columns of `proj` that
-    belong to alive heads (None = all heads alive); `qkv_mask` / `proj_mask` are element
-    masks (unstructured pruning). Dead heads are never computed: attention runs over the
-    alive heads only and their outputs feed `proj` through its alive columns.
+    `set_live` chooses the heads: the forward then computes q, k, v for the alive heads only
+    (their rows of `qkv`), attention over those heads, and `proj` through the columns that
+    read them. Element masks (unstructured pruning) multiply `qkv` and `proj`. The linears
+    run through `self.linear`, a masked_linear of the kernel backend (`use_kernel`).
     """
-    qkv_rows: Optional[torch.Tensor] = None
-    proj_cols: Optional[torch.Tensor] = None
-    qkv_mask: Optional[torch.Tensor] = None
-    proj_mask: Optional[torch.Tensor] = None
-    linear = staticmethod(reference.masked_linear)
-    observe = None  # callable(module, head_outputs) for activation criteria; None in training
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.linear = reference.masked_linear
+        self.qkv_rows = self.proj_cols = None  # None: every head alive
+        self.qkv_mask = self.proj_mask = None
+        self.observer = None  # callable(module, head_outputs) for activation criteria
+
+    def use_kernel(self, masked_linear) -> None:
+        self.linear = masked_linear
+
+    def set_live(self, heads: torch.Tensor, qkv_mask=None, proj_mask=None) -> None:
+        """heads: bool [num_heads], the alive heads; masks: element masks of qkv / proj."""
+        device = self.qkv.weight.device
+        live = heads.nonzero().flatten().to(device)
+        every = bool(heads.all())
+        self.qkv_rows = None if every else head_rows(live, self.num_heads, self.head_dim)
+        self.proj_cols = None if every else head_cols(live, self.head_dim)
+        self.qkv_mask = None if qkv_mask is None else qkv_mask.to(device)
+        self.proj_mask = None if proj_mask is None else proj_mask.to(device)
+
+    def live_heads(self) -> torch.Tensor:
+        """Indices of the heads the forward computes, in the order of its head outputs."""
+        if self.proj_cols is None:
+            return torch.arange(self.num_heads, device=self.qkv.weight.device)
+        return self.proj_cols[::self.head_dim] // self.head_dim
+
+    def observe(self, observer) -> None:
+        """Call observer(self, head_outputs [B, N, heads·head_dim]) in every forward (None: stop)."""
+        self.observer = observer
 
     def forward(self, x, attn_mask=None, is_causal=False):
         B, N, _ = x.shape
@@ -46,26 +69,45 @@ class PrunableAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, heads * self.head_dim)
-        if self.observe is not None:
-            self.observe(self, x)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, heads * self.head_dim))
+        if self.observer is not None:
+            self.observer(self, x)
         x = self.linear(x, self.proj.weight, self.proj.bias, live_in=self.proj_cols, mask=self.proj_mask)
         return self.proj_drop(x)
 
 
 class PrunableMlp(Mlp):
-    """timm Mlp that computes only the alive hidden neurons (`live`: index tensor or None)."""
-    live: Optional[torch.Tensor] = None
-    fc1_mask: Optional[torch.Tensor] = None
-    fc2_mask: Optional[torch.Tensor] = None
-    linear = staticmethod(reference.masked_linear)
-    observe = None
+    """timm Mlp that computes only the alive hidden neurons (see PrunableAttention)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.linear = reference.masked_linear
+        self.live = None  # index tensor of the alive neurons; None: all
+        self.fc1_mask = self.fc2_mask = None
+        self.observer = None
+
+    def use_kernel(self, masked_linear) -> None:
+        self.linear = masked_linear
+
+    def set_live(self, neurons: torch.Tensor, fc1_mask=None, fc2_mask=None) -> None:
+        """neurons: bool [hidden], the alive neurons; masks: element masks of fc1 / fc2."""
+        device = self.fc1.weight.device
+        self.live = None if bool(neurons.all()) else neurons.nonzero().flatten().to(device)
+        self.fc1_mask = None if fc1_mask is None else fc1_mask.to(device)
+        self.fc2_mask = None if fc2_mask is None else fc2_mask.to(device)
+
+    def live_neurons(self) -> torch.Tensor:
+        return torch.arange(self.fc1.out_features, device=self.fc1.weight.device) if self.live is None else self.live
+
+    def observe(self, observer) -> None:
+        """Call observer(self, activations [B, N, neurons]) in every forward (None: stop)."""
+        self.observer = observer
 
     def forward(self, x):
         x = self.linear(x, self.fc1.weight, self.fc1.bias, live_out=self.live, mask=self.fc1_mask)
-        x = self.drop1(self.act(x))
-        if self.observe is not None:
-            self.observe(self, x)
+        x = self.norm(self.drop1(self.act(x)))
+        if self.observer is not None:
+            self.observer(self, x)
         x = self.linear(x, self.fc2.weight, self.fc2.bias, live_in=self.live, mask=self.fc2_mask)
         return self.drop2(x)
 
@@ -81,8 +123,8 @@ def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int
 def set_kernels(model: VisionTransformer, masked_linear) -> None:
     """Route every prunable linear of the model through `masked_linear` (a kernel backend)."""
     for block in model.blocks:
-        block.attn.linear = masked_linear
-        block.mlp.linear = masked_linear
+        block.attn.use_kernel(masked_linear)
+        block.mlp.use_kernel(masked_linear)
 
 
 # --- pretrained transfer (--pretrained) ------------------------------------------------------

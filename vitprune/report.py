@@ -21,14 +21,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitprune.config import ConfigError
+from vitprune.config import ConfigError, configuration
 from vitprune.log import read_metrics, record_from_wandb, resolve_wandb_mode
 
 HEADLINE, BEST_EPOCH = "final_test_acc", "best_test_acc"
-# Config fields that do not change what a run computes: runs differing only in these (and seed)
-# are seeds of one configuration.
-NOT_CONFIGURATION = {"seed", "name", "out_dir", "data_dir", "wandb", "wandb_project", "wandb_entity",
-                     "resume", "overwrite", "device", "kernels", "precision", "compile"}
 RISING = 0.5  # state 0 is "still rising" when its last k epochs beat the k before by > 0.5 points
 
 
@@ -137,7 +133,7 @@ def decide(values: dict, noise: dict):
 
 def configurations(runs) -> dict:
     """{label: [runs]} for the runs of one dataset; label = method (+ what else differs)."""
-    key = lambda r: tuple(sorted((k, str(v)) for k, v in r.config.items() if k not in NOT_CONFIGURATION))
+    key = lambda r: tuple(sorted((k, str(v)) for k, v in configuration(r.config).items()))
     keys = [dict(k) for k in dict.fromkeys(key(r) for r in runs)]
     differing = [k for k in dict.fromkeys(f for c in keys for f in c)
                  if k != "method" and len({c.get(k) for c in keys}) > 1]

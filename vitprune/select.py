@@ -33,17 +33,16 @@ def magnitude_scores(model):
 def remain_scores(model, keep: float):
     """Weights of each group that survive a global unstructured magnitude prune keeping
     `keep` of all prunable weights (the original Refill criterion)."""
-    L, H, hd, D, M = dims(model)
-    weights = [b.get_parameter(n).detach().abs().float() for b in model.blocks for n in PRUNABLE_WEIGHTS]
-    flat = torch.cat([w.flatten() for w in weights])
+    params = prunable_params(model)
+    flat = torch.cat([w.detach().abs().float().flatten() for w in params.qkv_w + params.proj_w +
+                      params.fc1_w + params.fc2_w])
     k = max(1, round(keep * flat.numel()))
     threshold = flat.kthvalue(flat.numel() - k + 1).values  # the k-th largest magnitude
-    heads, neurons = [], []
-    for l in range(L):
-        qkv, proj, fc1, fc2 = [(w >= threshold).float() for w in weights[4 * l:4 * l + 4]]
-        heads.append(qkv.view(3, H, hd, D).sum((0, 2, 3)) + proj.view(D, H, hd).sum((0, 2)))
-        neurons.append(fc1.sum(1) + fc2.sum(0))
-    return torch.stack(heads).cpu(), torch.stack(neurons).cpu()
+    # Bias entries are not weights and never survive the prune: NaN fails every comparison.
+    without_biases = params._replace(qkv_b=[torch.full_like(b, math.nan) for b in params.qkv_b],
+                                     fc1_b=[torch.full_like(b, math.nan) for b in params.fc1_b])
+    heads, neurons = group_sums(without_biases, dims(model)[1], lambda w: (w.abs() >= threshold).float())
+    return heads.cpu(), neurons.cpu()
 
 
 def activation_scores(model, data, criterion: str, batches: int, batch_size: int, seed: int, state: int):
@@ -66,10 +65,10 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
     def observe(module, out):
         l, kind = modules[id(module)]
         if kind == "attn":
-            index = _live_heads(module, H, hd, device)
+            index = module.live_heads()
             split, target = (len(index), hd), heads[l]   # [B, N, heads, hd]
         else:
-            index = module.live if module.live is not None else torch.arange(M, device=device)
+            index = module.live_neurons()
             split, target = (len(index), 1), neurons[l]  # [B, N, neurons, 1]
         x = out.detach().float().unflatten(-1, split)
         if criterion == "saliency":
@@ -84,8 +83,7 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
     idx = torch.randperm(len(data.train_y), generator=g)[:batches * batch_size].to(device)
     was_training = model.training
     model.eval()
-    for blk in model.blocks:
-        blk.attn.observe = blk.mlp.observe = observe
+    _observe(model, observe)
     try:
         n = 0
         for x, y in eval_batches(data.train_x[idx], data.train_y[idx], batch_size):
@@ -97,8 +95,7 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
                     model(x)
             n += 1
     finally:
-        for blk in model.blocks:
-            blk.attn.observe = blk.mlp.observe = None
+        _observe(model, None)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     heads, neurons = heads / n, neurons / n
@@ -107,10 +104,10 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
     return heads.cpu(), neurons.cpu()
 
 
-def _live_heads(attn, H, hd, device):
-    if attn.proj_cols is None:
-        return torch.arange(H, device=device)
-    return attn.proj_cols[::hd] // hd
+def _observe(model, observer):
+    for block in model.blocks:
+        block.attn.observe(observer)
+        block.mlp.observe(observer)
 
 
 def importance(model, structure: Structure, criterion: str, data=None, keep: float = 1.0,

@@ -90,19 +90,11 @@ def set_live(model, structure: Structure) -> None:
     """Make the forward compute only the groups alive in `structure` (and apply its element
     masks). Weights are not touched: RSST evaluates its pruned network this way while the
     targets still hold weights."""
-    L, H, hd, D, M = dims(model)
-    device = model.blocks[0].attn.qkv.weight.device
     for l, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        heads, neurons = structure.heads[l], structure.neurons[l]
-        live = heads.nonzero().flatten()
-        attn.qkv_rows = None if bool(heads.all()) else head_rows(live, H, hd).to(device)
-        attn.proj_cols = None if bool(heads.all()) else head_cols(live, hd).to(device)
-        mlp.live = None if bool(neurons.all()) else neurons.nonzero().flatten().to(device)
-        masks = {name: None if structure.elements is None else
-                 structure.elements[f"blocks.{l}.{name}"].to(device) for name in PRUNABLE_WEIGHTS}
-        attn.qkv_mask, attn.proj_mask = masks["attn.qkv.weight"], masks["attn.proj.weight"]
-        mlp.fc1_mask, mlp.fc2_mask = masks["mlp.fc1.weight"], masks["mlp.fc2.weight"]
+        masks = [None if structure.elements is None else structure.elements[f"blocks.{l}.{name}"]
+                 for name in PRUNABLE_WEIGHTS]
+        block.attn.set_live(structure.heads[l], *masks[:2])
+        block.mlp.set_live(structure.neurons[l], *masks[2:])
 
 
 def apply_structure(model, structure: Structure) -> None:

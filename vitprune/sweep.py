@@ -14,10 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from vitprune.config import ConfigError, from_flags
-
-# The fields in Config.run_name: points that differ in anything else need their own --name.
-NAMED_FIELDS = ("dataset", "method", "model", "ratio", "seed")
+from vitprune.config import NAME_FIELDS, ConfigError, from_flags
 
 
 def load_sweep(path) -> dict:
@@ -82,7 +79,7 @@ def plan(path, out_dir="runs") -> list:
     commands = [agent_command(sweep, p, interpreter=sys.executable) + [f"--out_dir={out_dir}"] for p in points]
     names = [parse_run_flags(_run_flags(c)).run_name for c in commands]
     if len(set(names)) < len(names):  # e.g. a grid over lr: suffix what varies beyond run_name
-        varying = [k for k in sweep["parameters"] if k not in NAMED_FIELDS and len({str(p[k]) for p in points}) > 1]
+        varying = [k for k in sweep["parameters"] if k not in NAME_FIELDS and len({str(p[k]) for p in points}) > 1]
         names = [n + "".join(f"_{k}{p[k]}".replace("/", "-") for k in varying) for n, p in zip(names, points)]
         commands = [c + [f"--name={n}"] for c, n in zip(commands, names)]
         if len(set(names)) < len(names):

@@ -2,20 +2,23 @@
 
     θ0 ← initial (or pretrained) weights: the rewind point
     for s in 0 .. states-1:
-        s ≥ 1: select the keep set from the trained weights, rewind, prune (method)
+        s ≥ 1: select the keep set from the trained weights, rewind, prune (the method's transition)
         train `epochs` (RSST: regularise the targets), finish (RSST: hard-prune the targets)
         evaluate the final, pruned network on val and test; checkpoint; log
 
-Everything a state needs to continue is in checkpoints/last.pt, written atomically after
-every epoch; the data order depends only on (seed, state, epoch). So a killed run resumed
-with --resume gives the same numbers as one that was never interrupted.
+Where the loop stands is a `LoopState`, saved with the model, optimizer, LR schedule and RNG
+in checkpoints/last.pt (atomically) at the start of every state and after every epoch; the
+data order depends only on (seed, state, epoch). So a killed run resumed with --resume gives
+the same numbers as one that was never interrupted.
 """
 import contextlib
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,12 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import kernels
 from vitprune.config import Config, ConfigError
-from vitprune.data import eval_batches, load_data, steps_per_epoch, train_batches
-from vitprune.log import RunLog, read_metrics, write_json_atomic
-from vitprune.methods import RsstRegularizer, transition
+from vitprune.data import Data, eval_batches, load_data, steps_per_epoch, train_batches
+from vitprune.log import RunLog, write_atomic, write_json
+from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live
 
+
+# ---- the building blocks: device, optimizer, one step, evaluation ---------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -38,15 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {name!r} requested but CUDA is not available; choose from auto, cpu")
     return device
-
-
-def save_atomic(obj, path: Path):
-    """torch.save through a temp file + rename: a kill never leaves a torn checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def make_optimizer(cfg: Config, model, steps: int, device):
@@ -145,11 +141,112 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def save_torch(obj, path: Path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# ---- what a run holds, and where its loop stands ---------------------------------------------
+
+@dataclass
+class Run:
+    """What stays fixed for the whole run: configuration, processes, data, model, files."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    data: Data
+    steps: int                   # optimisation steps per epoch
+    model: torch.nn.Module
+    forward: Callable            # the model as the training step calls it (DDP, compiled)
+    autocast: Callable
+    group_reg: Callable          # RSST's kernel
+    run_dir: Path
+    log: Optional[RunLog]        # only the first process writes
+    theta0: Optional[dict] = None  # the rewind point, kept in memory once reached
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def say(self, *args, **kwargs):
+        if self.main:
+            print(*args, **kwargs)
+
+    def evaluate(self, split: str) -> float:
+        return evaluate(self.model, getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y"),
+                        self.autocast, self.rank, self.world)
+
+    def evaluate_as(self, structure: Structure):
+        """(val, test) accuracy of the network `structure` leaves alive, weights untouched."""
+        set_live(self.model, structure)
+        return self.evaluate("val"), self.evaluate("test")
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands. With the model, optimizer, schedule and RNG it is last.pt."""
+    state: int
+    epochs_done: int
+    structure: Structure          # alive while the state trains
+    keep: Structure               # alive after it (RSST: structure minus its targets)
+    start_acc: tuple = None       # (val, test) of the state's network before training
+    state_time: float = 0.0
+    rsst_start_norm: Optional[float] = None
+    history: list = field(default_factory=list)  # the state's epoch records
+
+    def save(self, path: Path, model, opt, sched, cfg: Config):
+        save_torch({"state": self.state, "epochs_done": self.epochs_done, "structure": self.structure.state_dict(),
+                    "keep": self.keep.state_dict(), "start_acc": self.start_acc, "state_time": self.state_time,
+                    "rsst_start_norm": self.rsst_start_norm, "history": self.history, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "config": cfg.to_dict()}, path)
+
+    @classmethod
+    def load(cls, path: Path, model, device):
+        """The saved loop state; loads the model and the RNG. Returns (loop, checkpoint)."""
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        torch.set_rng_state(ck["rng"].cpu())
+        loop = cls(ck["state"], ck["epochs_done"], Structure.from_state_dict(ck["structure"]),
+                   Structure.from_state_dict(ck["keep"]), ck["start_acc"], ck["state_time"],
+                   ck["rsst_start_norm"], ck["history"])
+        return loop, ck
+
+
+class StepTools(NamedTuple):
+    """What the steps of one state use: optimizer, LR schedule, RSST's penalty (or None)."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rsst: Optional[RsstRegularizer]
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
 def run(cfg: Config) -> Path:
-    # --- everything that can fail on bad input happens before the run folder is touched
+    r = setup(cfg)
+    loop, tools = resume(r) if cfg.resume else begin(r)
+    run_start, epoch_times = time.time(), []
+    while True:
+        for epoch in range(loop.epochs_done, cfg.epochs):
+            record = train_epoch(r, loop, tools, epoch)
+            end_epoch(r, loop, tools, record, epoch_times)
+        finish_state(r, loop, tools)
+        if loop.state == cfg.states - 1:
+            break
+        loop, tools = start_state(r, loop, loop.state + 1)
+    if r.main:
+        r.log.close()
+    r.say(f"done in {fmt_time(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
+    return r.run_dir
+
+
+def setup(cfg: Config) -> Run:
+    """Everything that can fail on bad input happens here, before the run folder is touched."""
     rank, world, device = init_distributed(cfg)
-    main = rank == 0  # only the first process writes files and prints
-    say = print if main else (lambda *a, **k: None)
     try:
         backend = kernels.resolve_backend(cfg.kernels, device)
     except ValueError as e:
@@ -164,7 +261,9 @@ def run(cfg: Config) -> Path:
     model = build_model(cfg.model, data.num_classes)
     if cfg.pretrained:
         from vitprune.model import load_pretrained
-        say(load_pretrained(model, cfg.pretrained))
+        message = load_pretrained(model, cfg.pretrained)
+        if rank == 0:
+            print(message)
     model.to(device)
     set_kernels(model, masked_linear)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -178,171 +277,161 @@ def run(cfg: Config) -> Path:
     if cfg.compile:
         # Index tensors change shape when the structure changes: one recompile per state.
         forward = torch.compile(forward)
-    run_dir = Path(cfg.out_dir) / cfg.run_name
-    if main:
+    if rank == 0:
         prepare_run_dir(cfg)
     if world > 1:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
-    ckpt_dir = run_dir / "checkpoints"
-    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb) if main else None
-    evaluate_split = lambda split: evaluate(model, getattr(data, f"{split}_x"), getattr(data, f"{split}_y"),
-                                            autocast, rank, world)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb) if rank == 0 else None
+    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log)
+    r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
+          f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
+          f"{cfg.epochs} epochs, {steps} steps/epoch, {device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
+          + (f", {world} processes" if world > 1 else ""))
+    return r
 
-    # --- the run's position: (state, epochs done in it) and what the state carries
-    structure = Structure.full(model)
-    keep = structure
-    state, epochs_done = 0, 0
-    start_acc = None     # (val, test) of the state's network before training
-    state_time = 0.0
-    rsst_start_norm = None
-    theta0 = None        # the rewind point, kept in memory once reached
-    if cfg.resume:
-        ck = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        structure, keep = Structure.from_state_dict(ck["structure"]), Structure.from_state_dict(ck["keep"])
-        apply_structure(model, structure)  # the forward skips what was dead when the run stopped
-        state, epochs_done, start_acc, state_time = ck["state"], ck["epochs_done"], ck["start_acc"], ck["state_time"]
-        rsst_start_norm = ck["rsst_start_norm"]
-        torch.set_rng_state(ck["rng"])
-        if (ckpt_dir / "rewind.pt").is_file():
-            theta0 = torch.load(ckpt_dir / "rewind.pt", map_location="cpu")["model"]
-        if main:
-            log.truncate(state, epochs_done)
-        say(f"resuming {run_dir} at state {state}, epoch {epochs_done}")
+
+def begin(r: Run):
+    """A new run: its config, the rewind point θ0 (for --rewind=init), then state 0."""
+    if r.main:
+        write_json(r.run_dir / "config.json", r.cfg.to_dict())
+    if r.cfg.rewind_epoch == 0:
+        r.theta0 = save_rewind_point(r, 0)
+    full = Structure.full(r.model)
+    return start_state(r, LoopState(0, 0, full, full), 0)
+
+
+def resume(r: Run):
+    """Continue from checkpoints/last.pt: the loop state, model, optimizer, schedule and RNG."""
+    cfg = r.cfg
+    loop, ck = LoopState.load(r.ckpt_dir / "last.pt", r.model, r.device)
+    apply_structure(r.model, loop.structure)  # the forward skips what was dead when the run stopped
+    if (r.ckpt_dir / "rewind.pt").is_file():
+        r.theta0 = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu")["model"]
+    opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    rsst = regularizer(cfg, r.model, loop.structure, loop.keep, r.steps * cfg.epochs, r.group_reg,
+                       loop.rsst_start_norm)
+    if r.main:
+        r.log.truncate(loop.state, loop.epochs_done)
+    r.say(f"resuming {r.run_dir} at state {loop.state}, epoch {loop.epochs_done}")
+    return loop, StepTools(opt, sched, rsst)
+
+
+def start_state(r: Run, prev: LoopState, state: int):
+    """State `state` begins: the method's transition (state >= 1), the accuracy of the network
+    it will become, a fresh optimizer; checkpointed, so a resume never redoes a transition."""
+    cfg, steps_in_state = r.cfg, r.steps * r.cfg.epochs
+    if state == 0:
+        apply_structure(r.model, prev.structure)
+        t = Transition(prev.structure, prev.keep, None)
     else:
-        if main:
-            write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        if cfg.rewind_epoch == 0:
-            theta0 = save_rewind_point(model, 0, ckpt_dir, main)
-    say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
-        f"({count(model, structure)['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
-        f"{cfg.epochs} epochs, {steps} steps/epoch, {device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
-        + (f", {world} processes" if world > 1 else ""))
-
-    run_start, epoch_times = time.time(), []
-    resumed_mid_state = cfg.resume
-    while state < cfg.states:
-        if not resumed_mid_state:
-            state_time = 0.0
-            if state > 0:
-                structure, keep = transition(cfg, model, structure, data, state)
-                if theta0 is not None:
-                    model.load_state_dict(theta0)
-            apply_structure(model, structure)
-            set_live(model, keep)
-            start_acc = (evaluate_split("val"), evaluate_split("test"))
-            set_live(model, structure)
-            epochs_done, rsst_start_norm = 0, None
-            if main:
-                report_structure(cfg, model, state, keep)
-        opt, sched = make_optimizer(cfg, model, steps * cfg.epochs, device)
-        rsst = None
-        # RSST's targets: alive while the state trains, gone after it.
-        head_targets, neuron_targets = structure.heads & ~keep.heads, structure.neurons & ~keep.neurons
-        if head_targets.any() or neuron_targets.any():
-            rsst = RsstRegularizer(model, head_targets, neuron_targets, cfg, steps * cfg.epochs, group_reg,
-                                   rsst_start_norm)
-            rsst_start_norm = rsst.start_norm
-        if resumed_mid_state:
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            del ck
-        resumed_mid_state = False
-        history = [r for r in read_metrics(run_dir) if r["kind"] == "epoch" and r["state"] == state]
-
-        for epoch in range(epochs_done, cfg.epochs):
-            t0 = time.time()
-            # Metrics accumulate on the device: no host sync inside the step loop.
-            sums = torch.zeros(2, device=device)  # loss · n, correct
-            seen, heartbeat = 0, time.time()
-            model.train()
-            for i, (x, y) in enumerate(train_batches(data, cfg.batch_size, cfg.seed, state, epoch, rank, world)):
-                step = epoch * steps + i + 1  # 1-based step within the state
-                lr = opt.param_groups[0]["lr"]  # the lr this step uses (logged per epoch)
-                loss, logits = train_step(forward, opt, sched, x, y, step, autocast, cfg.label_smoothing, rsst)
-                sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
-                seen += len(y) * world
-                if main and time.time() - heartbeat > 30:
-                    heartbeat = time.time()
-                    say(f"  state {state} epoch {epoch + 1}: step {i + 1}/{steps}, "
-                        f"{(i + 1) * cfg.batch_size / (heartbeat - t0):.0f} img/s", flush=True)
-            if world > 1:
-                dist.all_reduce(sums)
-            loss_sum, correct = sums.tolist()
-            set_live(model, keep)  # RSST evaluates the network it will become
-            val_acc, test_acc = evaluate_split("val"), evaluate_split("test")
-            set_live(model, structure)
-            record = {
-                "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
-                "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
-                "reg_lambda": rsst.lam((epoch + 1) * steps) if rsst else 0.0,
-                "target_norm_ratio": rsst.norm_ratio() if rsst else None,
-                "time_s": time.time() - t0,
-            }
-            state_time += record["time_s"]
-            history.append(record)
-            epoch_times.append(record["time_s"])
-            left = (cfg.states - state - 1) * cfg.epochs + cfg.epochs - epoch - 1
-            reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if rsst else ""
-            say(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
-                f"train {record['train_acc']:.1f}% val {val_acc:.2f}% test {test_acc:.2f}%{reg} | "
-                f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
-            if state == 0 and cfg.rewind_epoch == epoch + 1:
-                theta0 = save_rewind_point(model, epoch + 1, ckpt_dir, main)
-            if main:
-                log.epoch(record)
-                save_atomic({
-                    "state": state, "epochs_done": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "structure": structure.state_dict(), "keep": keep.state_dict(),
-                    "start_acc": start_acc, "state_time": state_time, "rsst_start_norm": rsst_start_norm,
-                    "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                }, ckpt_dir / "last.pt")
-
-        # --- finish the state: RSST hard-prunes its targets; report the pruned network
-        record = {"state": state}
-        if rsst:
-            record["pre_prune_val_acc"], record["pre_prune_test_acc"] = evaluate_split("val"), evaluate_split("test")
-            record["target_norm_ratio"] = rsst.norm_ratio()
-            if record["target_norm_ratio"] > 0.1:
-                say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
-                    f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
-        structure = keep
-        apply_structure(model, structure)
-        best = max(history, key=lambda r: r["val_acc"])
-        record.update({
-            "final_val_acc": evaluate_split("val"), "final_test_acc": evaluate_split("test"),
-            "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-            "start_val_acc": start_acc[0], "start_test_acc": start_acc[1],
-            **count(model, structure), "time_s": state_time,
-        })
-        if main:
-            log.state(record)
-            save_atomic({"state": state, "model": model.state_dict(), "structure": structure.state_dict(),
-                         "record": record, "config": cfg.to_dict()}, ckpt_dir / f"state_{state:02d}.pt")
-            log.summary({
-                "name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
-                "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
-        say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
-            f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
-            f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
-        state += 1
-    if main:
-        log.close()
-    say(f"done in {fmt_time(time.time() - run_start)}; results in {run_dir} (metrics.jsonl, summary.json)")
-    return run_dir
+        t = transition(cfg, r.model, prev.keep, r.data, state, r.theta0, steps_in_state, r.group_reg)
+    loop = LoopState(state, 0, t.train, t.end, start_acc=r.evaluate_as(t.end),
+                     rsst_start_norm=t.regularizer.start_norm if t.regularizer else None)
+    set_live(r.model, t.train)
+    opt, sched = make_optimizer(cfg, r.model, steps_in_state, r.device)
+    tools = StepTools(opt, sched, t.regularizer)
+    if r.main:
+        report_structure(r.model, state, t.end)
+        loop.save(r.ckpt_dir / "last.pt", r.model, opt, sched, cfg)
+    return loop, tools
 
 
-def save_rewind_point(model, epoch: int, ckpt_dir: Path, main: bool) -> dict:
+def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int) -> dict:
+    """One epoch of the state; returns its record (the accuracies of the network the state
+    will become: for RSST, without its targets)."""
+    cfg, state = r.cfg, loop.state
+    t0 = time.time()
+    # Metrics accumulate on the device: no host sync inside the step loop.
+    sums = torch.zeros(2, device=r.device)  # loss · n, correct
+    seen, heartbeat = 0, time.time()
+    r.model.train()
+    for i, (x, y) in enumerate(train_batches(r.data, cfg.batch_size, cfg.seed, state, epoch, r.rank, r.world)):
+        step = epoch * r.steps + i + 1  # 1-based step within the state
+        lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (logged per epoch)
+        loss, logits = train_step(r.forward, tools.opt, tools.sched, x, y, step, r.autocast, cfg.label_smoothing,
+                                  tools.rsst)
+        sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
+        seen += len(y) * r.world
+        if r.main and time.time() - heartbeat > 30:
+            heartbeat = time.time()
+            r.say(f"  state {state} epoch {epoch + 1}: step {i + 1}/{r.steps}, "
+                  f"{(i + 1) * cfg.batch_size / (heartbeat - t0):.0f} img/s", flush=True)
+    if r.world > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct = sums.tolist()
+    val_acc, test_acc = r.evaluate_as(loop.keep)  # RSST evaluates the network it will become
+    set_live(r.model, loop.structure)
+    return {
+        "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
+        "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+        "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
+        "reg_lambda": tools.rsst.lam((epoch + 1) * r.steps) if tools.rsst else 0.0,
+        "target_norm_ratio": tools.rsst.norm_ratio() if tools.rsst else None,
+        "time_s": time.time() - t0,
+    }
+
+
+def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_times: list):
+    """Record the epoch: console, metrics.jsonl, the rewind point (--rewind=epoch:K), last.pt."""
+    cfg, state, epoch = r.cfg, loop.state, record["epoch"]
+    loop.epochs_done = epoch + 1
+    loop.state_time += record["time_s"]
+    loop.history.append(record)
+    epoch_times.append(record["time_s"])
+    left = (cfg.states - state - 1) * cfg.epochs + cfg.epochs - epoch - 1
+    reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if tools.rsst else ""
+    r.say(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
+          f"train {record['train_acc']:.1f}% val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | "
+          f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
+    if state == 0 and cfg.rewind_epoch == epoch + 1:
+        r.theta0 = save_rewind_point(r, epoch + 1)
+    if r.main:
+        r.log.epoch(record)
+        loop.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
+
+
+def finish_state(r: Run, loop: LoopState, tools: StepTools):
+    """RSST hard-prunes its targets; the final, pruned network is evaluated and saved."""
+    cfg, state, rsst = r.cfg, loop.state, tools.rsst
+    record = {"state": state}
+    if rsst:
+        record["pre_prune_val_acc"], record["pre_prune_test_acc"] = r.evaluate("val"), r.evaluate("test")
+        record["target_norm_ratio"] = rsst.norm_ratio()
+        if record["target_norm_ratio"] > 0.1:
+            r.say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
+                  f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
+    loop.structure = loop.keep
+    apply_structure(r.model, loop.structure)
+    best = max(loop.history, key=lambda e: e["val_acc"])
+    record.update({
+        "final_val_acc": r.evaluate("val"), "final_test_acc": r.evaluate("test"),
+        "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "start_val_acc": loop.start_acc[0], "start_test_acc": loop.start_acc[1],
+        **count(r.model, loop.structure), "time_s": loop.state_time,
+    })
+    if r.main:
+        r.log.state(record)
+        save_torch({"state": state, "model": r.model.state_dict(), "structure": loop.structure.state_dict(),
+                    "record": record, "config": cfg.to_dict()}, r.ckpt_dir / f"state_{state:02d}.pt")
+        r.log.summary({"name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
+                       "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
+    r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
+          f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
+          f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
+
+
+def save_rewind_point(r: Run, epoch: int) -> dict:
     """Keep θ (the rewind point) in memory on every process; the first one also saves it."""
-    theta = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    if main:
-        save_atomic({"model": theta, "epoch": epoch}, ckpt_dir / "rewind.pt")
+    theta = {k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()}
+    if r.main:
+        save_torch({"model": theta, "epoch": epoch}, r.ckpt_dir / "rewind.pt")
     return theta
 
 
-def report_structure(cfg, model, state, keep: Structure):
+def report_structure(model, state, keep: Structure):
     """One line saying what the state trains: alive heads/neurons and parameters."""
     c = count(model, keep)
     per_layer = keep.heads.sum(1).tolist()
