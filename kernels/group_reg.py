@@ -89,8 +89,10 @@ def _group_reg_kernel(
 
         h_coef = lam * tl.load(head_tgt + layer * H + h).to(tl.float32)
         if GROUP_LASSO:
-            # rsqrt(0) would be inf: zero groups get no penalty (and no NaN).
+            # rsqrt(0) would be inf: zero groups get no penalty (and no NaN); the proximal
+            # step lands a group on zero, never past it (coefficient >= -1).
             h_coef = tl.where(h_sq > 0, h_coef * tl.rsqrt(tl.where(h_sq > 0, h_sq, 1.0)), 0.0)
+            h_coef = tl.maximum(h_coef, -1.0)
         if h_coef != 0:
             _region_add(_ptr(ptrs, 8, layer, L, G_DTYPE) + h * HD, proj_w, h_coef,
                         D, HD, H * HD, BLOCK_PR, BLOCK_HD)
@@ -121,8 +123,8 @@ def _group_reg_kernel(
 
         n_coef = lam * tl.load(neuron_tgt + layer * M + offs_n, mask=n_ok, other=0).to(tl.float32)
         if GROUP_LASSO:
-            # rsqrt(0) would be inf: zero groups get no penalty (and no NaN).
             n_coef = tl.where(n_sq > 0, n_coef * tl.rsqrt(tl.where(n_sq > 0, n_sq, 1.0)), 0.0)
+            n_coef = tl.maximum(n_coef, -1.0)
         # Masked by the coefficient: non-target neurons' gradients are neither read nor written.
         upd = n_ok & (n_coef != 0)
         fc1_g = _ptr(ptrs, 9, layer, L, G_DTYPE)
@@ -196,9 +198,10 @@ def group_reg(params: PrunableParams, grads: PrunableParams, head_targets: torch
     """Add the RSST penalty gradient of the target groups to `grads`, in place, in one launch.
 
     Same contract as `reference.group_reg`: head_targets [L, H], neuron_targets [L, M] (1 for
-    a target group, 0 otherwise; bool or float); kind "l2" (g += lam·w) or "group_lasso"
-    (g += lam·w/‖w_g‖, nothing for a zero group); `grads` may be `params` (decoupled update,
-    lam = -lr·λ). `lam` is a Python number. Returns the squared group norms from before the
+    a target group, 0 otherwise; bool or float: a float scales lam per group); kind "l2"
+    (g += lam·w) or "group_lasso" (g += max(lam/‖w_g‖, -1)·w, nothing for a zero group);
+    `grads` may be `params` (decoupled update, lam = -lr·λ; for group_lasso the proximal
+    step, which lands a small group on zero). `lam` is a Python number. Returns the squared group norms from before the
     update, ([L, H], [L, M]) fp32. No host synchronisation.
     """
     if kind not in ("l2", "group_lasso"):

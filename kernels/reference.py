@@ -89,11 +89,13 @@ def group_reg(params: PrunableParams, grads: PrunableParams, head_targets: torch
     """Add the RSST penalty gradient of the target groups to `grads`, in place.
 
     head_targets [L, H], neuron_targets [L, M]: 1 for a target group, 0 otherwise.
+    Float targets scale lam per group.
     kind="l2":          g += lam · w
-    kind="group_lasso": g += lam · w / ‖w_g‖   (nothing for a group whose norm is 0)
+    kind="group_lasso": g += max(lam / ‖w_g‖, -1) · w   (nothing for a group whose norm is 0)
     `grads` may be `params` itself: then this is the decoupled update w += lam·w (pass
-    lam = -lr·λ). Norms are taken before the update. Returns the squared group norms
-    ([L, H], [L, M]) for logging.
+    lam = -lr·λ); for group_lasso it is the proximal step w_g ← w_g·max(0, 1 − step/‖w_g‖)
+    (lam = -step): a group whose norm is below the step lands on zero, never flips sign.
+    Norms are taken before the update. Returns the squared group norms ([L, H], [L, M]).
     """
     if kind not in ("l2", "group_lasso"):
         raise ValueError(f"kind must be 'l2' or 'group_lasso', got {kind!r}")
@@ -101,9 +103,9 @@ def group_reg(params: PrunableParams, grads: PrunableParams, head_targets: torch
     heads_sq, neurons_sq = group_sq_norms(params, H)
     head_c = head_targets.float() * lam
     neuron_c = neuron_targets.float() * lam
-    if kind == "group_lasso":
-        head_c = torch.where(heads_sq > 0, head_c * heads_sq.rsqrt(), torch.zeros_like(head_c))
-        neuron_c = torch.where(neurons_sq > 0, neuron_c * neurons_sq.rsqrt(), torch.zeros_like(neuron_c))
+    if kind == "group_lasso":  # the proximal step lands a group on zero, never past it
+        head_c = torch.where(heads_sq > 0, head_c * heads_sq.rsqrt(), torch.zeros_like(head_c)).clamp(min=-1)
+        neuron_c = torch.where(neurons_sq > 0, neuron_c * neurons_sq.rsqrt(), torch.zeros_like(neuron_c)).clamp(min=-1)
     hd = params.qkv_w[0].shape[0] // (3 * H)
     dt = params.qkv_w[0].dtype
     # Per-row / per-column coefficients, stacked for all layers, then split into views:

@@ -188,6 +188,35 @@ def test_group_reg_cuda(dtype, kind, alias):
                      FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_group_lasso_proximal_step_lands_on_zero(impl):
+    """w_g ← w_g·max(0, 1 − step/‖w_g‖): a target group whose norm is below the step ends
+    exactly at zero (no sign flip), a larger one shrinks by exactly the step."""
+    if impl == "triton" and not INTERPRET:
+        pytest.skip("the compiled twin runs in test_group_reg_cuda")
+    fn = reference.group_reg if impl == "reference" else group_reg
+    params, _, _ = _prunable("cpu", torch.float32)
+    heads_sq, neurons_sq = reference.group_sq_norms(params, H)
+    small, big = int(neurons_sq[0].argmin()), int(neurons_sq[1].argmax())
+    head_t = torch.zeros(L, H)
+    neuron_t = torch.zeros(L, M)
+    head_t[1, 2] = neuron_t[0, small] = neuron_t[1, big] = 1.0
+    step = (neurons_sq[0, small].sqrt() + neurons_sq[1, big].sqrt()).item() / 2  # between the two
+    assert step < float(heads_sq[1, 2].sqrt())
+    before = _clone(params)
+    fn(params, params, head_t, neuron_t, -step, "group_lasso")
+    assert params.fc1_w[0][small].abs().sum() == 0 and params.fc1_b[0][small] == 0
+    assert params.fc2_w[0][:, small].abs().sum() == 0
+    after_h, after_n = reference.group_sq_norms(params, H)
+    torch.testing.assert_close(after_h[1, 2].sqrt(), heads_sq[1, 2].sqrt() - step)
+    torch.testing.assert_close(after_n[1, big].sqrt(), neurons_sq[1, big].sqrt() - step)
+    # direction kept: the shrunk head is a positive multiple of what it was
+    assert (params.qkv_w[1] * before.qkv_w[1] >= 0).all()
+    untouched = torch.ones(L, M, dtype=torch.bool)
+    untouched[0, small] = untouched[1, big] = False
+    torch.testing.assert_close(after_n[untouched], neurons_sq[untouched])
+
+
 def test_group_reg_pointer_table_is_cached():
     params, _, _ = _prunable("cpu", torch.float32)
     grads = _clone(params)
