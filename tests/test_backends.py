@@ -45,9 +45,9 @@ def test_triton_backend_trains_like_reference(method, monkeypatch):
             head_t[:, 0] = True  # regularise one alive head per layer and the first neuron
             neuron_t = torch.zeros(4, 128, dtype=torch.bool)
             neuron_t[:, 0] = True
-            rsst = RsstRegularizer(model, head_t, neuron_t, 2, group_reg, schedule=cfg.reg_schedule,
-                                       g=cfg.reg_granularity_prune, k=cfg.exponents, kind=cfg.reg_kind,
-                                       decoupled_lr=None)
+            rsst = RsstRegularizer(model, head_t, neuron_t, 2, group_reg, formula="seed", schedule=cfg.reg_schedule,
+                                   k=cfg.exponents, kind=cfg.reg_kind, residual=1.0, g=cfg.reg_granularity_prune,
+                                   optimizer="sgd", lr=cfg.lr)
         losses = [train_step(model, opt, sched, x, y, i + 1, contextlib.nullcontext, 0.0, rsst)[0]
                   for i, (x, y) in enumerate(batches)]
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -1,4 +1,5 @@
 """Bad input: one clear line naming the flag, exit code 2, nothing created or touched."""
+import json
 import subprocess
 import sys
 
@@ -93,3 +94,59 @@ def test_cli_subprocess_bad_method():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --method: unknown value 'prune'; choose from refill, rsst, imp, dense"]
+
+
+def resumable_folder(root, **config):
+    run_dir = root / "runs" / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (run_dir / "config.json").write_text(json.dumps(Config(dataset="synthetic", name="r", **config).to_dict()))
+    return run_dir
+
+
+def test_resume_refuses_a_changed_configuration_and_warns_on_changed_execution(tmp_path, monkeypatch, capsys):
+    resumable_folder(tmp_path, method="rsst", lr=0.05)
+    started = []
+    monkeypatch.setattr("vitprune.train.run", lambda cfg: started.append(cfg))
+    base = ["run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r"]
+    code, err = cli(monkeypatch, capsys, *base, "--lr=0.1")
+    assert code == 2 and err.startswith("error: --lr: 0.1 differs from 0.05") and not started
+    code, err = cli(monkeypatch, capsys, *base, "--reg_residual=0.01")
+    assert code == 2 and err.startswith("error: --reg_residual") and not started
+    monkeypatch.setattr(sys, "argv", ["vitprune", *base, "--kernels=torch", "--precision=fp32", "--wandb=disabled"])
+    main()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: --kernels 'auto' -> 'torch', --precision 'auto' -> 'fp32'")
+    assert "not be bit-identical" in err
+    (cfg,) = started
+    assert (cfg.method, cfg.lr, cfg.kernels, cfg.wandb, cfg.resume) == ("rsst", 0.05, "torch", "disabled", True)
+
+
+@pytest.mark.parametrize("flags, message, where_it_applies", [
+    ({"method": "imp", "head_ratio": 0.5}, "--head_ratio: applies only with --method=refill|rsst, not with "
+                                           "--method=imp", {"method": "refill"}),
+    ({"method": "dense", "target": "heads"}, "--target: applies only with --method=refill|rsst", {"method": "rsst"}),
+    ({"method": "dense", "mlp_ratio": 0.2}, "--mlp_ratio: applies only with --method=refill|rsst", {"method": "rsst"}),
+    ({"method": "refill", "reg_kind": "group_lasso"}, "--reg_kind: applies only with --method=rsst", {"method": "rsst"}),
+    ({"method": "refill", "reg_residual": 0.1}, "--reg_residual: applies only with --method=rsst",
+     {"method": "rsst"}),
+    ({"method": "rsst", "reg_granularity_prune": 5.0}, "--reg_granularity_prune: applies only with --method=rsst "
+                                                       "and --reg_formula=seed", {"reg_formula": "seed"}),
+    ({"method": "rsst", "reg_schedule": "x", "exponents": 2.0}, "--exponents: applies only with",
+     {"reg_schedule": "exp_custom_exponents"}),
+    ({"optimizer": "adamw", "momentum": 0.5}, "--momentum: applies only with --optimizer=sgd", {"optimizer": "sgd"}),
+])
+def test_flags_that_cannot_apply_are_refused(flags, message, where_it_applies):
+    with pytest.raises(ConfigError) as e:
+        from_flags(flags)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    from_flags({**flags, **where_it_applies})
+
+
+def test_resume_refuses_a_config_from_an_older_version(tmp_path, monkeypatch, capsys):
+    run_dir = resumable_folder(tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["reg_formula"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    code, err = cli(monkeypatch, capsys, "run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r")
+    assert code == 2 and "older vitprune (it has no --reg_formula)" in err

@@ -30,7 +30,7 @@ def checkpoints(tmp_path_factory):
         for method in METHODS:
             assert run_cli(mp, "run", f"--method={method}", "--dataset=synthetic", "--model=vit_micro",
                            "--ratio=0.5", "--states=2", "--epochs=1", "--batch_size=32", "--optimizer=adamw",
-                           "--lr=1e-3", "--reg_granularity_prune=10", f"--out_dir={out}", f"--name={method}",
+                           "--lr=1e-3", f"--out_dir={out}", f"--name={method}",
                            "--wandb=disabled") == 0
     return {method: out / method / "checkpoints" / "state_01.pt" for method in METHODS}
 

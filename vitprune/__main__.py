@@ -9,7 +9,7 @@ from pathlib import Path
 
 import fire
 
-from vitprune.config import EXECUTION_FLAGS, ConfigError, from_flags
+from vitprune.config import EXECUTION_FLAGS, FIELDS, ConfigError, from_flags
 
 
 def run(**flags):
@@ -32,10 +32,19 @@ def _resumed_config(cfg, flags):
     if not path.is_file():
         raise ConfigError(f"--resume: no run folder with config.json at {path.parent}; check --out_dir and --name")
     saved = json.loads(path.read_text())
-    for key, value in flags.items():
-        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved.get(key):
-            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved.get(key)!r} in {path}; "
+    missing = [k for k in FIELDS if k not in saved]
+    if missing:
+        raise ConfigError(f"--resume: {path} was written by an older vitprune (it has no --{missing[0]}); "
+                          f"resume the run with that version or start a new one")
+    for key in flags:
+        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
+            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "
                               f"a resumed run keeps its config (drop the flag or start a new run)")
+    changed = [k for k in flags if FIELDS[k].metadata["numerics"] and getattr(cfg, k) != saved[k]]
+    if changed:
+        print("warning: " + ", ".join(f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed) +
+              " since the run started: the resumed numbers will not be bit-identical to an uninterrupted run",
+              file=sys.stderr)
     saved.update({k: getattr(cfg, k) for k in EXECUTION_FLAGS if k in flags})
     saved["resume"] = True
     saved["name"] = cfg.run_name

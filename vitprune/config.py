@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Optional, get_args
 
 METHODS = ("refill", "rsst", "imp", "dense")
-STRUCTURED = ("refill", "rsst")  # the methods that prune whole heads and neurons
+STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
+RSST = {"method": ("rsst",)}
 
 
 class ConfigError(ValueError):
@@ -23,13 +24,17 @@ class ConfigError(ValueError):
 
 
 def flag(default, help: str, group: str, *, choices=None, range: str = None, execution: bool = False,
-         methods=None):
+         numerics: bool = False, requires: dict = None):
     """A Config field with what the command line, validation and reports need to know of it.
 
     choices: the valid values; range: interval of valid numbers, e.g. "[0, 1)" or "(0, inf)";
     execution: the flag says how to run, not what to compute (it may change on --resume and
-    does not distinguish configurations); methods: the methods it applies to (None = all)."""
-    meta = dict(help=help, group=group, choices=choices, range=range, execution=execution, methods=methods)
+    does not distinguish configurations); numerics: an execution flag that still changes the
+    floating-point results (a resumed run that changes it is not bit-identical); requires:
+    {field: values} under which the flag applies (e.g. {"method": ("rsst",)}): elsewhere it
+    must keep its default, and reports do not show it."""
+    meta = dict(help=help, group=group, choices=choices, range=range, execution=execution, numerics=numerics,
+                requires=requires or {})
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -49,13 +54,13 @@ class Config:
     # pruning
     ratio: float = flag(0.7, "fraction of the groups removed by the last state", "pruning", range="[0, 1)")
     head_ratio: Optional[float] = flag(None, "fraction of the attention heads removed (default: --ratio)",
-                                       "pruning", range="[0, 1)", methods=STRUCTURED)
+                                       "pruning", range="[0, 1)", requires=STRUCTURED)
     mlp_ratio: Optional[float] = flag(None, "fraction of the MLP neurons removed (default: --ratio)", "pruning",
-                                      range="[0, 1)", methods=STRUCTURED)
+                                      range="[0, 1)", requires=STRUCTURED)
     target: str = flag("both", "which kinds of groups are pruned", "pruning", choices=("both", "heads", "mlp"),
-                       methods=STRUCTURED)
+                       requires=STRUCTURED)
     min_keep: int = flag(1, "groups of each kind every layer keeps", "pruning", range="[1, inf)",
-                         methods=STRUCTURED)
+                         requires=STRUCTURED)
     states: int = flag(16, "states of the loop (state 0 trains the dense model)", "pruning", range="[1, inf)")
     epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
     schedule: str = flag("oneshot", "oneshot: every state >= 1 keeps 1 - ratio; geometric: state s keeps "
@@ -64,25 +69,31 @@ class Config:
                        "pruning")
     criterion: str = flag("magnitude", "group importance: magnitude (L1 of the weights), l1/l2 (of the "
                           "outputs), remain, saliency, random", "pruning",
-                          choices=("magnitude", "l1", "l2", "remain", "saliency", "random"), methods=STRUCTURED)
+                          choices=("magnitude", "l1", "l2", "remain", "saliency", "random"), requires=STRUCTURED)
     sorting: str = flag("global", "rank groups across layers (global) or inside each layer", "pruning",
-                        choices=("global", "layerwise"), methods=STRUCTURED)
+                        choices=("global", "layerwise"), requires=STRUCTURED)
     calib_batches: int = flag(8, "training batches the l1, l2 and saliency criteria look at", "pruning",
-                              range="[1, inf)", methods=STRUCTURED)
+                              range="[1, inf)", requires=STRUCTURED)
     # RSST
-    reg_schedule: str = flag("exp_custom_exponents", "growth of the penalty over the state", "RSST",
-                             choices=("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"),
-                             methods=("rsst",))
-    reg_granularity_prune: float = flag(1.0, "g: the penalty coefficient at the end of the state", "RSST",
-                                        range="[0, inf)", methods=("rsst",))
+    reg_formula: str = flag("residual", "residual: the strength is --reg_residual, the same for every optimizer "
+                            "and LR schedule; seed: the seed's coupled formula with g = --reg_granularity_prune",
+                            "RSST", choices=("residual", "seed"), requires=RSST)
+    reg_residual: float = flag(1e-3, "fraction of its norm a target keeps at the end of the state if only the "
+                               "penalty acted on it (1 = no penalty)", "RSST", range="(0, 1]",
+                               requires={**RSST, "reg_formula": ("residual",)})
+    reg_schedule: str = flag("exp_custom_exponents", "shape of the penalty's growth over the state, λ(p)",
+                             "RSST", choices=("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents"),
+                             requires=RSST)
     exponents: float = flag(4.0, "k of exp_custom_exponents: λ(p) = g·(e^(p^k) − 1)/(e − 1)", "RSST",
-                            range="(0, inf)", methods=("rsst",))
-    reg_kind: str = flag("l2", "l2: grad += λ·w; group_lasso: grad += λ·w/‖w_g‖", "RSST",
-                         choices=("l2", "group_lasso"), methods=("rsst",))
+                            range="(0, inf)", requires={**RSST, "reg_schedule": ("exp_custom_exponents",)})
+    reg_kind: str = flag("l2", "l2: shrink w (seed: grad += λ·w); group_lasso: proximal shrink of ‖w_g‖",
+                         "RSST", choices=("l2", "group_lasso"), requires=RSST)
+    reg_granularity_prune: float = flag(1.0, "g of the seed formula: λ at the end of the state", "RSST",
+                                        range="[0, inf)", requires={**RSST, "reg_formula": ("seed",)})
     # optimisation (the seed's recipe; AdamW + cosine is the from-scratch recipe)
     optimizer: str = flag("sgd", "the optimizer of every state", "optimisation", choices=("sgd", "adamw"))
     lr: float = flag(0.01, "base learning rate of every state", "optimisation", range="(0, inf)")
-    momentum: float = flag(0.9, "SGD momentum", "optimisation", range="[0, 1)")
+    momentum: float = flag(0.9, "SGD momentum", "optimisation", range="[0, 1)", requires={"optimizer": ("sgd",)})
     weight_decay: float = flag(1e-4, "decoupled for AdamW; not on biases, norms and embeddings", "optimisation",
                                range="[0, inf)")
     lr_schedule: str = flag("multistep", "multistep: x0.1 at 50% and 75% of each state", "optimisation",
@@ -93,11 +104,11 @@ class Config:
     batch_size: int = flag(128, "images per step (over all processes)", "optimisation", range="[1, inf)")
     # system
     kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch", "system", choices=("auto", "triton", "torch"),
-                        execution=True)
+                        execution=True, numerics=True)
     precision: str = flag("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", "system",
-                          choices=("auto", "fp32", "bf16"), execution=True)
-    compile: bool = flag(False, "torch.compile the training forward", "system", execution=True)
-    device: str = flag("auto", "auto, cpu, cuda or cuda:N", "system", execution=True)
+                          choices=("auto", "fp32", "bf16"), execution=True, numerics=True)
+    compile: bool = flag(False, "torch.compile the training forward", "system", execution=True, numerics=True)
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N", "system", execution=True, numerics=True)
     data_dir: str = flag("data", "where datasets are found or downloaded", "system", execution=True)
     # logging
     out_dir: str = flag("runs", "the parent folder of run folders", "logging", execution=True)
@@ -148,10 +159,16 @@ NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME)
 EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["execution"])
 
 
+def applies(name: str, config: dict) -> bool:
+    """Whether field `name` means something for a run with this config (its `requires`)."""
+    return all(config.get(k, FIELDS[k].default) in values for k, values in FIELDS[name].metadata["requires"].items())
+
+
 def configuration(config: dict) -> dict:
-    """The fields that define what a run computes, seed aside: runs that agree on these are
-    seeds of one configuration."""
-    return {k: v for k, v in config.items() if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed"}
+    """The fields that define what a run computes, seed aside and only those that apply to
+    it: runs that agree on these are seeds of one configuration."""
+    return {k: v for k, v in config.items()
+            if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed" and applies(k, config)}
 
 
 def wandb_group(config: dict) -> str:
@@ -204,6 +221,13 @@ def validate(cfg: Config) -> Config:
     """Check every flag; raise ConfigError with one line naming the flag and valid values."""
     for name in FIELDS:
         _check_value(name, getattr(cfg, name))
+    config = cfg.to_dict()
+    for name, f in FIELDS.items():
+        if not applies(name, config) and config[name] != f.default:
+            need = " and ".join(f"--{k}={'|'.join(v)}" for k, v in f.metadata["requires"].items())
+            given = ", ".join(f"--{k}={config[k]}" for k in f.metadata["requires"])
+            raise ConfigError(f"--{name}: applies only with {need}, not with {given}; drop it")
+    _check_seed_formula(cfg)
     if cfg.rewind not in ("init", "none"):
         k = cfg.rewind.split(":", 1)[1] if cfg.rewind.startswith("epoch:") else ""
         if not k.isdigit() or int(k) > cfg.epochs:
@@ -219,6 +243,19 @@ def validate(cfg: Config) -> Config:
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
     return cfg
+
+
+def _check_seed_formula(cfg: Config):
+    """The seed's formula diverges when a step's penalty alone overshoots: with SGD (momentum
+    μ) once lr·g ≥ 2(1 + μ), with AdamW's decoupled shrink once lr·g ≥ 2 (|1 − lr·λ| ≥ 1)."""
+    if cfg.method != "rsst" or cfg.reg_formula != "seed" or cfg.reg_kind != "l2":
+        return
+    bound = 2 * (1 + cfg.momentum) if cfg.optimizer == "sgd" else 2.0
+    if cfg.lr * cfg.reg_granularity_prune >= bound:
+        raise ConfigError(f"--reg_granularity_prune: g = {cfg.reg_granularity_prune:g} with --lr={cfg.lr:g} gives "
+                          f"lr·g = {cfg.lr * cfg.reg_granularity_prune:g} >= {bound:g}, where the seed's penalty "
+                          f"diverges with --optimizer={cfg.optimizer}; choose g < {bound / cfg.lr:g} or the default "
+                          f"--reg_formula=residual")
 
 
 def _check_pretrained(spec: str):

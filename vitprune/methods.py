@@ -18,6 +18,11 @@ from vitprune.kernels.reference import group_sq_norms
 from vitprune.structure import Structure, apply_structure, dims, group_sizes, prunable_params
 
 
+# An RSST state whose targets keep more than this share of their norm at the hard prune was
+# not driven to zero: the run warns and the report flags it.
+NOT_ZEROED = 0.1
+
+
 def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
     """RSST coefficient at progress p ∈ (0, 1] of the state; λ(1) = g for every schedule."""
     if schedule == "x":
@@ -75,61 +80,104 @@ def select_structure(cfg, model, structure: Structure, data, state: int):
 
 
 def regularizer(cfg, model, train: Structure, end: Structure, steps_in_state: int, group_reg,
-                start_norm: float = None) -> Optional["RsstRegularizer"]:
+                start_norms=None) -> Optional["RsstRegularizer"]:
     """RSST's penalty on the groups alive in `train` but not in `end` (None for other methods
-    or without targets). start_norm: the targets' norm at the start of the state, when
-    resuming in its middle."""
+    or without targets). start_norms: the groups' norms at the start of the state ([L, H],
+    [L, M]), when resuming in its middle."""
     heads, neurons = train.heads & ~end.heads, train.neurons & ~end.neurons
     if cfg.method != "rsst" or not (heads.any() or neurons.any()):
         return None
-    return RsstRegularizer(model, heads, neurons, steps_in_state, group_reg, schedule=cfg.reg_schedule,
-                           g=cfg.reg_granularity_prune, k=cfg.exponents, kind=cfg.reg_kind,
-                           decoupled_lr=cfg.lr if cfg.optimizer == "adamw" else None, start_norm=start_norm)
+    return RsstRegularizer(model, heads, neurons, steps_in_state, group_reg, formula=cfg.reg_formula,
+                           schedule=cfg.reg_schedule, k=cfg.exponents, kind=cfg.reg_kind, residual=cfg.reg_residual,
+                           g=cfg.reg_granularity_prune, optimizer=cfg.optimizer, lr=cfg.lr, start_norms=start_norms)
+
+
+def residual_coefficient(shape, residual: float) -> float:
+    """c such that Π_t (1 − c·shape_t) = residual: the per-step shrink w ← w·(1 − c·shape_t)
+    then leaves `residual` of a group's norm after the state. shape_t ∈ [0, 1], last = 1."""
+    if residual >= 1:
+        return 0.0
+    shape = torch.as_tensor(shape, dtype=torch.float64)
+    lo, hi = 0.0, 1.0  # the product falls from 1 (c = 0) to 0 (c = 1): bisect
+    for _ in range(60):
+        c = (lo + hi) / 2
+        if float(torch.log1p(-c * shape).sum()) > math.log(residual):
+            lo = c
+        else:
+            hi = c
+    return lo
 
 
 class RsstRegularizer:
-    """The penalty of one RSST state, applied every step in one vectorised pass.
+    """The penalty of one RSST state on its target groups, one vectorised pass per step.
 
-    l2: grad += λ·w on the targets; group_lasso: grad += λ·w/‖w_g‖. With AdamW it is
-    decoupled (w -= lr·λ·w after the step), so Adam's normalisation cannot cancel it; there
-    lr is the state's base --lr, not the scheduled one: λ(p) alone sets how the pull grows,
-    and a cosine schedule cannot switch it off right when it must be strongest.
+    formula="residual" (the default): the strength is stated as the fraction of its norm a
+    target group keeps at the end of the state if only the penalty acted (`residual`), and
+    λ(p) only shapes its growth. The per-step coefficients are solved once, from the state's
+    step count, and applied to the weights after the optimizer step, independently of the
+    optimizer and its LR schedule:
+      l2:          w ← w·(1 − c·s(p))            with Π (1 − c·s(p_t)) = residual
+      group_lasso: w_g ← w_g·max(0, 1 − a·s(p)·‖w_g⁰‖/‖w_g‖) with a·Σ s(p_t) = 1 − residual
+    (s = λ/g, s(1) = 1; ‖w_g⁰‖ the group's norm at the start of the state).
+
+    formula="seed" reproduces the seed's coupled formula with g = --reg_granularity_prune:
+      l2 + SGD:    grad += λ(p)·w (scaled by the scheduled lr, amplified by momentum)
+      l2 + AdamW:  w −= lr·λ(p)·w after the step (the base lr)
+      group_lasso: the proximal step w_g ← w_g·max(0, 1 − lr·λ(p)/‖w_g‖) after the step.
     """
 
-    def __init__(self, model, head_targets, neuron_targets, steps_in_state: int, group_reg, *, schedule: str,
-                 g: float, k: float, kind: str, decoupled_lr: Optional[float], start_norm: float = None):
+    def __init__(self, model, head_targets, neuron_targets, steps_in_state: int, group_reg, *, formula: str,
+                 schedule: str, k: float, kind: str, residual: float, g: float, optimizer: str, lr: float,
+                 start_norms=None):
         device = model.blocks[0].attn.qkv.weight.device
         self.params = prunable_params(model)
-        self.heads = head_targets.to(device)
-        self.neurons = neuron_targets.to(device)
-        self.steps = steps_in_state
-        self.group_reg = group_reg
-        self.schedule, self.g, self.k, self.kind = schedule, g, k, kind
-        self.decoupled_lr = decoupled_lr
-        self.start_norm = float(self.target_norm()) if start_norm is None else start_norm
+        self.heads, self.neurons = head_targets.to(device), neuron_targets.to(device)
+        self.steps, self.group_reg, self.kind = steps_in_state, group_reg, kind
+        self.start_norms = self.group_norms() if start_norms is None else tuple(t.to(device) for t in start_norms)
+        self.shape = lambda p: reg_lambda(schedule, p, 1.0, k)
+        shapes = [self.shape(t / steps_in_state) for t in range(1, steps_in_state + 1)]
+        self.into_grad = formula == "seed" and kind == "l2" and optimizer == "sgd"
+        self.scale_lr = formula == "seed" and kind == "group_lasso" and optimizer == "sgd"
+        # coef(p) = scale · s(p); what multiplies it per group (1, or the start norm) below
+        self.head_w, self.neuron_w = self.heads.float(), self.neurons.float()
+        if formula == "seed":
+            self.scale = g if self.into_grad or self.scale_lr else lr * g
+        elif kind == "l2":
+            self.scale = residual_coefficient(shapes, residual)
+        else:
+            self.scale = (1 - residual) / sum(shapes)
+            self.head_w, self.neuron_w = self.head_w * self.start_norms[0], self.neuron_w * self.start_norms[1]
 
-    def lam(self, step: int) -> float:
-        """λ after `step` steps of the state (1-based): p = step / steps_in_state."""
-        return reg_lambda(self.schedule, min(step / self.steps, 1.0), self.g, self.k)
+    def coef(self, step: int) -> float:
+        """The coefficient of step `step` (1-based within the state): logged as reg_lambda."""
+        return self.scale * self.shape(min(step / self.steps, 1.0))
 
     def before_step(self, step: int):
-        """Coupled penalty: add it to the gradients (SGD)."""
-        if self.decoupled_lr is None:
+        """The seed's coupled l2 penalty with SGD: add λ·w to the targets' gradients."""
+        if self.into_grad:
             grads = PrunableParams(*([p.grad for p in ps] for ps in self.params))
-            self.group_reg(self.params, grads, self.heads, self.neurons, self.lam(step), self.kind)
+            self.group_reg(self.params, grads, self.head_w, self.neuron_w, self.coef(step), self.kind)
 
     @torch.no_grad()
-    def after_step(self, step: int):
-        """Decoupled penalty: shrink the targets' weights (AdamW)."""
-        if self.decoupled_lr is not None:
-            self.group_reg(self.params, self.params, self.heads, self.neurons, -self.decoupled_lr * self.lam(step),
-                           self.kind)
+    def after_step(self, step: int, lr: float):
+        """Every other form: shrink the targets' weights after the optimizer step (`lr`: the
+        step's scheduled learning rate, used by the seed's proximal group lasso with SGD)."""
+        if not self.into_grad:
+            step_size = self.coef(step) * (lr if self.scale_lr else 1.0)
+            self.group_reg(self.params, self.params, self.head_w, self.neuron_w, -step_size, self.kind)
 
     @torch.no_grad()
-    def target_norm(self) -> torch.Tensor:
-        """‖w_T‖ over all target groups (a device scalar: read it once per epoch)."""
+    def group_norms(self):
+        """‖w_g‖ of every head and neuron: ([L, H], [L, M]) device tensors."""
         heads_sq, neurons_sq = group_sq_norms(self.params, self.heads.shape[1])
-        return ((heads_sq * self.heads).sum() + (neurons_sq * self.neurons).sum()).sqrt()
+        return heads_sq.sqrt(), neurons_sq.sqrt()
+
+    def target_norm(self, norms=None) -> torch.Tensor:
+        """‖w_T‖ over all target groups (a device scalar: read it once per epoch)."""
+        heads, neurons = self.group_norms() if norms is None else norms
+        return ((heads.square() * self.heads).sum() + (neurons.square() * self.neurons).sum()).sqrt()
 
     def norm_ratio(self) -> float:
-        return float(self.target_norm()) / self.start_norm if self.start_norm > 0 else 0.0
+        """‖w_T‖ now / ‖w_T‖ at the start of the state."""
+        start = float(self.target_norm(self.start_norms))
+        return float(self.target_norm()) / start if start > 0 else 0.0

@@ -66,24 +66,27 @@ def head_cols(live_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_dead(model, structure: Structure) -> None:
-    """Set every weight and bias entry of a dead group (and every masked element) to zero."""
+def zero_dead(model, structure: Structure, of=lambda p: p) -> None:
+    """Set every weight and bias entry of a dead group (and every masked element) to zero:
+    in the parameters, or in `of(parameter)`, a tensor shaped like it (an optimizer's state;
+    None skips the parameter)."""
     L, H, hd, D, M = dims(model)
     device = model.blocks[0].attn.qkv.weight.device
     for l, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
         dead_heads = (~structure.heads[l]).nonzero().flatten()
         rows, cols = head_rows(dead_heads, H, hd).to(device), head_cols(dead_heads, hd).to(device)
-        attn.qkv.weight[rows] = 0
-        attn.qkv.bias[rows] = 0
-        attn.proj.weight[:, cols] = 0
         dead = (~structure.neurons[l]).nonzero().flatten().to(device)
-        mlp.fc1.weight[dead] = 0
-        mlp.fc1.bias[dead] = 0
-        mlp.fc2.weight[:, dead] = 0
+        for param, dim, index in ((attn.qkv.weight, 0, rows), (attn.qkv.bias, 0, rows), (attn.proj.weight, 1, cols),
+                                  (mlp.fc1.weight, 0, dead), (mlp.fc1.bias, 0, dead), (mlp.fc2.weight, 1, dead)):
+            t = of(param)
+            if t is not None:
+                t.index_fill_(dim, index, 0)
         if structure.elements is not None:
             for name in PRUNABLE_WEIGHTS:
-                block.get_parameter(name).mul_(structure.elements[f"blocks.{l}.{name}"].to(device))
+                t = of(block.get_parameter(name))
+                if t is not None:
+                    t.mul_(structure.elements[f"blocks.{l}.{name}"].to(device))
 
 
 def set_live(model, structure: Structure) -> None:

@@ -12,6 +12,7 @@ data order depends only on (seed, state, epoch). So a killed run resumed with --
 the same numbers as one that was never interrupted.
 """
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -29,9 +30,9 @@ from vitprune import kernels
 from vitprune.config import Config, ConfigError
 from vitprune.data import Data, eval_batches, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
-from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
+from vitprune.methods import NOT_ZEROED, RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
-from vitprune.structure import Structure, apply_structure, count, set_live
+from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
 
 
 # ---- the building blocks: device, optimizer, one step, evaluation ---------------------------
@@ -95,9 +96,10 @@ def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0
     loss.backward()
     if rsst:
         rsst.before_step(step)
+    lr = opt.param_groups[0]["lr"]  # the lr of this step (the schedule moves after it)
     opt.step()
     if rsst:
-        rsst.after_step(step)
+        rsst.after_step(step, lr)
     sched.step()
     return loss.detach(), logits.detach()
 
@@ -162,7 +164,7 @@ class Run:
     group_reg: Callable          # RSST's kernel
     run_dir: Path
     log: Optional[RunLog]        # only the first process writes
-    theta0: Optional[dict] = None  # the rewind point, kept in memory once reached
+    rewind: Optional[dict] = None  # the rewind point (weights, optimizer, schedule), once reached
 
     @property
     def main(self) -> bool:
@@ -171,6 +173,14 @@ class Run:
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    def first_epoch(self, state: int) -> int:
+        """The epoch a state starts at: K under --rewind=epoch:K (late rewinding continues the
+        schedule of state 0 from epoch K), else 0."""
+        return (self.cfg.rewind_epoch or 0) if state > 0 else 0
+
+    def steps_in_state(self, state: int) -> int:
+        return (self.cfg.epochs - self.first_epoch(state)) * self.steps
 
     def say(self, *args, **kwargs):
         if self.main:
@@ -195,13 +205,13 @@ class LoopState:
     keep: Structure               # alive after it (RSST: structure minus its targets)
     start_acc: tuple = None       # (val, test) of the state's network before training
     state_time: float = 0.0
-    rsst_start_norm: Optional[float] = None
+    rsst_start_norms: Optional[tuple] = None  # RSST: every group's norm at the start of the state
     history: list = field(default_factory=list)  # the state's epoch records
 
     def save(self, path: Path, model, opt, sched, cfg: Config):
         save_torch({"state": self.state, "epochs_done": self.epochs_done, "structure": self.structure.state_dict(),
                     "keep": self.keep.state_dict(), "start_acc": self.start_acc, "state_time": self.state_time,
-                    "rsst_start_norm": self.rsst_start_norm, "history": self.history, "model": model.state_dict(),
+                    "rsst_start_norms": self.rsst_start_norms, "history": self.history, "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
                     "config": cfg.to_dict()}, path)
 
@@ -213,7 +223,7 @@ class LoopState:
         torch.set_rng_state(ck["rng"].cpu())
         loop = cls(ck["state"], ck["epochs_done"], Structure.from_state_dict(ck["structure"]),
                    Structure.from_state_dict(ck["keep"]), ck["start_acc"], ck["state_time"],
-                   ck["rsst_start_norm"], ck["history"])
+                   ck["rsst_start_norms"], ck["history"])
         return loop, ck
 
 
@@ -296,7 +306,7 @@ def begin(r: Run):
     if r.main:
         write_json(r.run_dir / "config.json", r.cfg.to_dict())
     if r.cfg.rewind_epoch == 0:
-        r.theta0 = save_rewind_point(r, 0)
+        r.rewind = save_rewind_point(r, 0)
     full = Structure.full(r.model)
     return start_state(r, LoopState(0, 0, full, full), 0)
 
@@ -307,12 +317,12 @@ def resume(r: Run):
     loop, ck = LoopState.load(r.ckpt_dir / "last.pt", r.model, r.device)
     apply_structure(r.model, loop.structure)  # the forward skips what was dead when the run stopped
     if (r.ckpt_dir / "rewind.pt").is_file():
-        r.theta0 = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu")["model"]
+        r.rewind = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu", weights_only=False)
     opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
-    rsst = regularizer(cfg, r.model, loop.structure, loop.keep, r.steps * cfg.epochs, r.group_reg,
-                       loop.rsst_start_norm)
+    rsst = regularizer(cfg, r.model, loop.structure, loop.keep, r.steps_in_state(loop.state), r.group_reg,
+                       loop.rsst_start_norms)
     if r.main:
         r.log.truncate(loop.state, loop.epochs_done)
     r.say(f"resuming {r.run_dir} at state {loop.state}, epoch {loop.epochs_done}")
@@ -322,16 +332,21 @@ def resume(r: Run):
 def start_state(r: Run, prev: LoopState, state: int):
     """State `state` begins: the method's transition (state >= 1), the accuracy of the network
     it will become, a fresh optimizer; checkpointed, so a resume never redoes a transition."""
-    cfg, steps_in_state = r.cfg, r.steps * r.cfg.epochs
+    cfg, rewind = r.cfg, r.rewind or {}
     if state == 0:
         apply_structure(r.model, prev.structure)
         t = Transition(prev.structure, prev.keep, None)
     else:
-        t = transition(cfg, r.model, prev.keep, r.data, state, r.theta0, steps_in_state, r.group_reg)
-    loop = LoopState(state, 0, t.train, t.end, start_acc=r.evaluate_as(t.end),
-                     rsst_start_norm=t.regularizer.start_norm if t.regularizer else None)
+        t = transition(cfg, r.model, prev.keep, r.data, state, rewind.get("model"), r.steps_in_state(state),
+                       r.group_reg)
+    loop = LoopState(state, r.first_epoch(state), t.train, t.end, start_acc=r.evaluate_as(t.end),
+                     rsst_start_norms=t.regularizer.start_norms if t.regularizer else None)
     set_live(r.model, t.train)
-    opt, sched = make_optimizer(cfg, r.model, steps_in_state, r.device)
+    opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
+    if state > 0 and rewind.get("optimizer"):  # late rewinding: the optimizer and schedule of epoch K too
+        opt.load_state_dict(copy.deepcopy(rewind["optimizer"]))  # a copy: steps update the state in place
+        sched.load_state_dict(rewind["scheduler"])
+        zero_dead_optimizer_state(r.model, t.train, opt)
     tools = StepTools(opt, sched, t.regularizer)
     if r.main:
         report_structure(r.model, state, t.end)
@@ -349,7 +364,7 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int) -> dict:
     seen, heartbeat = 0, time.time()
     r.model.train()
     for i, (x, y) in enumerate(train_batches(r.data, cfg.batch_size, cfg.seed, state, epoch, r.rank, r.world)):
-        step = epoch * r.steps + i + 1  # 1-based step within the state
+        step = (epoch - r.first_epoch(state)) * r.steps + i + 1  # 1-based step within the state
         lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (logged per epoch)
         loss, logits = train_step(r.forward, tools.opt, tools.sched, x, y, step, r.autocast, cfg.label_smoothing,
                                   tools.rsst)
@@ -368,7 +383,7 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int) -> dict:
         "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
         "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
         "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
-        "reg_lambda": tools.rsst.lam((epoch + 1) * r.steps) if tools.rsst else 0.0,
+        "reg_lambda": tools.rsst.coef((epoch + 1 - r.first_epoch(state)) * r.steps) if tools.rsst else 0.0,
         "target_norm_ratio": tools.rsst.norm_ratio() if tools.rsst else None,
         "time_s": time.time() - t0,
     }
@@ -381,13 +396,13 @@ def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_tim
     loop.state_time += record["time_s"]
     loop.history.append(record)
     epoch_times.append(record["time_s"])
-    left = (cfg.states - state - 1) * cfg.epochs + cfg.epochs - epoch - 1
+    left = (cfg.states - state - 1) * (cfg.epochs - r.first_epoch(1)) + cfg.epochs - epoch - 1
     reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if tools.rsst else ""
     r.say(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
           f"train {record['train_acc']:.1f}% val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | "
           f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
     if state == 0 and cfg.rewind_epoch == epoch + 1:
-        r.theta0 = save_rewind_point(r, epoch + 1)
+        r.rewind = save_rewind_point(r, epoch + 1, tools)
     if r.main:
         r.log.epoch(record)
         loop.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
@@ -400,9 +415,11 @@ def finish_state(r: Run, loop: LoopState, tools: StepTools):
     if rsst:
         record["pre_prune_val_acc"], record["pre_prune_test_acc"] = r.evaluate("val"), r.evaluate("test")
         record["target_norm_ratio"] = rsst.norm_ratio()
-        if record["target_norm_ratio"] > 0.1:
+        if record["target_norm_ratio"] > NOT_ZEROED:
+            fix = (f"lower --reg_residual (now {cfg.reg_residual:g})" if cfg.reg_formula == "residual" else
+                   f"raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
             r.say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
-                  f"prune (not driven to zero); raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
+                  f"prune (not driven to zero); {fix}")
     loop.structure = loop.keep
     apply_structure(r.model, loop.structure)
     best = max(loop.history, key=lambda e: e["val_acc"])
@@ -423,12 +440,23 @@ def finish_state(r: Run, loop: LoopState, tools: StepTools):
           f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
 
 
-def save_rewind_point(r: Run, epoch: int) -> dict:
-    """Keep θ (the rewind point) in memory on every process; the first one also saves it."""
-    theta = {k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()}
+def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:
+    """The rewind point: weights after `epoch` epochs of state 0 and, for late rewinding, the
+    optimizer and LR schedule there too. Kept in memory on every process; the first saves it."""
+    cpu = lambda state: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
+    point = {"model": cpu(r.model.state_dict()), "epoch": epoch,
+             "optimizer": copy.deepcopy(tools.opt.state_dict()) if tools else None,
+             "scheduler": tools.sched.state_dict() if tools else None}
     if r.main:
-        save_torch({"model": theta, "epoch": epoch}, r.ckpt_dir / "rewind.pt")
-    return theta
+        save_torch(point, r.ckpt_dir / "rewind.pt")
+    return point
+
+
+def zero_dead_optimizer_state(model, structure: Structure, opt):
+    """A dead group's optimizer state is zero too (momentum, Adam's moments), so that a
+    restored optimizer cannot move it away from zero."""
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        zero_dead(model, structure, of=lambda p: opt.state.get(p, {}).get(key))
 
 
 def report_structure(model, state, keep: Structure):
