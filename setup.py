@@ -22,5 +22,6 @@ setup(
         "scipy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=7", "wandb-workspaces"], "report": ["wandb-workspaces"]},
+    # dev: the tests, incl. W&B's own sweep engine (`sweeps`) that validates sweeps/*.yaml
+    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "sweeps"], "report": ["wandb-workspaces"]},
 )

@@ -21,9 +21,10 @@ def no_wandb_online(monkeypatch):
 
 
 def test_run_stats_by_hand():
-    # refill final test acc over the common states 0-4: 80, 79, 82, 83, 82
-    s = report.run_stats(report.load_run(REFILL).acc(n=5))
-    assert s["state0"] == 80.0 and (s["best"], s["best_state"]) == (83.0, 3)
+    # refill over the common states 0-4: final test 80, 79, 82, 83, 82; final val 79.5, 78.5, 81.5, 82.5, 81.5
+    s = report.run_stats(report.load_run(REFILL), n=5)
+    assert s["state0"] == 80.0 and s["state1"] == 79.0
+    assert (s["best"], s["best_state"]) == (83.0, 3)  # state 3 has the best val (82.5): its test acc
     assert s["mean"] == pytest.approx((82 + 83 + 82) / 3)
     assert s["std"] == pytest.approx((((82 - 82.3333) ** 2 * 2 + (83 - 82.3333) ** 2) / 2) ** 0.5, abs=1e-4)
     assert s["retention"] == pytest.approx(100 * 83 / 80)
@@ -31,20 +32,19 @@ def test_run_stats_by_hand():
     assert s["last"] == 82.0
 
 
-def test_comparison_winner_and_within_noise():
+def test_oneshot_compares_state_1_only():
     runs = [report.load_run(REFILL), report.load_run(RSST)]
-    rows = {metric: (cells, delta, verdict)
-            for metric, _, cells, delta, verdict in report.comparison(report.configurations(runs), 5)}
-    noise = 2 * ((1 / 3) ** 0.5)  # refill's std over states 2-4 (rsst's is 0.29)
-    cells, delta, verdict = rows["state0"]  # 80.0 vs 80.5: 0.5 < 1.15
-    assert cells == {"refill": "80.00%", "rsst": "80.50%"}
-    assert delta == pytest.approx(0.5) and verdict == f"within noise (2σ = {noise:.2f})"
-    cells, delta, verdict = rows["mean"]  # 82.33 vs 80.17: 2.17 > 1.15
-    assert delta == pytest.approx(82 + 1 / 3 - (80 + 1 / 6)) and verdict == f"**refill** (Δ > 2σ = {noise:.2f})"
+    groups = report.configurations(runs)
+    assert sorted(groups) == ["refill", "rsst"]  # RSST-only flags do not label the columns
+    rows = {metric: (cells, delta, verdict) for metric, _, cells, delta, verdict in report.comparison(groups, 5)}
+    noise = 2 * ((1 / 3) ** 0.5)  # refill's std over states 2-4 (rsst's is 0.29): retraining noise
+    cells, delta, verdict = rows["state1"]  # 79.0 vs 80.0: 1.0 < 1.15
+    assert cells == {"refill": "79.00%", "rsst": "80.00% ⚠"}  # rsst's state 1 kept 35% of its targets
+    assert delta == pytest.approx(1.0) and verdict == f"within noise (2σ = {noise:.2f}, within-run; one seed)"
+    for metric in ("best", "mean", "late", "last", "retention"):  # states >= 2: the same ticket, retrained
+        assert rows[metric][1] is None and "same ticket, retrained" in rows[metric][2], metric
+    assert rows["state0"][2].startswith("– (dense")
     assert rows["best"][0] == {"refill": "83.00% (state 3)", "rsst": "80.50% (state 3)"}
-    assert rows["std"][2] == "–"
-    # retention is in % of State 0: the noise bar is scaled the same way
-    assert rows["retention"][2] == f"**refill** (Δ > 2σ = {noise * 100 / 80:.2f})"
 
 
 def test_markdown_and_plots(tmp_path, capsys):
@@ -52,10 +52,14 @@ def test_markdown_and_plots(tmp_path, capsys):
     report.main(str(REFILL), str(RSST), out=str(out))
     md = out.read_text()
     assert "**final pruned test accuracy**" in md and "### Best-epoch test accuracy" in md
-    assert "refill: 6" not in md and "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
-    assert "the 5 common states 0–4" in md
-    assert "| Mean, states 2–4 | 82.33% | 80.17% | +2.17 | **refill** (Δ > 2σ = 1.15) |" in md
-    assert "| State 0 (dense) | 80.00% | 80.50% | +0.50 | within noise (2σ = 1.15) |" in md
+    assert "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
+    assert "Only **State 1** can tell the methods apart" in md
+    assert ("**Key result** (final pruned test accuracy at State 1): refill 79.00% vs rsst 80.00% ⚠ → "
+            "within noise (2σ = 1.15, within-run; one seed).") in md
+    assert "| Mean, states 2–4 | 82.33% | 80.17% | n/a | – (same ticket, retrained) |" in md
+    assert "| 3 | 83.00% | 80.50% | n/a | – (same ticket, retrained) |" in md  # state by state
+    assert "⚠ = RSST targets not driven to zero at the hard prune" in md
+    assert "| targets' norm at hard prune (RSST) |  | 0.350 ⚠ | 0.010 | 0.010 | 0.010 |" in md
     # findings: state 0 val 50,60,70,78 -> first-2 55, last-2 74; rsst plateaued (+0.15)
     assert "| cifar10_refill_vit_small_r0.7_s0 | 55.00% | 74.00% | +19.00 | still rising" in md
     assert "| cifar10_rsst_vit_small_r0.7_s0 | 75.90% | 76.05% | +0.15 | plateaued" in md
@@ -69,41 +73,76 @@ def test_markdown_and_plots(tmp_path, capsys):
         assert f"]({png})" in md and (out.parent / png).stat().st_size > 1000
 
 
-def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2):
-    cfg = Config(method=method, dataset=dataset, seed=seed, states=len(finals), epochs=epochs).to_dict()
-    run_dir = root / f"{dataset}_{method}_s{seed}"
+def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2, vals=None, ratios=None, **flags):
+    """A run folder with the given final test accuracies per state (val = test unless `vals`;
+    `ratios`: RSST target_norm_ratio per state)."""
+    cfg = Config(method=method, dataset=dataset, seed=seed, states=len(finals), epochs=epochs, **flags).to_dict()
+    run_dir = root / f"{dataset}_{method}_{flags.get('schedule', 'oneshot')}_s{seed}"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(cfg))
+    vals = vals or finals
     records = []
     for s, acc in enumerate(finals):
-        records += [{"kind": "epoch", "state": s, "epoch": e, "global_epoch": s * epochs + e, "val_acc": acc,
+        records += [{"kind": "epoch", "state": s, "epoch": e, "global_epoch": s * epochs + e, "val_acc": vals[s],
                      "test_acc": acc, "time_s": 1.0} for e in range(epochs)]
-        records.append({"kind": "state", "state": s, "final_test_acc": acc, "best_test_acc": acc + 0.1,
-                        "params_alive": 100 if s == 0 else 30, "params_total": 100, "time_s": 2.0})
+        records.append({"kind": "state", "state": s, "final_test_acc": acc, "final_val_acc": vals[s],
+                        "best_test_acc": acc + 0.1, "best_val_acc": vals[s] + 0.1,
+                        "params_alive": 100 if s == 0 else 30, "params_total": 100, "time_s": 2.0,
+                        **({"target_norm_ratio": ratios[s]} if ratios and s else {})})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
 
 
+def test_best_state_is_chosen_by_val_not_test(tmp_path):
+    # state 3 has the best test accuracy (70) but state 2 the best val (66): state 2 is reported
+    run_dir = write_run(tmp_path, "refill", [50, 40, 60, 70, 55], vals=[50, 41, 66, 62, 58])
+    s = report.run_stats(report.load_run(run_dir))
+    assert (s["best_state"], s["best"]) == (2, 60) and s["retention"] == pytest.approx(120.0)
+    report.main(str(run_dir), out=str(tmp_path / "r.md"))
+    md = (tmp_path / "r.md").read_text()
+    assert "| Best pruned state (by val) | 60.00% (state 2) |" in md
+    assert "**Key result**: one configuration (refill): nothing to compare." in md
+
+
 def test_welch_with_several_seeds(tmp_path):
-    # per-seed means over states 2-3: refill 60.5, 61.0, 60.0; rsst 55.0, 55.5, 56.0 (clear)
-    # and dense 60.25, 61.25, 59.5 (close to refill)
-    runs = [write_run(tmp_path, "refill", [50, 40, 60 + d, 61 + d], seed) for seed, d in enumerate([0, 0.5, -0.5])]
-    runs += [write_run(tmp_path, "rsst", [50, 40, 55 + d, 55 + d], seed) for seed, d in enumerate([0, 0.5, 1.0])]
-    runs += [write_run(tmp_path, "dense", [50, 40, 60 + d, 60.5 + d], seed) for seed, d in enumerate([0, 1.0, -0.75])]
+    # state 1: refill 40.0, 40.5, 39.5; rsst 45.0, 45.5, 46.0 (clear); dense 40.25, 41.25, 39.5 (close)
+    runs = [write_run(tmp_path, "refill", [50, 40 + d, 60, 61], seed) for seed, d in enumerate([0, 0.5, -0.5])]
+    runs += [write_run(tmp_path, "rsst", [50, 45 + d, 55, 55], seed, ratios=[None, 0.01, 0.01, 0.01])
+             for seed, d in enumerate([0, 0.5, 1.0])]
+    runs += [write_run(tmp_path, "dense", [50, 40.25 + d, 60, 60.5], seed) for seed, d in enumerate([0, 1.0, -0.75])]
     loaded = [report.load_run(r) for r in runs]
     groups = report.configurations(loaded)
     assert sorted(groups) == ["dense", "refill", "rsst"] and all(len(g) == 3 for g in groups.values())
-    values = {label: [report.run_stats(r.acc())["mean"] for r in g] for label, g in groups.items()}
-    assert values["refill"] == [60.5, 61.0, 60.0]
+    values = {label: [report.run_stats(r)["state1"] for r in g] for label, g in groups.items()}
+    assert values["refill"] == [40.0, 40.5, 39.5]
     delta, verdict = report.decide({k: values[k] for k in ("refill", "rsst")}, {})
-    p = ttest_ind([60.5, 61.0, 60.0], [55.0, 55.5, 56.0], equal_var=False).pvalue
-    assert delta == pytest.approx(5.0) and verdict == f"**refill** (Welch p={p:.3f})"
+    p = ttest_ind([45.0, 45.5, 46.0], [40.0, 40.5, 39.5], equal_var=False).pvalue
+    assert delta == pytest.approx(5.5) and verdict == f"**rsst** (Welch p={p:.3f}, 3+ seeds)"
     delta, verdict = report.decide({k: values[k] for k in ("refill", "dense")}, {})
-    p = ttest_ind([60.5, 61.0, 60.0], [60.25, 61.25, 59.5], equal_var=False).pvalue
-    assert p > 0.05 and verdict == f"within noise (Welch p={p:.2f})"
+    p = ttest_ind([40.25, 41.25, 39.5], [40.0, 40.5, 39.5], equal_var=False).pvalue
+    assert p > 0.05 and verdict == f"within noise (Welch p={p:.2f}, 3+ seeds)"
     md_path = tmp_path / "r.md"
     report.main(*map(str, runs), out=str(md_path))
-    assert "| Mean, states 2–3 | 60.50% ± 0.50 (3 seeds) |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| State 1 (the methods' tickets) | 40.00% ± 0.50 (3 seeds) | 45.50% ± 0.50 (3 seeds) |" in md
+    assert "| Mean, states 2–3 | 60.50% ± 0.00 (3 seeds) |" in md and "– (same ticket, retrained)" in md
+
+
+def test_geometric_compares_state_by_state_over_seeds(tmp_path):
+    one_seed = [write_run(tmp_path / "a", m, [50, 45, 40 + 5 * (m == "rsst"), 30], schedule="geometric")
+                for m in ("refill", "rsst")]
+    report.main(*map(str, one_seed), out=str(tmp_path / "a.md"))
+    md = (tmp_path / "a.md").read_text()
+    assert "Schedule **geometric**" in md and "no within-run noise estimate" in md
+    assert "| Std over states 2–3 |" in md and "– (states differ in sparsity: not noise)" in md
+    assert "no verdict: one seed, and no within-run noise under geometric (run several seeds)" in md
+    assert "within noise" not in md  # the spread over states of different sparsity is not noise
+    seeds = [write_run(tmp_path / "b", m, [50, 45, 40 + 5 * (m == "rsst") + d, 30], seed, schedule="geometric")
+             for m in ("refill", "rsst") for seed, d in enumerate([0, 0.4, -0.3])]
+    report.main(*map(str, seeds), out=str(tmp_path / "b.md"))
+    md = (tmp_path / "b.md").read_text()
+    p = ttest_ind([45, 45.4, 44.7], [40, 40.4, 39.7], equal_var=False).pvalue
+    assert f"| 2 | 40.03% ± 0.35 (3 seeds) | 45.03% ± 0.35 (3 seeds) | +5.00 | **rsst** (Welch p={p:.3f}, 3+ seeds) |" in md
 
 
 def test_short_runs_give_na(tmp_path):
@@ -111,11 +150,12 @@ def test_short_runs_give_na(tmp_path):
     two = write_run(tmp_path, "rsst", [50.0, 45.0])
     report.main(str(one), str(two), out=str(tmp_path / "r.md"))
     md = (tmp_path / "r.md").read_text()
-    # one common state: only State 0 compares; rsst's state 1 still shows in its own series
-    assert "| State 0 (dense) | 50.00% | 50.00% | +0.00 | n/a (noise needs >= 4 states) |" in md
-    assert "| Mean, states 2+ (none) | n/a | n/a | n/a | – |" in md
+    # one common state: nothing pruned to compare; rsst's state 1 still shows in its own series
+    assert "**Key result**: no pruned state in common yet: nothing to compare." in md
+    assert "| Mean, states 2+ (none) | n/a | n/a | n/a | – (same ticket, retrained) |" in md
     assert "| final test (pruned) | 50.00 | 45.00 |" in md
-    assert report.decide({"a": [1.0], "b": [0.5]}, {"a": None, "b": 0.1})[1] == "n/a (noise needs >= 4 states)"
+    assert report.decide({"a": [1.0], "b": [0.5]}, {"a": None, "b": 0.1})[1] == \
+        "no verdict: one seed, and within-run noise needs >= 4 states"
 
 
 def test_bad_input_is_one_line(tmp_path):

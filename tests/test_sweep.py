@@ -1,5 +1,6 @@
 """Sweep YAMLs give `python -m vitprune run` the intended flags; the local grid runner."""
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,8 +36,34 @@ def command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch):
 
 
 def test_all_sweeps_found():
-    assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml"}
-    assert len(POINTS) == 4 + 8 + 2
+    assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml", "iterative.yaml"}
+    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3  # seed, ratio and iterative over three seeds
+
+
+def wandb_engine_points(sweep_yaml) -> list:
+    """The grid points W&B's own sweep engine (the `sweeps` package the W&B server runs)
+    proposes, one after another, until it says the grid is done."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic's deprecation notes about the package
+        from sweeps import RunState, SweepRun, next_run, schema_violations_from_proposed_config
+    assert schema_violations_from_proposed_config(sweep_yaml) == []
+    runs = []
+    while (proposed := next_run(sweep_yaml, runs, validate=True)) is not None:
+        runs.append(SweepRun(name=f"run{len(runs)}", state=RunState.finished, config=proposed.config))
+    return [{k: v["value"] for k, v in r.config.items()} for r in runs]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_dry_run_runs_what_the_wandb_engine_proposes(path, tmp_path, capsys):
+    proposed = wandb_engine_points(yaml.safe_load(path.read_text()))
+    sweep.main(str(path), dry_run=True, out_dir=str(tmp_path))
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    ran = [{k: v for k, v in vars(sweep.parse_run_flags(c[c.index("run") + 1:])).items()} for c in commands]
+    want = [from_flags({**point, "out_dir": str(tmp_path)}) for point in proposed]
+    key = lambda cfg: json.dumps({k: v for k, v in dict(cfg).items() if k != "name"}, sort_keys=True)
+    assert sorted(map(key, ran)) == sorted(key(vars(c)) for c in want)
+    assert len({tuple(c) for c in commands}) == len(proposed)  # every point once
 
 
 @pytest.mark.parametrize("path,point", POINTS, ids=[f"{p.stem}-{'-'.join(map(str, pt.values()))}" for p, pt in POINTS])

@@ -115,6 +115,7 @@ class RunLog:
         self.path = self.run_dir / "metrics.jsonl"
         self.config = config
         self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self.chosen_offline = wandb_mode == "offline" or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         self._warned = False
         self._defined = set()  # W&B metrics whose step metric is already declared
         self.wandb_run = self._start_wandb() if self.wandb_mode != "disabled" else None
@@ -152,7 +153,8 @@ class RunLog:
                 self._warn(f"W&B online failed ({type(error).__name__}: {error}); logging offline, "
                            f"upload later with `wandb sync {run.settings.sync_dir}`")
             elif mode == "offline":
-                why = "" if has_wandb_credentials() else " (no credentials: set WANDB_API_KEY or run `wandb login`)"
+                why = "" if self.chosen_offline or has_wandb_credentials() else \
+                    " (no credentials: set WANDB_API_KEY or run `wandb login`)"
                 print(f"W&B offline{why}; upload later with `wandb sync {run.settings.sync_dir}`", file=sys.stderr)
             return run
         self._warn(f"W&B failed ({type(error).__name__}: {error}); logging to metrics.jsonl only")

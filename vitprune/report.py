@@ -4,15 +4,22 @@ The headline number of a state is its FINAL PRUNED test accuracy (`final_test_ac
 after the state's pruning, what one would deploy). The best-epoch accuracy (`best_test_acc`: test
 accuracy at the epoch of best val accuracy) is shown beside it, labelled as such.
 
-Definitions (the seed's tables, made precise):
-- runs of one dataset are compared over their common states 0..n-1 (n = fewest finished states);
-- state 0 is dense; "best pruned" = max over states >= 1; retention = best pruned / state 0;
-- mean and std (ddof=1) over states >= 2 (the seed's "State 2-15"); late phase = the last third of
-  the common states (ceil(n/3) states, never before state 2);
-- a configuration = the runs of one dataset that differ only in seed (and paths/logging);
-- winner: the best configuration beats the runner-up if, with >= 2 seeds each, Welch's t-test on
-  the per-seed values gives p < 0.05; otherwise (one seed), if the gap exceeds 2x the larger std
-  over states >= 2 of the two (the state-to-state noise); else the row says "within noise".
+What is compared, and when a winner is named:
+- runs of one dataset and schedule are compared over their common states 0..n-1;
+- a configuration = the runs that differ only in seed (and in flags that do not apply to their
+  method, or only say how to execute): its label names what differs and applies to it;
+- any "best state" is chosen by VALIDATION accuracy (over states >= 1) and reported with its test
+  accuracy: a maximum over noisy test scores would select on the test set;
+- oneshot: every state >= 2 retrains the same ticket for every method (the selection is monotone:
+  same keep set, no RSST targets), so only State 1 can tell the methods apart. States >= 2 are
+  marked "same ticket, retrained", carry no winner, and their spread is the within-run noise;
+- geometric: every state has its own sparsity, so there is no within-run noise; methods are
+  compared state by state, over seeds;
+- winner: with >= 2 seeds per configuration, Welch's t-test on the per-seed values (p < 0.05);
+  with one seed (oneshot only), a gap beyond 2x the larger within-run std is reported as such,
+  never as a seed-to-seed result; under geometric one seed gives no verdict;
+- an RSST state whose targets kept more than NOT_ZEROED of their norm at the hard prune is
+  flagged: its hard prune was a prune of live weights, not of zeroed ones.
 """
 import json
 import math
@@ -23,9 +30,12 @@ from pathlib import Path
 
 from vitprune.config import ConfigError, configuration
 from vitprune.log import read_metrics, record_from_wandb, resolve_wandb_mode
+from vitprune.methods import NOT_ZEROED
 
 HEADLINE, BEST_EPOCH = "final_test_acc", "best_test_acc"
+VAL_OF = {HEADLINE: "final_val_acc", BEST_EPOCH: "best_val_acc"}  # the val twin that selects states
 RISING = 0.5  # state 0 is "still rising" when its last k epochs beat the k before by > 0.5 points
+FLAG = "⚠"    # marks RSST states whose targets were not driven to zero
 
 
 @dataclass
@@ -42,6 +52,11 @@ class Run:
 
     def state_epochs(self, state, key="val_acc"):
         return [e[key] for e in self.epochs if e["state"] == state and e.get(key) is not None]
+
+    def not_zeroed(self, state) -> bool:
+        """RSST state whose targets were not driven to zero before the hard prune."""
+        ratio = self.states[state].get("target_norm_ratio") if state < len(self.states) else None
+        return ratio is not None and ratio > NOT_ZEROED
 
 
 def make_run(name, config, status, records) -> Run:
@@ -95,25 +110,31 @@ def late_start(n):
     return max(2, n - math.ceil(n / 3))
 
 
-def run_stats(accs) -> dict:
-    """The seed's per-run numbers from accuracies of states 0..n-1 (None = n/a)."""
+def run_stats(run: Run, n=None, key=HEADLINE) -> dict:
+    """The seed's per-run numbers from states 0..n-1 (None = n/a). The best pruned state is the
+    one with the best val accuracy; its test accuracy is reported."""
+    accs, vals = run.acc(key, n), run.acc(VAL_OF[key], n)
     n = len(accs)
-    pruned, later = accs[1:], accs[2:]
-    best = max(pruned) if pruned else None
+    later = accs[2:]
+    best_state = None
+    if n >= 2:
+        scores = [v if v is not None else a for v, a in zip(vals[1:], accs[1:])]  # old records: no val
+        best_state = 1 + scores.index(max(scores))
     return {
         "state0": accs[0] if accs else None,
-        "best": best,
-        "best_state": 1 + pruned.index(best) if pruned else None,
+        "state1": accs[1] if n >= 2 else None,
+        "best": accs[best_state] if best_state else None,
+        "best_state": best_state,
         "mean": _mean(later),
         "std": _std(later),
-        "retention": 100 * best / accs[0] if pruned and accs[0] else None,
+        "retention": 100 * accs[best_state] / accs[0] if best_state and accs[0] else None,
         "late": _mean(accs[late_start(n):]) if n >= 3 else None,
         "last": accs[-1] if n >= 2 else None,
     }
 
 
-def decide(values: dict, noise: dict):
-    """(Δ best − runner-up, verdict) for {label: per-seed values}; noise = {label: std over states}."""
+def decide(values: dict, noise: dict, schedule="oneshot"):
+    """(Δ best − next, verdict) for {label: per-seed values}; noise = {label: within-run std}."""
     ranked = sorted((k for k in values if values[k]), key=lambda k: -_mean(values[k]))
     if len(ranked) < 2:
         return None, "–"
@@ -124,48 +145,80 @@ def decide(values: dict, noise: dict):
             return delta, "n/a (no seed variance)"
         from scipy.stats import ttest_ind
         p = ttest_ind(values[a], values[b], equal_var=False).pvalue
-        return delta, f"**{a}** (Welch p={p:.3f})" if p < 0.05 else f"within noise (Welch p={p:.2f})"
+        seeds = f"{min(len(values[a]), len(values[b]))}+ seeds"
+        return delta, f"**{a}** (Welch p={p:.3f}, {seeds})" if p < 0.05 else f"within noise (Welch p={p:.2f}, {seeds})"
+    if schedule != "oneshot":
+        return delta, "no verdict: one seed, and no within-run noise under geometric (run several seeds)"
     if noise.get(a) is None or noise.get(b) is None:
-        return delta, "n/a (noise needs >= 4 states)"
+        return delta, "no verdict: one seed, and within-run noise needs >= 4 states"
     bar = 2 * max(noise[a], noise[b])
-    return delta, f"**{a}** (Δ > 2σ = {bar:.2f})" if delta > bar else f"within noise (2σ = {bar:.2f})"
+    if delta > bar:
+        return delta, f"**{a}** beyond within-run noise (2σ = {bar:.2f}; one seed: not a seed-to-seed result)"
+    return delta, f"within noise (2σ = {bar:.2f}, within-run; one seed)"
 
 
 def configurations(runs) -> dict:
-    """{label: [runs]} for the runs of one dataset; label = method (+ what else differs)."""
+    """{label: [runs]} for the runs of one dataset; label = method (+ what else differs and
+    applies to the run's method)."""
     key = lambda r: tuple(sorted((k, str(v)) for k, v in configuration(r.config).items()))
     keys = [dict(k) for k in dict.fromkeys(key(r) for r in runs)]
     differing = [k for k in dict.fromkeys(f for c in keys for f in c)
-                 if k != "method" and len({c.get(k) for c in keys}) > 1]
+                 if k != "method" and len({c[k] for c in keys if k in c}) > 1]
     groups = {}
     for r in runs:
         c = dict(key(r))
-        r.label = " ".join([c.get("method", "?")] + [f"{k}={c.get(k)}" for k in differing])
+        r.label = " ".join([c.get("method", "?")] + [f"{k}={c[k]}" for k in differing if k in c])
         groups.setdefault(r.label, []).append(r)
     return groups
 
 
-def comparison(groups: dict, n: int, key=HEADLINE) -> list:
+# What each row of the comparison may conclude, per schedule: "compare" (a winner can be named),
+# or the reason none can.
+ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
+        ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
+        ("retention", "Retention: best pruned / State 0"), ("late", "Late phase mean"), ("last", "Last common state"))
+POLICY = {
+    "oneshot": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
+                "best": "– (states ≥ 2: same ticket, retrained)", "mean": "– (same ticket, retrained)",
+                "std": "– (within-run noise)", "retention": "– (states ≥ 2: same ticket, retrained)",
+                "late": "– (same ticket, retrained)", "last": "– (same ticket, retrained)"},
+    "geometric": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
+                  "best": "– (states differ in sparsity)", "mean": "– (states differ in sparsity)",
+                  "std": "– (states differ in sparsity: not noise)", "retention": "– (states differ in sparsity)",
+                  "late": "– (states differ in sparsity)", "last": "compare"},
+}
+
+
+def comparison(groups: dict, n: int, schedule="oneshot", key=HEADLINE) -> list:
     """Rows (metric, title, {label: cell}, Δ, verdict) of the seed's comparison table."""
-    stats = {label: [run_stats(r.acc(key, n)) for r in runs] for label, runs in groups.items()}
-    noise = {label: _mean([s["std"] for s in ss if s["std"] is not None]) for label, ss in stats.items()}
-    # retention is in % of State 0: its noise is the accuracy noise in the same unit
-    noise_retention = {label: None if noise[label] is None else 100 * noise[label] / _mean([s["state0"] for s in ss])
-                       for label, ss in stats.items()}
-    rows = [("state0", "State 0 (dense)"), ("best", "Best pruned (state)"),
-            ("mean", f"Mean, {_span(2, n - 1)}"), ("std", f"Std over {_span(2, n - 1)}"),
-            ("retention", "Retention: best pruned / State 0"),
-            ("late", f"Late phase mean, {_span(late_start(n), n - 1)}"), ("last", f"Last common state ({n - 1})")]
+    stats = {label: [run_stats(r, n, key) for r in runs] for label, runs in groups.items()}
+    noise = within_run_noise(groups, n, schedule, key)
+    flagged = {label: any(r.not_zeroed(1) for r in runs) for label, runs in groups.items()}
     table = []
-    for metric, title in rows:
+    for metric, title in ROWS:
+        title = _row_title(metric, title, n)
         values = {label: [s[metric] for s in ss if s[metric] is not None] for label, ss in stats.items()}
-        cells = {label: _cell(values[label], ss, metric) for label, ss in stats.items()}
-        if metric == "std":
-            delta, verdict = None, "–"
-        else:
-            delta, verdict = decide(values, noise_retention if metric == "retention" else noise)
+        cells = {label: _cell(values[label], ss, metric) + (f" {FLAG}" if metric == "state1" and flagged[label] else "")
+                 for label, ss in stats.items()}
+        policy = POLICY[schedule][metric]
+        delta, verdict = decide(values, noise, schedule) if policy == "compare" else (None, policy)
         table.append((metric, title, cells, delta, verdict))
     return table
+
+
+def within_run_noise(groups: dict, n: int, schedule: str, key=HEADLINE) -> dict:
+    """{label: std over states >= 2, averaged over the label's runs}: the noise of retraining one
+    ticket, under oneshot only (under geometric the states differ in sparsity)."""
+    if schedule != "oneshot":
+        return {label: None for label in groups}
+    stds = {label: [run_stats(r, n, key)["std"] for r in runs] for label, runs in groups.items()}
+    return {label: _mean([s for s in ss if s is not None]) for label, ss in stds.items()}
+
+
+def _row_title(metric, title, n):
+    spans = {"mean": f"Mean, {_span(2, n - 1)}", "std": f"Std over {_span(2, n - 1)}",
+             "late": f"Late phase mean, {_span(late_start(n), n - 1)}", "last": f"Last common state ({n - 1})"}
+    return spans.get(metric, title)
 
 
 def _span(first, last):
@@ -183,6 +236,20 @@ def _cell(values, stats, metric):
     elif metric == "best":
         text += f" (state {stats[0]['best_state']})"
     return text
+
+
+def by_state(groups: dict, n: int, schedule: str, key=HEADLINE) -> list:
+    """Rows (state, {label: cell}, Δ, verdict) comparing the configurations state by state."""
+    rows, noise = [], within_run_noise(groups, n, schedule, key)
+    for s in range(1, n):
+        values = {label: [r.states[s][key] for r in runs] for label, runs in groups.items()}
+        cells = {label: _cell(v, None, "state") + (f" {FLAG}" if any(r.not_zeroed(s) for r in groups[label]) else "")
+                 for label, v in values.items()}
+        if schedule == "oneshot" and s >= 2:
+            rows.append((s, cells, None, "– (same ticket, retrained)"))
+        else:
+            rows.append((s, cells, *decide(values, noise, schedule)))
+    return rows
 
 
 # ---- Markdown -----------------------------------------------------------------------------
@@ -207,30 +274,58 @@ def _seconds(s):
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def comparison_table(groups, n, key=HEADLINE) -> list:
-    rows = comparison(groups, n, key)
-    return _table(["Metric", *groups, "Δ (1st − 2nd)", "Winner"],
+DELTA = "Δ (best − next)"
+
+
+def comparison_table(groups, n, schedule="oneshot", key=HEADLINE) -> list:
+    rows = comparison(groups, n, schedule, key)
+    return _table(["Metric", *groups, DELTA, "Winner"],
                   [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
 
 
-def dataset_section(dataset, runs, png) -> list:
+SCHEDULE_NOTE = {
+    "oneshot": "Schedule **oneshot**: every state ≥ 1 keeps the same groups, so from state 2 on every method "
+               "retrains the same ticket from the rewind point (same keep set, no RSST targets). Only **State 1** "
+               "can tell the methods apart; states ≥ 2 measure the noise of retraining a ticket and carry no "
+               "winner.",
+    "geometric": "Schedule **geometric**: every state prunes further, so each state has its own sparsity and the "
+                 "methods select their own tickets from state 2 on. States are compared one by one, over seeds; "
+                 "there is no within-run noise estimate.",
+}
+
+
+def key_result(groups, n, schedule) -> list:
+    if len(groups) < 2:
+        return [f"**Key result**: one configuration ({', '.join(groups)}): nothing to compare.", ""]
+    if n < 2:
+        return ["**Key result**: no pruned state in common yet: nothing to compare.", ""]
+    row = {r[0]: r for r in comparison(groups, n, schedule)}["state1" if schedule == "oneshot" else "last"]
+    _, title, cells, _, verdict = row
+    what = "State 1" if schedule == "oneshot" else f"the last common state ({n - 1})"
+    return [f"**Key result** (final pruned test accuracy at {what}): " +
+            " vs ".join(f"{label} {cell}" for label, cell in cells.items()) + f" → {verdict}.", ""]
+
+
+def dataset_section(title, runs, schedule, png) -> list:
     groups = configurations(runs)
     n = min(len(r.states) for r in runs)
-    lines = [f"## {dataset}", ""]
+    lines = [f"## {title}", "", SCHEDULE_NOTE[schedule], ""]
     counts = {r.name: len(r.states) for r in runs}
     if len(set(counts.values())) > 1:
         lines += ["Runs finished different numbers of states (" +
                   ", ".join(f"{k}: {v}" for k, v in counts.items()) +
                   f"); the comparisons use the {n} common states 0–{n - 1}.", ""]
-    # key result: the mean over states >= 2, or for shorter runs the last common state, or State 0
-    rows = {row[0]: row for row in comparison(groups, n)}
-    _, title, cells, _, verdict = next(rows[k] for k in ("mean", "last", "state0")
-                                       if any(c != "n/a" for c in rows[k][2].values()))
-    lines += [f"**Key result** (final pruned test accuracy, {title[0].lower() + title[1:]}): " +
-              " vs ".join(f"{label} {cell}" for label, cell in cells.items()) + f" → {verdict}.", ""]
-    for key, title in ((HEADLINE, "Final pruned test accuracy (headline)"),
-                       (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
-        lines += [f"### {title}", ""] + comparison_table(groups, n, key) + [""]
+    lines += key_result(groups, n, schedule)
+    if any(r.not_zeroed(s) for r in runs for s in range(len(r.states))):
+        lines += [f"{FLAG} = RSST targets not driven to zero at the hard prune (‖w_T‖ ratio > {NOT_ZEROED:g}): "
+                  f"that state's hard prune removed live weights.", ""]
+    for key, heading in ((HEADLINE, "Final pruned test accuracy (headline)"),
+                         (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
+        lines += [f"### {heading}", ""] + comparison_table(groups, n, schedule, key) + [""]
+    if n >= 2:
+        lines += ["### State by state (final pruned test accuracy)", ""] + _table(
+            ["State", *groups, DELTA, "Winner"],
+            [[s, *cells.values(), _pct(d, signed=True), v] for s, cells, d, v in by_state(groups, n, schedule)]) + [""]
     lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
     for r in runs:
         lines += per_state(r)
@@ -240,16 +335,17 @@ def dataset_section(dataset, runs, png) -> list:
 
 
 def per_state(r: Run) -> list:
-    rows = [("final test (pruned)", HEADLINE, _num), ("best-epoch test", BEST_EPOCH, _num),
-            ("before hard prune (RSST)", "pre_prune_test_acc", _num),
+    rows = [("final test (pruned)", HEADLINE, _num), ("final val (pruned)", "final_val_acc", _num),
+            ("best-epoch test", BEST_EPOCH, _num), ("before hard prune (RSST)", "pre_prune_test_acc", _num),
+            ("targets' norm at hard prune (RSST)", "target_norm_ratio", _ratio_cell),
             ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", _count)]
     body = [[title, *("" if s.get(key) is None else fmt(s[key]) for s in r.states)] for title, key, fmt in rows
             if any(s.get(key) is not None for s in r.states)]
     planned = r.config.get("states")
     head = f"**{r.name}** ({r.label}, {len(r.states)}" + (f" of {planned}" if planned else "") + f" states, {r.status})"
-    stats = run_stats(r.acc())
+    stats = run_stats(r)
     trend = "" if stats["best"] is None else (
-        f"Peak pruned {stats['best']:.2f}% at state {stats['best_state']}" +
+        f"Best pruned state by val: state {stats['best_state']}, test {stats['best']:.2f}%" +
         (f"; states 2+ range {min(r.acc()[2:]):.2f}–{max(r.acc()[2:]):.2f}%." if len(r.states) > 2 else "."))
     return [head, ""] + _table(["State", *range(len(r.states))], body) + ["", trend, ""]
 
@@ -258,16 +354,20 @@ def _num(x):
     return f"{x:.2f}"
 
 
+def _ratio_cell(x):
+    return f"{x:.3f} {FLAG}" if x > NOT_ZEROED else f"{x:.3f}"
+
+
 def findings(runs, n) -> list:
     lines = [f"### Finding 1: effect of pruning vs State 0 (common states 0–{n - 1})", ""]
     rows = []
     for r in runs:
-        s = run_stats(r.acc(n=n))
+        s = run_stats(r, n)
         gain = lambda x: None if x is None else x - s["state0"]
         best = "n/a" if s["best"] is None else f"{s['best']:.2f}% (state {s['best_state']})"
         rows.append([r.name, _pct(s["state0"]), best, _pct(gain(s["best"]), True),
                      _pct(s["mean"]), _pct(gain(s["mean"]), True)])
-    lines += _table(["Run", "State 0", "Best pruned", "Δ best", "Mean states 2+", "Δ mean"], rows) + [""]
+    lines += _table(["Run", "State 0", "Best pruned (by val)", "Δ best", "Mean states 2+", "Δ mean"], rows) + [""]
 
     lines += ["### Finding 2: is State 0 still improving? (val accuracy per epoch of state 0)", ""]
     rows = []
@@ -339,12 +439,20 @@ def plot(dataset, runs, paths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
     fig, ax = plt.subplots(figsize=(7, 4))
+    flagged = False
     for r in runs:
         x = range(len(r.states))
         ax.plot(x, r.acc(), "o-", color=colors[r.label], label=f"{r.name} final (pruned)")
         ax.plot(x, r.acc(BEST_EPOCH), "x--", color=colors[r.label], alpha=0.5, label=f"{r.name} best epoch")
+        bad = [s for s in x if r.not_zeroed(s)]
+        if bad:
+            ax.plot(bad, [r.acc()[s] for s in bad], "o", ms=12, mfc="none", mec="red",
+                    label=None if flagged else f"RSST targets not zeroed (> {NOT_ZEROED:g})")
+            flagged = True
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="state", ylabel="test accuracy (%)", title=f"{dataset}: accuracy per state")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -358,6 +466,7 @@ def plot(dataset, runs, paths):
     for e in runs[0].epochs:  # state boundaries
         if e["epoch"] == 0 and e["state"] > 0:
             ax.axvline(e["global_epoch"] - 0.5, color="grey", lw=0.5, ls=":")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="global epoch", ylabel="val accuracy (%)", title=f"{dataset}: val accuracy per epoch")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -409,13 +518,16 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
                     [[r.name, *(r.config.get(k) for k in ("dataset", "method", "model", "ratio", "seed")),
                       f"{len(r.states)}/{r.config.get('states', '?')}", r.config.get("epochs"), r.status]
                      for r in runs]) + [""]
-    tables = {}  # dataset -> headline table, for the W&B Report
-    for dataset in dict.fromkeys(r.config.get("dataset") for r in runs):
-        subset = [r for r in runs if r.config.get("dataset") == dataset]
-        png = {kind: f"{out.stem}_{dataset}_{kind}.png" for kind in ("states", "epochs")}
-        lines += dataset_section(dataset, subset, png)
-        plot(dataset, subset, {k: out.parent / v for k, v in png.items()})
-        tables[dataset] = comparison_table(configurations(subset), min(len(r.states) for r in subset))
+    tables = {}  # section title -> headline table, for the W&B Report
+    sections = dict.fromkeys((r.config.get("dataset"), r.config.get("schedule", "oneshot")) for r in runs)
+    for dataset, schedule in sections:
+        subset = [r for r in runs if (r.config.get("dataset"), r.config.get("schedule", "oneshot")) == (dataset, schedule)]
+        several = sum(d == dataset for d, _ in sections) > 1
+        title, stem = (f"{dataset} — {schedule}", f"{dataset}_{schedule}") if several else (dataset, dataset)
+        png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
+        lines += dataset_section(title, subset, schedule, png)
+        plot(title, subset, {k: out.parent / v for k, v in png.items()})
+        tables[title] = comparison_table(configurations(subset), min(len(r.states) for r in subset), schedule)
     out.write_text("\n".join(lines) + "\n")
     print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
     if wandb_report and online:
