@@ -30,6 +30,18 @@ def run_cli(monkeypatch, *args) -> int:
     return 0
 
 
+def small_data(sizes):
+    """A replacement for vitprune.train.load_data: the synthetic set split (train, val, test)
+    = sizes, fed to the model at the run's --img_size."""
+    from vitprune.data import synthetic
+
+    def load(cfg, device="cpu", world=1):
+        data = synthetic(cfg.seed, sizes=sizes)
+        data.img_size = cfg.img_size
+        return data.to(device)
+    return load
+
+
 def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600, env=None):
     """Start `cmd` and SIGKILL it (a crash with no warning) as soon as its rolling checkpoint
     is at (state, epochs_done): the kill lands inside the next epoch, and resuming must
