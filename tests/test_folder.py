@@ -63,10 +63,10 @@ def tree(tmp_path_factory):
     return write_tree(tmp_path_factory.mktemp("images"), {"train": 40, "val": 8, "test": 6})
 
 
-@pytest.mark.parametrize("layout", ["train/val/test", "train/val", "single"])
+@pytest.mark.parametrize("layout", ["train/val/test", "train/val", "train/test", "single"])
 def test_split_sizes_follow_the_files_on_disk(tmp_path, layout):
     counts = {"train/val/test": {"train": 20, "val": 4, "test": 3}, "train/val": {"train": 20, "val": 4},
-              "single": {"": 30}}[layout]
+              "train/test": {"train": 20, "test": 3}, "single": {"": 30}}[layout]
     root = write_tree(tmp_path / "set", counts)
     d = load_data(from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), val_size=0.1)))
     n = {split: len(files_on_disk(root / split)) for split in counts}
@@ -74,14 +74,20 @@ def test_split_sizes_follow_the_files_on_disk(tmp_path, layout):
     sizes = (len(d.train_y), len(d.val_y), len(d.test_y))
     if layout == "train/val/test":
         assert sizes == (n["train"], n["val"], n["test"])
-    elif layout == "train/val":  # val carved from train with --val_size; PATH/val is the test split
-        assert sizes == (n["train"] - round(0.1 * n["train"]), round(0.1 * n["train"]), n["val"])
-    else:  # a single folder: val and test carved, --val_size each
+    elif layout in ("train/val", "train/test"):  # val carved from train; the held-out folder is the test split
+        held_out = layout.split("/")[1]
+        assert sizes == (n["train"] - round(0.1 * n["train"]), round(0.1 * n["train"]), n[held_out])
+    else:  # a single folder: val and test carved, --val_size each, together every file once
         v = round(0.1 * n[""])
         assert sizes == (n[""] - 2 * v, v, v)
+        per_class = [len(files_on_disk(root / name)) for name in CLASSES]
+        labels = torch.cat([d.train_y, d.val_y, d.test_y])
+        assert torch.bincount(labels, minlength=3).tolist() == per_class
+        other_seed = load_data(from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), seed=1)))
+        assert not torch.equal(other_seed.val_y, d.val_y) or not torch.equal(other_seed.val_x, d.val_x)
     # The test images are exactly the decoded files they come from (in ImageFolder's order when given).
     if layout != "single":
-        test_dir = root / ("test" if layout == "train/val/test" else "val")
+        test_dir = root / ("val" if layout == "train/val" else "test")
         expected = torch.stack([decode(f, 16) for f in files_on_disk(test_dir)])
         assert torch.equal(d.test_x, expected)
         assert d.test_y.tolist() == [CLASSES.index(os.path.basename(os.path.dirname(f)))

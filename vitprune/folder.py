@@ -1,7 +1,7 @@
 """Your own images (--dataset=folder:PATH): torchvision's ImageFolder layout, decoded once.
 
     PATH/train/<class>/*  PATH/val/<class>/*  PATH/test/<class>/*   the three splits as given
-    PATH/train/<class>/*  PATH/val/<class>/*                        val carved from train; PATH/val is the test split
+    PATH/train/<class>/*  PATH/val/<class>/* (or PATH/test/...)     val carved from train; test: that folder
     PATH/<class>/*                                                  val and test carved, --val_size each
 
 Carving uses --val_size and the seed, as for CIFAR. Every image is decoded with torchvision
@@ -101,10 +101,11 @@ def splits(layout: Layout, cfg: Config) -> dict:
                               f"({n['train']} images in {layout.root}/train)")
         return {split: (split, torch.arange(n[split])) for split in ("train", "val", "test")}
     pool = "train" if "train" in s else "all"
-    carved = 1 if "val" in s else 2  # a single folder gives its test split too
+    given = next((name for name in ("test", "val") if name in s), None)  # the held-out folder, if any
+    carved = 1 if given else 2  # a single folder gives its test split too
     n_val = check_split(n[pool], cfg.val_size, cfg.batch_size, carved)
     train, held = seeded_split(n[pool], carved * n_val, cfg.seed)
-    test = ("val", torch.arange(n["val"])) if "val" in s else (pool, held[n_val:])
+    test = (given, torch.arange(n[given])) if given else (pool, held[n_val:])
     return {"train": (pool, train), "val": (pool, held[:n_val]), "test": test}
 
 
