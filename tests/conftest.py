@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     # Registered so that `-m gpu` / `-m "not gpu"` select without unknown-marker warnings.
     config.addinivalue_line("markers", "gpu: needs CUDA (compiled Triton kernels)")
+    # torchvision 0.29 announces that its image decoders will move to TorchCodec, once per
+    # decoded file; vitprune.folder decodes with them (what the installed torchvision offers).
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def run_cli(monkeypatch, *args) -> int:
@@ -28,6 +31,18 @@ def run_cli(monkeypatch, *args) -> int:
     except SystemExit as e:
         return e.code
     return 0
+
+
+def small_data(sizes):
+    """A replacement for vitprune.train.load_data: the synthetic set split (train, val, test)
+    = sizes, fed to the model at the run's --img_size."""
+    from vitprune.data import synthetic
+
+    def load(cfg, device="cpu", world=1):
+        data = synthetic(cfg.seed, sizes=sizes)
+        data.img_size = cfg.img_size
+        return data.to(device)
+    return load
 
 
 def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600, env=None):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import Config, ConfigError, from_flags
+from vitprune.config import Config, ConfigError, from_flags, wandb_group
 
 
 def cli(monkeypatch, capsys, *args):
@@ -18,7 +18,14 @@ def cli(monkeypatch, capsys, *args):
 
 @pytest.mark.parametrize("flag, value, expect", [
     ("method", "prune", "refill, rsst, imp, dense"),
-    ("dataset", "mnist", "cifar10, cifar100, synthetic"),
+    ("dataset", "mnist", "cifar10, cifar100, synthetic, folder:PATH"),
+    ("dataset", "folder:/no/such/images", "folder '/no/such/images' does not exist"),
+    ("img_size", "30", "30 is not divisible by --patch_size=4"),
+    ("patch_size", "0", "at least 1"),
+    ("val_size", "12.5", "neither a fraction below 1"),
+    ("val_size", "0", "greater than 0"),
+    ("data_loader", "disk", "auto, tensor, stream"),
+    ("data_loader", "stream", "stream reads image folders"),
     ("model", "vit_huge", "vit_small, vit_tiny, vit_base, vit_micro"),
     ("criterion", "taylor", "magnitude, l1, l2, remain, saliency, random"),
     ("ratio", "1.0", "[0, 1)"),
@@ -45,6 +52,13 @@ def test_defaults_are_the_seed_recipe():
     assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.lr_schedule) == ("sgd", 0.01, 0.9, 1e-4, "multistep")
     assert (c.criterion, c.sorting, c.schedule, c.rewind) == ("magnitude", "global", "oneshot", "init")
     assert (c.reg_schedule, c.reg_granularity_prune, c.exponents) == ("exp_custom_exponents", 1.0, 4.0)
+
+
+def test_folder_run_names_and_groups_show_the_folder_name(tmp_path):
+    (tmp_path / "flowers").mkdir()
+    c = from_flags({"dataset": f"folder:{tmp_path}/flowers/", "val_size": 500, "img_size": 224, "patch_size": 16})
+    assert c.run_name == "flowers_refill_vit_small_r0.7_s0"
+    assert wandb_group(c.to_dict()) == "flowers/refill/r0.7/val_size=500.0/img_size=224/patch_size=16"
 
 
 def test_flag_coercion_and_derived_ratios():

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from vitprune import train
-from vitprune.data import synthetic
 from vitprune.model import build_model, load_pretrained
 
-from conftest import run_cli
+from conftest import run_cli, small_data
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,8 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture
-def small_data(monkeypatch):
-    monkeypatch.setattr(train, "load_data", lambda name, data_dir, seed: synthetic(seed, sizes=(8, 4, 4)))
+def tiny_set(monkeypatch):
+    monkeypatch.setattr(train, "load_data", small_data((8, 4, 4)))
 
 
 def assert_transferred(model_state: dict, weights: dict):
@@ -47,7 +46,7 @@ def assert_transferred(model_state: dict, weights: dict):
     assert model_state["head.weight"].shape == (10, 384)
 
 
-def test_run_starts_from_the_pretrained_weights(source, small_data, monkeypatch, tmp_path, capsys):
+def test_run_starts_from_the_pretrained_weights(source, tiny_set, monkeypatch, tmp_path, capsys):
     weights, folder = source
     assert run_cli(monkeypatch, "run", "--method=dense", "--dataset=synthetic", "--model=vit_small",
                    f"--pretrained={folder / 'vit_small.safetensors'}", "--states=1", "--epochs=1",
@@ -80,7 +79,7 @@ def test_pth_checkpoint_loads_like_safetensors(source):
     ("vit_small", "vit_small_patch16_224.augreg_in21k_ft_in1k", "are not in the Hugging Face cache and the Hub "
                                                                  "cannot be reached"),
 ], ids=["misshaped", "wrong-width", "unknown-name", "offline-uncached"])
-def test_bad_pretrained_fails_in_one_line(source, small_data, monkeypatch, tmp_path, capsys, model, spec, message):
+def test_bad_pretrained_fails_in_one_line(source, tiny_set, monkeypatch, tmp_path, capsys, model, spec, message):
     # offline and an empty cache: timm's download fails at once instead of retrying the network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -92,3 +91,26 @@ def test_bad_pretrained_fails_in_one_line(source, small_data, monkeypatch, tmp_p
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: --pretrained: ") and message in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_224_px_patch_16_transfers_without_resampling(source, tiny_set, monkeypatch, tmp_path, capsys):
+    """--img_size=224 --patch_size=16: timm's vit_small_patch16_224 weights load as they are
+    (nothing resampled), and the model computes what timm's own model computes on them."""
+    weights, folder = source
+    assert run_cli(monkeypatch, "run", "--method=dense", "--dataset=synthetic", "--model=vit_small",
+                   "--img_size=224", "--patch_size=16", f"--pretrained={folder / 'vit_small.safetensors'}",
+                   "--states=1", "--epochs=1", "--batch_size=8", "--optimizer=adamw", "--lr=1e-4",
+                   f"--out_dir={tmp_path}", "--name=p224", "--wandb=disabled") == 0
+    out = capsys.readouterr().out
+    assert "150 tensors transferred, 0 resampled (none), 2 newly initialised (head.weight, head.bias)" in out
+    theta0 = torch.load(tmp_path / "p224" / "checkpoints" / "rewind.pt", weights_only=True)["model"]
+    assert all(torch.equal(theta0[k], v) for k, v in weights.items() if not k.startswith("head."))
+    # One forward of a 224-px batch against timm's model holding the same weights (our classifier).
+    model = build_model("vit_small", 10, img_size=224, patch_size=16)
+    model.load_state_dict(theta0)
+    reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10)
+    reference.load_state_dict(theta0)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), reference.eval()(x)
+    assert ours.shape == (2, 10) and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -44,8 +44,14 @@ class Config:
     method: str = flag("refill", "refill: remove at once, retrain; rsst: regularise the doomed groups to zero, "
                        "then remove them; imp: unstructured lottery ticket; dense: no pruning (noise floor)",
                        "experiment", choices=METHODS)
-    dataset: str = flag("cifar10", "cifar10 and cifar100 through torchvision; synthetic: built in, offline",
-                        "experiment", choices=("cifar10", "cifar100", "synthetic"))
+    dataset: str = flag("cifar10", "cifar10 and cifar100 through torchvision; synthetic: built in, offline; "
+                        "folder:PATH: your own images in torchvision's ImageFolder layout", "experiment",
+                        choices=("cifar10", "cifar100", "synthetic", "folder:PATH"))
+    val_size: float = flag(0.1, "validation images carved from the training set with the seed: a fraction "
+                           "(below 1) or an image count (1 or more)", "experiment", range="(0, inf)")
+    img_size: int = flag(32, "side of the images the model sees (CIFAR is resized per batch on the device)",
+                         "experiment", range="[1, inf)")
+    patch_size: int = flag(4, "side of the model's patches; divides --img_size", "experiment", range="[1, inf)")
     model: str = flag("vit_small", "timm ViT: vit_small (384 wide, 12 deep, 6 heads), vit_tiny, vit_base, "
                       "vit_micro (CPU demos)", "experiment", choices=("vit_small", "vit_tiny", "vit_base", "vit_micro"))
     pretrained: Optional[str] = flag(None, "θ0 from a timm model name or a .safetensors/.pth/.pt/.bin state dict",
@@ -109,7 +115,11 @@ class Config:
                           choices=("auto", "fp32", "bf16"), execution=True, numerics=True)
     compile: bool = flag(False, "torch.compile the training forward", "system", execution=True, numerics=True)
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", "system", execution=True, numerics=True)
-    data_dir: str = flag("data", "where datasets are found or downloaded", "system", execution=True)
+    data_dir: str = flag("data", "where datasets are found or downloaded, and where image folders are cached "
+                         "decoded", "system", execution=True)
+    data_loader: str = flag("auto", "tensor: the decoded set on the device; stream: DataLoader workers decode "
+                            "every batch (image folders too large to hold); auto: tensor when it fits",
+                            "system", choices=("auto", "tensor", "stream"), execution=True)
     # logging
     out_dir: str = flag("runs", "the parent folder of run folders", "logging", execution=True)
     name: Optional[str] = flag(None, "run folder name (default: derived from the config)", "logging",
@@ -136,7 +146,7 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return self.name or RUN_NAME.format(**self.to_dict())
+        return self.name or RUN_NAME.format(**{**self.to_dict(), "dataset": dataset_name(self.dataset)})
 
     @property
     def rewind_epoch(self) -> Optional[int]:
@@ -164,6 +174,18 @@ def applies(name: str, config: dict) -> bool:
     return all(config.get(k, FIELDS[k].default) in values for k, values in FIELDS[name].metadata["requires"].items())
 
 
+def dataset_name(dataset: str) -> str:
+    """The data set as run names, W&B groups and tags show it: folder:PATH is the folder's name."""
+    if dataset.startswith("folder:"):
+        return os.path.basename(os.path.normpath(dataset[len("folder:"):]))
+    return dataset
+
+
+def val_count(val_size: float, pool: int) -> int:
+    """--val_size as images out of `pool`: below 1 a fraction (rounded), else a count."""
+    return round(val_size * pool) if val_size < 1 else int(val_size)
+
+
 def configuration(config: dict) -> dict:
     """The fields that define what a run computes, seed aside and only those that apply to
     it: runs that agree on these are seeds of one configuration."""
@@ -177,7 +199,7 @@ def wandb_group(config: dict) -> str:
     c = configuration(config)
     rest = [f"{k}={v}" for k, v in c.items()
             if k not in ("dataset", "method", "ratio") and v != FIELDS[k].default]
-    return "/".join([str(c.get("dataset")), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
+    return "/".join([dataset_name(str(c.get("dataset"))), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
 
 
 def _base_type(f):
@@ -206,7 +228,7 @@ def _check_value(name: str, value):
         if f.default is not None:
             raise ConfigError(f"--{name}: needs a value (default {f.default!r})")
         return
-    if meta["choices"] and value not in meta["choices"]:
+    if meta["choices"] and not _is_choice(value, meta["choices"]):
         raise ConfigError(f"--{name}: unknown value {value!r}; choose from {', '.join(meta['choices'])}")
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
@@ -215,6 +237,13 @@ def _check_value(name: str, value):
             lo, hi, lo_open, hi_open = _parse_range(meta["range"])
             if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
                 raise ConfigError(f"--{name}: {value!r} is not {describe_range(meta['range'])}")
+
+
+def _is_choice(value, choices) -> bool:
+    """value is one of the choices, or fills a pattern among them (folder:PATH: 'folder:' and a path)."""
+    prefixes = [c.split(":", 1)[0] + ":" for c in choices if ":" in c]
+    return value in choices or (isinstance(value, str) and any(
+        value.startswith(p) and len(value) > len(p) for p in prefixes))
 
 
 def validate(cfg: Config) -> Config:
@@ -242,6 +271,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
+    _check_data(cfg)
     return cfg
 
 
@@ -256,6 +286,23 @@ def _check_seed_formula(cfg: Config):
                           f"lr·g = {cfg.lr * cfg.reg_granularity_prune:g} >= {bound:g}, where the seed's penalty "
                           f"diverges with --optimizer={cfg.optimizer}; choose g < {bound / cfg.lr:g} or the default "
                           f"--reg_formula=residual")
+
+
+def _check_data(cfg: Config):
+    """The data flags together: geometry, the validation split's form, the folder and loader."""
+    if cfg.img_size % cfg.patch_size:
+        raise ConfigError(f"--img_size: {cfg.img_size} is not divisible by --patch_size={cfg.patch_size}; "
+                          f"choose sizes such as 32/4 or 224/16")
+    if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
+        raise ConfigError(f"--val_size: {cfg.val_size:g} is neither a fraction below 1 (e.g. 0.1) nor a whole "
+                          f"number of images (e.g. 5000)")
+    folder = cfg.dataset[len("folder:"):] if cfg.dataset.startswith("folder:") else None
+    if folder is not None and not os.path.isdir(folder):
+        raise ConfigError(f"--dataset: folder {folder!r} does not exist; give folder:PATH with PATH/<class>/* "
+                          f"or PATH/train/<class>/* and PATH/val/<class>/* image files")
+    if folder is None and cfg.data_loader == "stream":
+        raise ConfigError(f"--data_loader: stream reads image folders (--dataset=folder:PATH); {cfg.dataset} is "
+                          f"held in memory: choose auto or tensor")
 
 
 def _check_pretrained(spec: str):

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from vitprune.config import wandb_group
+from vitprune.config import dataset_name, wandb_group
 
 EPOCH_STEP = "global_epoch"
 STATE_STEP = "state"
@@ -140,7 +140,8 @@ class RunLog:
             name=self.run_dir.name, config=c, dir=str(self.run_dir), id=run_id, resume="allow",
             # the UI averages a group's runs (the seeds) and compares methods curve against curve
             group=wandb_group(c), job_type=c.get("method"),
-            tags=[str(c[k]) for k in ("model", "dataset", "method") if c.get(k)])
+            tags=[str(v) for v in (c.get("model"), c.get("dataset") and dataset_name(c["dataset"]), c.get("method"))
+                  if v])
         error = None
         for mode in [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else []):
             try:

@@ -1,4 +1,5 @@
-"""timm Vision Transformers for 32x32 images (patch 4: 64 patches + class token).
+"""timm Vision Transformers for --img_size images in --patch_size patches (the default
+32x32 in patches of 4: 64 patches + class token; 224/16 takes timm's pretrained ViTs as they are).
 
 The models are plain timm `VisionTransformer`s; only the attention and MLP classes are
 swapped for subclasses whose forward skips dead heads and neurons. Parameter names and

@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitprune.data import eval_batches
 from vitprune.kernels.reference import group_sums
 from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims, prunable_params
 
@@ -51,7 +50,7 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
     calibration batches of training images. A head's output is its attention output (the
     hd features it feeds to proj); a neuron's output is its activation (what fc2 reads)."""
     L, H, hd, D, M = dims(model)
-    device = data.train_x.device
+    device = next(model.parameters()).device
     heads = torch.zeros(L, H, device=device)
     neurons = torch.zeros(L, M, device=device)
     modules = {id(b.attn): (l, "attn") for l, b in enumerate(model.blocks)}
@@ -80,13 +79,13 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
             target.index_add_(0, index, reduce(x, (0, 1, 3)))
 
     g = torch.Generator().manual_seed(seed * 7919 + state)
-    idx = torch.randperm(len(data.train_y), generator=g)[:batches * batch_size].to(device)
+    idx = torch.randperm(len(data.train_y), generator=g)[:batches * batch_size]
     was_training = model.training
     model.eval()
     _observe(model, observe)
     try:
         n = 0
-        for x, y in eval_batches(data.train_x[idx], data.train_y[idx], batch_size):
+        for x, y in data.batches("train", batch_size, index=idx):
             if criterion == "saliency":
                 with torch.enable_grad():
                     F.cross_entropy(model(x), y).backward()

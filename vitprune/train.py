@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import kernels
 from vitprune.config import Config, ConfigError
-from vitprune.data import Data, eval_batches, load_data, steps_per_epoch, train_batches
+from vitprune.data import Data, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
 from vitprune.methods import NOT_ZEROED, RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
@@ -73,18 +73,18 @@ def make_optimizer(cfg: Config, model, steps: int, device):
 
 
 @torch.inference_mode()
-def evaluate(model, x, y, autocast, rank: int = 0, world: int = 1) -> float:
-    """Top-1 accuracy (%) in large batches; each process takes its share; one host sync."""
+def evaluate(model, data: Data, split: str, autocast, rank: int = 0, world: int = 1) -> float:
+    """Top-1 accuracy (%) on a split in large batches; each process takes its share; one host sync."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=y.device)
-    for xb, yb in eval_batches(x[rank::world], y[rank::world], 1000):
+    correct = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    for xb, yb in data.batches(split, rank=rank, world=world):
         with autocast():
             correct += (model(xb).argmax(1) == yb).sum()
     if world > 1:
         dist.all_reduce(correct)
     model.train(was_training)
-    return 100.0 * correct.item() / len(y)
+    return 100.0 * correct.item() / len(getattr(data, f"{split}_y"))
 
 
 def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0.0, rsst=None):
@@ -187,8 +187,7 @@ class Run:
             print(*args, **kwargs)
 
     def evaluate(self, split: str) -> float:
-        return evaluate(self.model, getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y"),
-                        self.autocast, self.rank, self.world)
+        return evaluate(self.model, self.data, split, self.autocast, self.rank, self.world)
 
     def evaluate_as(self, structure: Structure):
         """(val, test) accuracy of the network `structure` leaves alive, weights untouched."""
@@ -262,13 +261,13 @@ def setup(cfg: Config) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     masked_linear, group_reg = kernels.get_ops(backend)
-    data = load_data(cfg.dataset, cfg.data_dir, cfg.seed).to(device)
+    data = load_data(cfg, device, world)
     steps = steps_per_epoch(data, cfg.batch_size)
     if steps == 0:
         raise ConfigError(f"--batch_size: {cfg.batch_size} is larger than the training set "
                           f"({len(data.train_y)} images)")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes)
+    model = build_model(cfg.model, data.num_classes, cfg.img_size, cfg.patch_size)
     if cfg.pretrained:
         from vitprune.model import load_pretrained
         message = load_pretrained(model, cfg.pretrained)
@@ -296,7 +295,8 @@ def setup(cfg: Config) -> Run:
     r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
-          f"{cfg.epochs} epochs, {steps} steps/epoch, {device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
+          f"{cfg.epochs} epochs, {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
+          f"{device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
           + (f", {world} processes" if world > 1 else ""))
     return r
 

@@ -1,0 +1,264 @@
+"""--dataset=folder:PATH: ImageFolder trees of PNG files written here, decoded once and cached;
+the streaming path (--data_loader=stream) against the tensor path; bad folders."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import kill_mid_state, run_cli
+from vitprune import folder as folder_module
+from vitprune.config import from_flags
+from vitprune.data import load_data, train_batches
+from vitprune.folder import decode
+from vitprune.stream import StreamData
+
+CLASSES = ("cat", "dog", "fox")
+MODES = ("RGB", "L", "RGBA")  # colour, grayscale, with alpha
+
+
+def write_images(folder, n, label, seed):
+    """n PNG files of odd sizes, cycling through RGB, grayscale and RGBA; the class shows in the
+    colour (and the brightness), under noise, so a model can learn it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colour = np.roll(np.array([200.0, 60.0, 60.0]), label)
+    for i in range(n):
+        mode = MODES[i % 3]
+        h, w = rng.integers(13, 40, 2)
+        rgb = np.clip(colour * (0.6 + 0.2 * label) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+        if mode == "L":
+            img = rgb.mean(2).astype(np.uint8)
+        elif mode == "RGBA":
+            img = np.concatenate([rgb, rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], 2)
+        else:
+            img = rgb
+        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+
+
+def write_tree(root, counts: dict):
+    """root/SPLIT/CLASS/*.png with counts[SPLIT] + class index images per class (SPLIT '' =
+    root/CLASS, the single-folder layout)."""
+    for s, (split, n) in enumerate(counts.items()):
+        for c, name in enumerate(CLASSES):
+            write_images(root / split / name, n + c, c, seed=100 * s + c)
+    return root
+
+
+def files_on_disk(folder):
+    return sorted(str(p) for p in folder.rglob("*.png"))
+
+
+def folder_flags(root, **flags):
+    return {"dataset": f"folder:{root}", "model": "vit_micro", "img_size": 16, "patch_size": 4, "batch_size": 16,
+            **flags}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_tree(tmp_path_factory.mktemp("images"), {"train": 40, "val": 8, "test": 6})
+
+
+@pytest.mark.parametrize("layout", ["train/val/test", "train/val", "train/test", "single"])
+def test_split_sizes_follow_the_files_on_disk(tmp_path, layout):
+    counts = {"train/val/test": {"train": 20, "val": 4, "test": 3}, "train/val": {"train": 20, "val": 4},
+              "train/test": {"train": 20, "test": 3}, "single": {"": 30}}[layout]
+    root = write_tree(tmp_path / "set", counts)
+    d = load_data(from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), val_size=0.1)))
+    n = {split: len(files_on_disk(root / split)) for split in counts}
+    assert d.classes == CLASSES and d.num_classes == 3 and d.train_x.shape[1:] == (3, 16, 16)
+    sizes = (len(d.train_y), len(d.val_y), len(d.test_y))
+    if layout == "train/val/test":
+        assert sizes == (n["train"], n["val"], n["test"])
+    elif layout in ("train/val", "train/test"):  # val carved from train; the held-out folder is the test split
+        held_out = layout.split("/")[1]
+        assert sizes == (n["train"] - round(0.1 * n["train"]), round(0.1 * n["train"]), n[held_out])
+    else:  # a single folder: val and test carved, --val_size each, together every file once
+        v = round(0.1 * n[""])
+        assert sizes == (n[""] - 2 * v, v, v)
+        per_class = [len(files_on_disk(root / name)) for name in CLASSES]
+        labels = torch.cat([d.train_y, d.val_y, d.test_y])
+        assert torch.bincount(labels, minlength=3).tolist() == per_class
+        other_seed = load_data(from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), seed=1)))
+        assert not torch.equal(other_seed.val_y, d.val_y) or not torch.equal(other_seed.val_x, d.val_x)
+    # The test images are exactly the decoded files they come from (in ImageFolder's order when given).
+    if layout != "single":
+        test_dir = root / ("val" if layout == "train/val" else "test")
+        expected = torch.stack([decode(f, 16) for f in files_on_disk(test_dir)])
+        assert torch.equal(d.test_x, expected)
+        assert d.test_y.tolist() == [CLASSES.index(os.path.basename(os.path.dirname(f)))
+                                     for f in files_on_disk(test_dir)]
+
+
+def test_decode_gives_rgb_squares_of_the_shorter_side():
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.io import decode_image
+    img = Image.fromarray(np.arange(20 * 30, dtype=np.uint8).reshape(20, 30))  # grayscale, 30 wide
+    path = f"/tmp/vitprune_decode_{os.getpid()}.png"
+    img.save(path)
+    try:
+        x = decode(path, 10)
+        gray = decode_image(path)  # [1, 20, 30]
+        expected = TF.center_crop(TF.resize(gray, [10], antialias=True), [10, 10]).expand(3, 10, 10)
+    finally:
+        os.remove(path)
+    assert x.shape == (3, 10, 10) and x.dtype == torch.uint8 and torch.equal(x, expected)
+
+
+# ---- the streaming path against the tensor path ----------------------------------------------
+
+def both_paths(root, tmp_path, **flags):
+    cfg = lambda loader: from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), data_loader=loader, **flags))
+    tensor, stream = load_data(cfg("tensor")), load_data(cfg("stream"))
+    assert isinstance(stream, StreamData) and not isinstance(tensor, StreamData)
+    return tensor, stream
+
+
+def test_stream_sees_the_batches_of_the_tensor_path(tree, tmp_path):
+    tensor, stream = both_paths(tree, tmp_path)
+    for epoch in (0, 1):
+        a = list(train_batches(tensor, 16, seed=5, state=1, epoch=epoch))
+        b = list(train_batches(stream, 16, seed=5, state=1, epoch=epoch))
+        assert len(a) == len(b) == len(tensor.train_y) // 16
+        assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    for split in ("val", "test"):
+        for (xa, ya), (xb, yb) in zip(tensor.batches(split, 7), stream.batches(split, 7)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("path", ["tensor", "stream"])
+def test_start_step_and_ddp_shares_replay_the_epoch(tree, tmp_path, path):
+    data = dict(zip(("tensor", "stream"), both_paths(tree, tmp_path)))[path]
+    full = list(train_batches(data, 16, seed=1, state=0, epoch=3))
+    # Resuming at step 4 yields exactly what the uninterrupted epoch yields from there.
+    rest = list(train_batches(data, 16, seed=1, state=0, epoch=3, start_step=4))
+    assert len(rest) == len(full) - 4
+    assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(rest, full[4:]))
+    # Two processes: each takes its half of the same global batch.
+    halves = [list(train_batches(data, 16, seed=1, state=0, epoch=3, rank=r, world=2, start_step=2))
+              for r in (0, 1)]
+    for (x0, y0), (x1, y1), (fx, fy) in zip(*halves, full[2:]):
+        assert torch.equal(torch.cat([x0, x1]), fx) and torch.equal(torch.cat([y0, y1]), fy)
+
+
+def test_auto_streams_what_exceeds_the_memory_budget(tree, tmp_path, monkeypatch):
+    cfg = from_flags(folder_flags(tree, data_dir=str(tmp_path / "data")))
+    assert not isinstance(load_data(cfg), StreamData)
+    monkeypatch.setenv(folder_module.BUDGET_ENV, "1000")  # bytes: the set takes ~120 KB decoded
+    assert isinstance(load_data(cfg), StreamData)
+
+
+# ---- runs: the CLI on a folder, the decode cache, a streamed run killed and resumed ----------
+
+RUN = ["--method=refill", "--model=vit_micro", "--img_size=16", "--patch_size=4", "--batch_size=16",
+       "--optimizer=adamw", "--lr=1e-3", "--states=2", "--epochs=2", "--wandb=disabled"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny steps: one thread is faster than two fighting
+
+
+def vitprune(*args):
+    return subprocess.run([sys.executable, "-m", "vitprune", *map(str, args)], capture_output=True, text=True,
+                          env=ENV)
+
+
+def comparable(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tensor_run(tree, tmp_path_factory):
+    """A 2-state run on the tree through the tensor path: (out_dir, data_dir, stdout)."""
+    tmp = tmp_path_factory.mktemp("folder_runs")
+    r = vitprune("run", f"--dataset=folder:{tree}", *RUN, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp}",
+                 "--name=tensor", "--data_loader=tensor")
+    assert r.returncode == 0, r.stderr
+    return tmp, tmp / "data", r.stdout
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_folder_run_counts_the_files_and_reuses_the_decode_cache(tree, tensor_run, monkeypatch, capsys,
+                                                                 one_thread):
+    out, data_dir, stdout = tensor_run
+    n = {split: len(files_on_disk(tree / split)) for split in ("train", "val", "test")}
+    assert f"{n['train']} train images (PATH/train), {n['val']} val images (PATH/val), " \
+           f"{n['test']} test images (PATH/test)" in stdout
+    assert f"{n['train'] // 16} steps/epoch" in stdout
+    cache = list((data_dir / "decoded").iterdir())
+    assert len(cache) == 1 and f"decoded {sum(n.values())} images at 16 px" in stdout
+    states = [r for r in comparable(out / "tensor") if r["kind"] == "state"]
+    assert len(states) == 2 and states[0]["final_test_acc"] > 50  # the classes differ in colour
+    for r in states:  # accuracies are whole images out of the split sizes
+        assert round(r["final_val_acc"] * n["val"] / 100, 6).is_integer()
+        assert round(r["final_test_acc"] * n["test"] / 100, 6).is_integer()
+    # A second run decodes nothing: every decode now fails, and the run still succeeds.
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(folder_module, "decode", no_decoding)
+    mtime = cache[0].stat().st_mtime_ns
+    assert run_cli(monkeypatch, "run", f"--dataset=folder:{tree}", *RUN, "--states=1", "--epochs=1",
+                   f"--data_dir={data_dir}", f"--out_dir={out}", "--name=again") == 0
+    assert f"read {sum(n.values())} decoded images at 16 px from {cache[0]}" in capsys.readouterr().out
+    assert cache[0].stat().st_mtime_ns == mtime and list((data_dir / "decoded").iterdir()) == cache
+
+
+def test_streamed_run_killed_and_resumed_equals_the_tensor_run(tree, tensor_run):
+    out, data_dir, _ = tensor_run
+    args = ["run", f"--dataset=folder:{tree}", *RUN, f"--data_dir={data_dir}", f"--out_dir={out}", "--name=stream",
+            "--data_loader=stream"]
+    kill_mid_state([sys.executable, "-m", "vitprune", *args], out / "stream", state=1, epochs_done=1, env=ENV)
+    assert len([r for r in comparable(out / "stream") if r["kind"] == "state"]) == 1  # killed inside state 1
+    r = vitprune(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "at state 1, epoch 1" in r.stdout
+    # Same images in the same order with the same augmentation: the same numbers, bit for bit.
+    assert comparable(out / "stream") == comparable(out / "tensor")
+
+
+# ---- bad input: one line, exit 2, nothing on disk ---------------------------------------------
+
+def bad_tree(tmp_path, kind):
+    root = tmp_path / "bad"
+    if kind == "one class":
+        write_images(root / "cat", 3, 0, seed=0)
+    elif kind == "no images":
+        for name in CLASSES:
+            (root / name).mkdir(parents=True)
+            (root / name / "notes.txt").write_text("not an image")
+    elif kind in ("undecodable", "tiny budget", "val_size", "image too small"):
+        write_tree(root, {"": 10})
+        if kind == "undecodable":
+            (root / "dog" / "img_004.png").write_bytes(b"\x89PNG but not really")
+    return root
+
+
+@pytest.mark.parametrize("kind, flags, expect", [
+    ("missing", [], "error: --dataset: folder "),
+    ("one class", [], "error: --dataset: "),
+    ("no images", [], "error: --dataset: no images (.jpg, .jpeg, .png, .webp)"),
+    ("undecodable", [], "error: --dataset: cannot decode "),
+    ("tiny budget", ["--data_loader=tensor"], "error: --data_loader: {n} images at 32 px take {kib:.1f} KiB decoded, "
+                                              "more than the memory budget of 1000 B"),
+    ("val_size", ["--val_size=20"], "error: --val_size: 20 per split (val and test) out of {n} training images"),
+    ("image too small", ["--img_size=18"], "error: --img_size: 18 is not divisible by --patch_size=4"),
+])
+def test_bad_folder_is_one_line_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys, kind, flags, expect):
+    root = bad_tree(tmp_path, kind)
+    if kind == "tiny budget":
+        monkeypatch.setenv(folder_module.BUDGET_ENV, "1000")  # bytes
+    code = run_cli(monkeypatch, "run", f"--dataset=folder:{root}", *[f for f in RUN if "img_size" not in f],
+                   *flags, "--batch_size=4", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'runs'}")
+    err = capsys.readouterr().err
+    n = len(files_on_disk(root))  # 3 bytes a pixel at the default 32 px
+    assert code == 2 and err.count("\n") == 1 and err.startswith(expect.format(n=n, kib=n * 3 * 32 * 32 / 1024)), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -1,0 +1,240 @@
+"""Your own images (--dataset=folder:PATH): torchvision's ImageFolder layout, decoded once.
+
+    PATH/train/<class>/*  PATH/val/<class>/*  PATH/test/<class>/*   the three splits as given
+    PATH/train/<class>/*  PATH/val/<class>/* (or PATH/test/...)     val carved from train; test: that folder
+    PATH/<class>/*                                                  val and test carved, --val_size each
+
+Carving uses --val_size and the seed, as for CIFAR. Every image is decoded with torchvision
+(RGB: grayscale repeated, alpha dropped), its shorter side resized to --img_size
+(antialiased) and centre-cropped to a square: once. The uint8 result is cached in
+--data_dir/decoded/, keyed by the folder, the size and the file list (names, byte sizes,
+modification times), and then goes through the same device-resident tensor pipeline as
+CIFAR. A set whose decoded size exceeds the memory budget streams instead (stream.py).
+"""
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from vitprune.config import Config, ConfigError
+from vitprune.data import Data, check_split, seeded_split
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io decodes (PIL-only formats are skipped)
+MEMORY_FRACTION = 0.5  # of the available RAM (shared by this machine's processes) and of a GPU's free memory
+BUDGET_ENV = "VITPRUNE_DATA_BUDGET"  # bytes: overrides the rule above
+
+
+@dataclass
+class Layout:
+    """What is on disk: the class names and, per source folder (train, val, test, or the
+    single pool 'all'), its image files and labels in ImageFolder's order."""
+    root: str
+    classes: list
+    sources: dict  # name -> (files, labels)
+
+    @property
+    def images(self) -> int:
+        return sum(len(files) for files, _ in self.sources.values())
+
+
+def scan(root: str) -> Layout:
+    """The image files of an ImageFolder tree; ConfigError (naming --dataset) when it holds
+    fewer than two classes, a class without images, or classes that only val/test have."""
+    split = os.path.isdir(os.path.join(root, "train"))
+    train_dir = os.path.join(root, "train") if split else root
+    classes = _class_dirs(train_dir)
+    if len(classes) < 2:
+        raise ConfigError(f"--dataset: {train_dir} holds {len(classes)} class folder{'s' * (len(classes) != 1)} "
+                          f"({', '.join(classes) or 'none'}); a classifier needs {train_dir}/<class>/* image files "
+                          f"for at least 2 classes")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    sources = {"train" if split else "all": _images(train_dir, class_to_idx, every_class=True)}
+    for name in ("val", "test") if split else ():
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder):
+            extra = sorted(set(_class_dirs(folder)) - set(classes))
+            if extra:
+                raise ConfigError(f"--dataset: {folder} has classes that {train_dir} lacks: {', '.join(extra[:4])}")
+            sources[name] = _images(folder, class_to_idx, every_class=False)
+    return Layout(root, classes, sources)
+
+
+def _class_dirs(folder: str) -> list:
+    try:
+        return find_classes(folder)[0]  # ImageFolder's rule: the sorted sub-folders
+    except FileNotFoundError:  # none
+        return []
+
+
+def _images(folder: str, class_to_idx: dict, every_class: bool):
+    """(files, labels) under folder/<class>/, in ImageFolder's order."""
+    samples = make_dataset(folder, class_to_idx, extensions=EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise ConfigError(f"--dataset: no images ({', '.join(EXTENSIONS)}) in the class folders of {folder}")
+    present = {label for _, label in samples}
+    empty = [c for c, i in class_to_idx.items() if i not in present]
+    if every_class and empty:
+        raise ConfigError(f"--dataset: class folder {os.path.join(folder, empty[0])} holds no images "
+                          f"({', '.join(EXTENSIONS)})")
+    return [path for path, _ in samples], [label for _, label in samples]
+
+
+def splits(layout: Layout, cfg: Config) -> dict:
+    """split -> (source, indices into it): the folders as given, the rest carved with the seed
+    (see the module's table). Raises ConfigError for a split that does not fit (--val_size,
+    --batch_size) before anything is decoded."""
+    s = layout.sources
+    n = {name: len(files) for name, (files, _) in s.items()}
+    if "val" in s and "test" in s:
+        if n["train"] < cfg.batch_size:
+            raise ConfigError(f"--batch_size: {cfg.batch_size} is larger than the training set "
+                              f"({n['train']} images in {layout.root}/train)")
+        return {split: (split, torch.arange(n[split])) for split in ("train", "val", "test")}
+    pool = "train" if "train" in s else "all"
+    given = next((name for name in ("test", "val") if name in s), None)  # the held-out folder, if any
+    carved = 1 if given else 2  # a single folder gives its test split too
+    n_val = check_split(n[pool], cfg.val_size, cfg.batch_size, carved)
+    train, held = seeded_split(n[pool], carved * n_val, cfg.seed)
+    test = (given, torch.arange(n[given])) if given else (pool, held[n_val:])
+    return {"train": (pool, train), "val": (pool, held[:n_val]), "test": test}
+
+
+def decode(path: str, size: int) -> torch.Tensor:
+    """One image file -> uint8 [3, size, size]: RGB, EXIF orientation applied, the shorter
+    side resized to `size` (bilinear, antialiased), the centre square kept."""
+    img = decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
+
+
+def _decode_or_fail(path: str, size: int) -> torch.Tensor:
+    try:
+        return decode(path, size)
+    except Exception as e:  # torchvision says "decode_image, .../decode_image.cpp:61, Unsupported ..."
+        reason = re.sub(r"^.*?\.cpp:\d+, ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise ConfigError(f"--dataset: cannot decode {path} ({reason[:120]})") from None
+
+
+def decode_all(files: list, size: int) -> torch.Tensor:
+    """uint8 [N, 3, size, size], decoded by a thread pool (torchvision's decoders and resize
+    release the GIL); ConfigError naming the first file that fails."""
+    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+    try:
+        for i, img in enumerate(pool.map(lambda f: _decode_or_fail(f, size), files)):
+            out[i] = img
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return out
+
+
+def cache_file(layout: Layout, size: int, data_dir: str) -> Path:
+    """--data_dir/decoded/NAME_SIZEpx_KEY.pt, KEY a hash of the folder, the size and the file
+    list with byte sizes and modification times: a changed, added or removed file re-decodes."""
+    listing = []
+    for name, (files, labels) in layout.sources.items():
+        for f, label in zip(files, labels):
+            st = os.stat(f)
+            listing.append((name, os.path.relpath(f, layout.root), label, st.st_size, st.st_mtime_ns))
+    key = json.dumps([os.path.abspath(layout.root), size, layout.classes, listing])
+    name = os.path.basename(os.path.normpath(layout.root))
+    return Path(data_dir) / "decoded" / f"{name}_{size}px_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def decoded(layout: Layout, size: int, data_dir: str) -> dict:
+    """source -> uint8 images: read from the cache, or decoded and cached. Under torchrun the
+    first process decodes and writes the cache while the others wait, then read it."""
+    from vitprune.log import write_atomic
+    path, fresh = cache_file(layout, size, data_dir), None
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not path.is_file():
+        t0 = time.time()
+        fresh = {name: decode_all(files, size) for name, (files, _) in layout.sources.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: torch.save(fresh, f))
+        say(f"decoded {layout.images} images at {size} px in {time.time() - t0:.1f}s; cached in {path}")
+    if dist.is_initialized():
+        dist.barrier()  # the cache is written before any other process reads it
+    if fresh is not None:
+        return fresh
+    say(f"read {layout.images} decoded images at {size} px from {path}")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def memory_budget(device: torch.device) -> tuple:
+    """(bytes the decoded set may take on the training device, how that was decided)."""
+    if os.environ.get(BUDGET_ENV):
+        return float(os.environ[BUDGET_ENV]), BUDGET_ENV
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    budget, rule = MEMORY_FRACTION * _available_ram() / processes, "half the available RAM"
+    if processes > 1:
+        rule += f" shared by {processes} processes"
+    if device.type == "cuda":
+        gpu = MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0]
+        if gpu < budget:
+            budget, rule = gpu, f"half the free memory of {device}"
+    return budget, rule
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def say(message: str):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def load_folder(cfg: Config, device, world: int = 1):
+    """The run's data from folder:PATH: a Data on the device when the decoded set fits the
+    memory budget (or --data_loader=tensor), else a stream.StreamData."""
+    root = cfg.dataset[len("folder:"):]
+    layout = scan(root)
+    parts = splits(layout, cfg)
+    device = torch.device(device)
+    size = layout.images * 3 * cfg.img_size ** 2
+    budget, rule = memory_budget(device)
+    if cfg.data_loader == "tensor" and size > budget:
+        raise ConfigError(f"--data_loader: {layout.images} images at {cfg.img_size} px take {_bytes(size)} decoded, "
+                          f"more than the memory budget of {_bytes(budget)} ({rule}); use --data_loader=stream")
+    shared = [source for source, _ in parts.values()]  # a source that several splits share is split with the seed
+    say(f"--dataset {cfg.dataset}: {len(layout.classes)} classes; " + ", ".join(
+        f"{len(idx)} {split} images ({'seeded from ' if shared.count(source) > 1 else ''}{_folder_name(source)})"
+        for split, (source, idx) in parts.items()))
+    if cfg.data_loader == "stream" or size > budget:
+        from vitprune.stream import StreamData
+        if cfg.data_loader == "auto":
+            say(f"streaming: {_bytes(size)} decoded would exceed the memory budget of {_bytes(budget)} ({rule})")
+        return StreamData.from_layout(layout, parts, cfg.img_size, world).to(device)
+    images = decoded(layout, cfg.img_size, cfg.data_dir)
+    tensors = []
+    for split in ("train", "val", "test"):
+        source, idx = parts[split]
+        tensors += [images[source][idx], torch.tensor(layout.sources[source][1])[idx]]
+    return Data(*tensors, len(layout.classes), cfg.img_size, tuple(layout.classes)).to(device)
+
+
+def _folder_name(source: str) -> str:
+    return "PATH" if source == "all" else f"PATH/{source}"
+
+
+def _bytes(n: float) -> str:
+    """Bytes, in the largest binary unit that keeps the number at least 1."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
