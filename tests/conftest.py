@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     # Registered so that `-m gpu` / `-m "not gpu"` select without unknown-marker warnings.
     config.addinivalue_line("markers", "gpu: needs CUDA (compiled Triton kernels)")
+    config.addinivalue_line("markers", "slow: runs the state loop (minutes on 2 cores); -m 'not slow' skips them")
     # torchvision 0.29 announces that its image decoders will move to TorchCodec, once per
     # decoded file; vitprune.folder decodes with them (what the installed torchvision offers).
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -29,6 +29,7 @@ def pruned_micro(backend):
     return model, group_reg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["refill", "rsst"])
 def test_triton_backend_trains_like_reference(method, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -39,8 +39,8 @@ def cli(monkeypatch, capsys, *args):
 ])
 def test_bad_flag_is_one_line_exit_2_and_no_folder(tmp_path, monkeypatch, capsys, flag, value, expect):
     out = tmp_path / "runs"
-    code, err = cli(monkeypatch, capsys, "run", f"--{flag}={value}", "--dataset=synthetic" if flag != "dataset" else "",
-                    f"--out_dir={out}", "--wandb=disabled")
+    dataset = [] if flag == "dataset" else ["--dataset=synthetic"]
+    code, err = cli(monkeypatch, capsys, "run", f"--{flag}={value}", *dataset, f"--out_dir={out}", "--wandb=disabled")
     assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"error: --{flag}") and expect in err, err
     assert not out.exists()

@@ -11,6 +11,8 @@ from conftest import kill_mid_state
 
 FLAGS = ["--method=rsst", "--dataset=synthetic", "--model=vit_micro", "--states=2", "--epochs=2", "--ratio=0.5",
          "--reg_formula=seed", "--reg_granularity_prune=20", "--reg_schedule=x", "--wandb=disabled"]
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 
 

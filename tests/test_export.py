@@ -48,6 +48,7 @@ def outputs(model, x):
         return model(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["refill", "rsst"])
 def test_export_computes_the_pruned_network(checkpoints, method, monkeypatch, tmp_path):
     ck = load_checkpoint(checkpoints[method])
@@ -67,6 +68,7 @@ def test_export_computes_the_pruned_network(checkpoints, method, monkeypatch, tm
     assert torch.equal(outputs(exported, x), outputs(compact_model(masked, structure), x))
 
 
+@pytest.mark.slow
 def test_imp_export_keeps_dense_shapes(checkpoints, tmp_path, capsys):
     ck = load_checkpoint(checkpoints["imp"])
     masked, structure = pruned_network(ck)
@@ -99,6 +101,7 @@ def test_blocks_with_nothing_alive_export_exactly():
     assert sum(p.numel() for p in compact.parameters()) == count(model, structure)["params_alive"] + 2 * 64 + 1
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_and_out_fail_in_one_line(checkpoints, monkeypatch, tmp_path, capsys):
     run_dir = checkpoints["refill"].parent.parent
     with pytest.raises(ConfigError, match="rewind.pt holds weights only"):
@@ -111,6 +114,7 @@ def test_bad_checkpoint_and_out_fail_in_one_line(checkpoints, monkeypatch, tmp_p
     assert (run_dir / "config.json").read_text() == config
 
 
+@pytest.mark.slow
 def test_bench_export_smoke(checkpoints, capsys):
     result = bench_export(checkpoints["refill"], batches=(1, 4), iters=2, warmup=0)
     table = capsys.readouterr().out

@@ -187,6 +187,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_folder_run_counts_the_files_and_reuses_the_decode_cache(tree, tensor_run, monkeypatch, capsys,
                                                                  one_thread):
     out, data_dir, stdout = tensor_run
@@ -212,6 +213,7 @@ def test_folder_run_counts_the_files_and_reuses_the_decode_cache(tree, tensor_ru
     assert cache[0].stat().st_mtime_ns == mtime and list((data_dir / "decoded").iterdir()) == cache
 
 
+@pytest.mark.slow
 def test_streamed_run_killed_and_resumed_equals_the_tensor_run(tree, tensor_run):
     out, data_dir, _ = tensor_run
     args = ["run", f"--dataset=folder:{tree}", *RUN, f"--data_dir={data_dir}", f"--out_dir={out}", "--name=stream",

@@ -183,3 +183,9 @@ def test_truncate_drops_redone_work(tmp_path):
     log.truncate(state=1, epochs_done=1)
     kept = read_metrics(tmp_path / "r")
     assert [(r["kind"], r["state"]) for r in kept] == [("epoch", 0), ("epoch", 0), ("state", 0), ("epoch", 1)]
+
+
+def test_offline_by_choice_prints_no_credentials_hint(offline, tmp_path, capsys):
+    write_run(tmp_path / "chosen", mode="offline")
+    err = capsys.readouterr().err
+    assert "W&B offline" in err and "no credentials" not in err

@@ -46,6 +46,7 @@ def assert_transferred(model_state: dict, weights: dict):
     assert model_state["head.weight"].shape == (10, 384)
 
 
+@pytest.mark.slow
 def test_run_starts_from_the_pretrained_weights(source, tiny_set, monkeypatch, tmp_path, capsys):
     weights, folder = source
     assert run_cli(monkeypatch, "run", "--method=dense", "--dataset=synthetic", "--model=vit_small",
@@ -93,6 +94,7 @@ def test_bad_pretrained_fails_in_one_line(source, tiny_set, monkeypatch, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_224_px_patch_16_transfers_without_resampling(source, tiny_set, monkeypatch, tmp_path, capsys):
     """--img_size=224 --patch_size=16: timm's vit_small_patch16_224 weights load as they are
     (nothing resampled), and the model computes what timm's own model computes on them."""

@@ -88,6 +88,7 @@ def targets_zeroed(run_dir) -> bool:
     return ratio <= 0.05 and val_change <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_default_rsst_drives_its_targets_to_zero(runs, optimizer):
     assert targets_zeroed(runs[optimizer]), hard_prune_effect(runs[optimizer])
@@ -97,6 +98,7 @@ def test_default_rsst_drives_its_targets_to_zero(runs, optimizer):
     assert epochs[0]["reg_lambda"] < epochs[-1]["reg_lambda"] < 1  # a growing per-step shrink
 
 
+@pytest.mark.slow
 def test_seed_formula(runs):
     epochs = [r for r in metrics(runs["seed"], "epoch") if r["state"] == 1]
     assert epochs[-1]["reg_lambda"] == pytest.approx(20.0)  # λ(1) = g: λ grows over the whole state
@@ -146,6 +148,7 @@ def zero_outside(state_dict, keep: Structure, heads=4, head_dim=16):
     return sd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["refill", "sgd_off", "imp"])
 def test_reported_final_accuracy_is_the_saved_pruned_network(runs, name):
     """state_01.pt in a plain timm ViT gives the state record's final_val_acc exactly. For RSST
@@ -157,6 +160,7 @@ def test_reported_final_accuracy_is_the_saved_pruned_network(runs, name):
         assert record["pre_prune_val_acc"] != record["final_val_acc"]  # the hard prune matters here
 
 
+@pytest.mark.slow
 def test_rsst_epoch_accuracy_is_the_network_without_its_targets(runs):
     """The last epoch record of an RSST state: the weights of last.pt (just before the hard
     prune) with every group outside the saved keep set zeroed, in a plain timm ViT."""
@@ -169,6 +173,7 @@ def test_rsst_epoch_accuracy_is_the_network_without_its_targets(runs):
     assert val_accuracy(plain_vit(ck["model"])) != record["val_acc"]  # with the targets it differs
 
 
+@pytest.mark.slow
 def test_rsst_keeps_what_refill_keeps(runs):
     rsst, refill = metrics(runs["sgd"], "state")[1], metrics(runs["refill"], "state")[1]
     assert rsst["params_alive"] == refill["params_alive"] < rsst["params_total"]
@@ -180,6 +185,7 @@ def test_rsst_keeps_what_refill_keeps(runs):
     assert a["model"]["blocks.0.mlp.fc1.weight"][dead].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_imp_reaches_the_scheduled_sparsity_and_dense_keeps_everything(runs, tmp_path):
     ck = torch.load(runs["imp"] / "checkpoints" / "state_01.pt", weights_only=False)
     weights = [ck["model"][f"blocks.{l}.{n}"] for l in range(4) for n in PRUNABLE_WEIGHTS]
@@ -192,6 +198,7 @@ def test_imp_reaches_the_scheduled_sparsity_and_dense_keeps_everything(runs, tmp
         assert r["params_alive"] == r["params_total"] and r["heads_alive"] == r["heads_total"]
 
 
+@pytest.mark.slow
 def test_late_rewinding_continues_the_schedule_from_epoch_k(tmp_path):
     """--rewind=epoch:1: state 1 starts from the weights, optimizer and LR of epoch 1 of state 0
     and trains epochs 1..E-1; its dead groups stay exactly zero (momentum included)."""
@@ -214,6 +221,7 @@ def test_late_rewinding_continues_the_schedule_from_epoch_k(tmp_path):
     assert metrics(run_dir, "state")[1]["params_alive"] < metrics(run_dir, "state")[0]["params_alive"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_rsst_state_then_resume(runs, tmp_path):
     flags = [f"--{k}={v}" for k, v in RUNS["sgd"].items()] + [f"--out_dir={tmp_path}", "--name=sgd"]
     cmd = [sys.executable, "-m", "vitprune", "run", *flags]

@@ -1,7 +1,10 @@
 """The state loop end to end on the synthetic set: the demo, the run folder, exact resume."""
 import json
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from conftest import kill_mid_state
 from vitprune.model import build_model
 from vitprune.structure import Structure, count, dims
+
+pytestmark = pytest.mark.slow
 
 DEMO = ["--method=refill", "--dataset=synthetic", "--model=vit_micro", "--optimizer=adamw", "--lr=1e-3",
         "--states=3", "--epochs=2", "--wandb=disabled"]
@@ -90,3 +95,63 @@ def test_sigkill_mid_state_then_resume_equals_uninterrupted(demo, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "at state 1, epoch 1" in r.stdout  # resumed inside the state
     assert comparable(tmp_path / "killed") == comparable(run_dir)
+
+
+def test_console_counts_like_the_files(demo):
+    """One convention: every epoch record (state, epoch) is a console line 'state S epoch E |'."""
+    run_dir, stdout = demo
+    lines = [line for line in stdout.splitlines() if " | loss " in line]
+    assert [line.split(" |")[0] for line in lines] == [
+        f"state {r['state']} epoch {r['epoch']}" for r in records(run_dir, "epoch")]
+    assert ", 6/6 epochs, ETA" in lines[-1]
+
+
+def wait_for(predicate, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.05)
+    assert predicate()
+
+
+def test_sigint_mid_epoch_then_the_printed_resume_command_equals_uninterrupted(demo, tmp_path):
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "vitprune", "run", *DEMO, f"--out_dir={tmp_path}",
+                             "--name=stopped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "config.json").exists())
+    summary = json.loads((run_dir / "summary.json").read_text())  # there from the start
+    assert (summary["status"], summary["states_done"]) == ("running", 0)
+    last = run_dir / "checkpoints" / "last.pt"
+
+    def in_state_1_epoch_1():  # last.pt is written by rename: never torn
+        ck = torch.load(last, weights_only=False) if last.exists() else {}
+        return (ck.get("state"), ck.get("epochs_done")) == (1, 1)
+    wait_for(in_state_1_epoch_1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of state 1's second epoch
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    ck = torch.load(last, weights_only=False)
+    assert (ck["state"], ck["epochs_done"]) == (1, 1) and 0 < ck["step"] < 31  # inside the epoch
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["states_done"]) == ("interrupted", 1)
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith(f"interrupted at state 1, epoch 1, step {ck['step']} (counted from 0); resume with: ")
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "vitprune", "run"] and command == shlex.split(summary["resume_command"])
+    r = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=None)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at state 1, epoch 1, step {ck['step']}" in r.stdout
+    assert comparable(run_dir) == comparable(demo[0])
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_stops_with_143(tmp_path):
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "vitprune", "run", *DEMO, f"--out_dir={tmp_path}", "--name=term"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists())  # state 0 has started
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 143 and "Traceback" not in stderr
+    assert "resume with: python -m vitprune run --resume" in stdout
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

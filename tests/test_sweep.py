@@ -167,6 +167,7 @@ def test_missing_sweep_file(tmp_path):
         sweep.main(str(tmp_path / "nope.yaml"))
 
 
+@pytest.mark.slow
 def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     """The real thing: sweeps/smoke.yaml runs (W&B offline) and `report` summarises it.
     The slowest test (a few minutes on 2 CPU cores); CI runs it."""

@@ -9,29 +9,43 @@ from pathlib import Path
 
 import fire
 
-from vitprune.config import EXECUTION_FLAGS, FIELDS, ConfigError, from_flags
+from vitprune.config import EXECUTION_FLAGS, FIELDS, ConfigError, from_flags, help_text
 
 
-def run(**flags):
+def run(*args, **flags):
     """Run the state loop. Flags are the fields of vitprune.config.Config, e.g.
-    --method=rsst --dataset=cifar100 --ratio=0.7 --states=16 --epochs=60."""
-    from vitprune.train import run as run_loop
-    cfg = from_flags(flags)
+    --method=rsst --dataset=cifar100 --ratio=0.7 --states=16 --epochs=60; --help lists them."""
+    if flags.keys() & {"help", "h"}:
+        print(help_text())
+        return
+    if args:
+        raise ConfigError(f"{args[0]!r}: stray argument; every setting is a flag, --name=value "
+                          f"(`python -m vitprune run --help` lists them)")
+    cfg = from_flags(flags)  # every check that needs no torch: a bad command fails in about a second
     if cfg.name is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         # Under `wandb agent` a grid over a flag the default name does not show (e.g. lr) would
         # send several runs to one folder: the W&B run id keeps them apart.
         cfg.name = f"{cfg.run_name}_{os.environ['WANDB_RUN_ID']}"
     if cfg.resume:
         cfg = _resumed_config(cfg, flags)
+        if cfg is None:
+            return
+    from vitprune.train import run as run_loop
     run_loop(cfg)
 
 
 def _resumed_config(cfg, flags):
-    """The saved config of the run folder, with only execution flags taken from the command."""
+    """The saved config of the run folder, with only execution flags taken from the command;
+    None when the run has finished."""
     path = Path(cfg.out_dir) / cfg.run_name / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume: no run folder with config.json at {path.parent}; check --out_dir and --name")
     saved = json.loads(path.read_text())
+    summary = path.parent / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+        print(f"{path.parent} finished all its {saved.get('states')} states already: nothing to resume "
+              f"(results in metrics.jsonl, summary.json)")
+        return None
     missing = [k for k in FIELDS if k not in saved]
     if missing:
         raise ConfigError(f"--resume: {path} was written by an older vitprune (it has no --{missing[0]}); "

@@ -8,9 +8,11 @@ grouping) reads it from there. This module imports neither torch nor timm, so a 
 command fails before they load.
 """
 import dataclasses
+import difflib
 import math
 import os
 import string
+import textwrap
 from dataclasses import dataclass
 from typing import Optional, get_args
 
@@ -71,12 +73,16 @@ class Config:
     epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
     schedule: str = flag("oneshot", "oneshot: every state >= 1 keeps 1 - ratio; geometric: state s keeps "
                          "(1 - ratio)^(s/(states-1))", "pruning", choices=("oneshot", "geometric"))
-    rewind: str = flag("init", "init: θ0; epoch:K: the weights after epoch K of state 0; none: fine-tune",
-                       "pruning")
-    criterion: str = flag("magnitude", "group importance: magnitude (L1 of the weights), l1/l2 (of the "
-                          "outputs), remain, saliency, random", "pruning",
+    rewind: str = flag("init", "the rewind point: init: θ0; epoch:K: weights, optimizer and LR schedule after "
+                       "epoch K of state 0 (later states train epochs K..E-1); none: fine-tune", "pruning",
+                       choices=("init", "none", "epoch:K"))
+    criterion: str = flag("magnitude", "group importance: magnitude (L1 of the group's weights in and out), "
+                          "l1/l2 (mean |activation| / RMS of the group's outputs over calibration batches), remain "
+                          "(weights surviving a global unstructured magnitude prune at the same ratio), saliency "
+                          "(|activation × gradient|), random", "pruning",
                           choices=("magnitude", "l1", "l2", "remain", "saliency", "random"), requires=STRUCTURED)
-    sorting: str = flag("global", "rank groups across layers (global) or inside each layer", "pruning",
+    sorting: str = flag("global", "global: rank the groups of every layer together; layerwise: inside each layer",
+                        "pruning",
                         choices=("global", "layerwise"), requires=STRUCTURED)
     calib_batches: int = flag(8, "training batches the l1, l2 and saliency criteria look at", "pruning",
                               range="[1, inf)", requires=STRUCTURED)
@@ -102,23 +108,27 @@ class Config:
     momentum: float = flag(0.9, "SGD momentum", "optimisation", range="[0, 1)", requires={"optimizer": ("sgd",)})
     weight_decay: float = flag(1e-4, "decoupled for AdamW; not on biases, norms and embeddings", "optimisation",
                                range="[0, inf)")
-    lr_schedule: str = flag("multistep", "multistep: x0.1 at 50% and 75% of each state", "optimisation",
+    lr_schedule: str = flag("multistep", "per state: multistep (×0.1 at 50% and 75% of its epochs), cosine, "
+                            "constant", "optimisation",
                             choices=("multistep", "cosine", "constant"))
     warmup_epochs: int = flag(0, "linear warm-up epochs at the start of every state", "optimisation",
                               range="[0, inf)")
     label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy loss", "optimisation", range="[0, 1)")
     batch_size: int = flag(128, "images per step (over all processes)", "optimisation", range="[1, inf)")
     # system
-    kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch", "system", choices=("auto", "triton", "torch"),
+    kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch; triton: fail if it cannot run; torch: the "
+                        "reference", "system", choices=("auto", "triton", "torch"),
                         execution=True, numerics=True)
     precision: str = flag("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", "system",
                           choices=("auto", "fp32", "bf16"), execution=True, numerics=True)
     compile: bool = flag(False, "torch.compile the training forward", "system", execution=True, numerics=True)
-    device: str = flag("auto", "auto, cpu, cuda or cuda:N", "system", execution=True, numerics=True)
+    device: str = flag("auto", "where to train (auto: CUDA when available)", "system",
+                       choices=("auto", "cpu", "cuda", "cuda:N"), execution=True, numerics=True)
     data_dir: str = flag("data", "where datasets are found or downloaded, and where image folders are cached "
                          "decoded", "system", execution=True)
     data_loader: str = flag("auto", "tensor: the decoded set on the device; stream: DataLoader workers decode "
-                            "every batch (image folders too large to hold); auto: tensor when it fits",
+                            "every batch (image folders too large to hold); auto: tensor when it fits the memory "
+                            "budget. How to load, not what: may change on --resume",
                             "system", choices=("auto", "tensor", "stream"), execution=True)
     # logging
     out_dir: str = flag("runs", "the parent folder of run folders", "logging", execution=True)
@@ -213,6 +223,49 @@ def _parse_range(text: str):
     return float(lo), float(hi), text[0] == "(", text[-1] == ")"
 
 
+GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
+
+
+def default_text(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def values_text(name: str) -> str:
+    """The valid values of a flag as help and the README show them."""
+    f = FIELDS[name]
+    meta = f.metadata
+    text = (", ".join(meta["choices"]) if meta["choices"] else meta["range"] or
+            {bool: "true, false", int: "integer", float: "number", str: "text"}[_base_type(f)])
+    if meta["requires"]:
+        text += "; only with " + " and ".join(f"--{k}={'|'.join(v)}" for k, v in meta["requires"].items())
+    return text
+
+
+def help_text() -> str:
+    """`python -m vitprune run --help`: every flag, grouped, with its default and valid values."""
+    lines = ["usage: python -m vitprune run [--flag=value ...]", "",
+             "The state loop: state 0 trains the dense ViT, every later state selects the heads and neurons to",
+             "keep, rewinds and retrains. Defaults are the seed's experiment. States and epochs count from 0."]
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        for name, f in FIELDS.items():
+            if f.metadata["group"] == group:
+                lines.append(f"  {'--' + name + '=' + default_text(f.default):<32} {values_text(name)}")
+                lines += textwrap.wrap(f.metadata["help"], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def flag_table() -> str:
+    """The README's flag table: the same source as --help."""
+    cell = lambda text: text.replace("|", "\\|")
+    rows = ["| group | flag | default | values | what it does |", "|---|---|---|---|---|"]
+    for group in GROUPS:
+        rows += [f"| {group} | `--{name}` | `{default_text(f.default)}` | {cell(values_text(name))} | "
+                 f"{cell(f.metadata['help'])} |" for name, f in FIELDS.items() if f.metadata["group"] == group]
+    return "\n".join(rows)
+
+
 def describe_range(text: str) -> str:
     """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'in [0, 1)'."""
     lo, hi, lo_open, _ = _parse_range(text)
@@ -262,17 +315,32 @@ def validate(cfg: Config) -> Config:
         if not k.isdigit() or int(k) > cfg.epochs:
             raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, "
                               f"epoch:K with 0 <= K <= --epochs ({cfg.epochs})")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+    if cfg.device.startswith("cuda:") and not cfg.device[5:].isdigit():
         raise ConfigError(f"--device: unknown value {cfg.device!r}; choose from auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run "
                           "folder, --overwrite replaces it")
     if cfg.name is not None and (not cfg.name or os.sep in cfg.name or cfg.name in (".", "..")):
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
+    _check_folder("out_dir", cfg.out_dir, writable=True)
+    _check_folder("data_dir", cfg.data_dir, writable=False)
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
     _check_data(cfg)
     return cfg
+
+
+def _check_folder(flag: str, path: str, writable: bool):
+    """A folder flag must name a folder, or a place one can be made: no file on the way, and
+    (`writable`) the nearest existing folder writable."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == os.path.abspath(path) else f"lies under the file {existing!r}"
+        raise ConfigError(f"--{flag}: {path!r} {what}, not a folder; give a folder path")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag}: cannot write in {existing!r}; give a folder you can write to")
 
 
 def _check_seed_formula(cfg: Config):
@@ -336,5 +404,7 @@ def from_flags(flags: dict) -> Config:
     """Build and validate a Config from command-line flags (names exactly as the fields)."""
     unknown = sorted(set(flags) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"--{unknown[0]}: unknown flag; valid flags: {', '.join('--' + f for f in FIELDS)}")
+        near = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+        hint = f"did you mean --{near[0]}? " if near else ""
+        raise ConfigError(f"--{unknown[0]}: unknown flag; {hint}`python -m vitprune run --help` lists the flags")
     return validate(Config(**{k: _coerce(k, v) for k, v in flags.items()}))

@@ -7,7 +7,10 @@ is a few tensor ops per batch, followed by a resize on the device when the model
 another size than S. The order and the augmentation of every batch depend only on (seed,
 state, epoch), so a run is reproducible and resumes at any epoch, or at any step of one.
 """
+import contextlib
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +113,8 @@ def _cifar(name, data_dir):
             ds = cls(data_dir, train=train, download=False)
         except RuntimeError:  # not there (or corrupt): try to fetch it
             try:
-                ds = cls(data_dir, train=train, download=True)
+                with _removed_on_failure(data_dir):
+                    ds = cls(data_dir, train=train, download=True)
             except Exception as e:
                 raise ConfigError(
                     f"--data_dir: {name} is not in {data_dir!r} and could not be downloaded "
@@ -120,6 +124,27 @@ def _cifar(name, data_dir):
                      torch.tensor(ds.targets, dtype=torch.int64)))
     (train_x, train_y), (test_x, test_y) = sets
     return train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: str):
+    """What a failed download creates (the folder itself, its parents, partial files) is removed
+    again: bad input leaves nothing on disk."""
+    top = os.path.abspath(folder)
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    existed = os.path.exists(top)
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        elif os.path.isdir(folder):
+            for entry in set(os.listdir(folder)) - before:
+                path = os.path.join(folder, entry)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        raise
 
 
 def synthetic(seed: int, sizes=SYNTHETIC_SIZES, num_classes: int = 10) -> Data:

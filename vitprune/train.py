@@ -15,7 +15,11 @@ import contextlib
 import copy
 import math
 import os
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,13 +210,15 @@ class LoopState:
     state_time: float = 0.0
     rsst_start_norms: Optional[tuple] = None  # RSST: every group's norm at the start of the state
     history: list = field(default_factory=list)  # the state's epoch records
+    step: int = 0                 # steps done in epoch `epochs_done` (an interrupted epoch)
+    partial: Optional[tuple] = None  # its (loss · n, correct, images, seconds, lr) so far, all processes
 
     def save(self, path: Path, model, opt, sched, cfg: Config):
         save_torch({"state": self.state, "epochs_done": self.epochs_done, "structure": self.structure.state_dict(),
                     "keep": self.keep.state_dict(), "start_acc": self.start_acc, "state_time": self.state_time,
-                    "rsst_start_norms": self.rsst_start_norms, "history": self.history, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                    "config": cfg.to_dict()}, path)
+                    "rsst_start_norms": self.rsst_start_norms, "history": self.history, "step": self.step,
+                    "partial": self.partial, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}, path)
 
     @classmethod
     def load(cls, path: Path, model, device):
@@ -222,7 +228,7 @@ class LoopState:
         torch.set_rng_state(ck["rng"].cpu())
         loop = cls(ck["state"], ck["epochs_done"], Structure.from_state_dict(ck["structure"]),
                    Structure.from_state_dict(ck["keep"]), ck["start_acc"], ck["state_time"],
-                   ck["rsst_start_norms"], ck["history"])
+                   ck["rsst_start_norms"], ck["history"], ck["step"], ck["partial"])
         return loop, ck
 
 
@@ -236,21 +242,90 @@ class StepTools(NamedTuple):
 # ---- the loop -------------------------------------------------------------------------------
 
 def run(cfg: Config) -> Path:
-    r = setup(cfg)
-    loop, tools = resume(r) if cfg.resume else begin(r)
-    run_start, epoch_times = time.time(), []
-    while True:
-        for epoch in range(loop.epochs_done, cfg.epochs):
-            record = train_epoch(r, loop, tools, epoch)
-            end_epoch(r, loop, tools, record, epoch_times)
-        finish_state(r, loop, tools)
-        if loop.state == cfg.states - 1:
-            break
-        loop, tools = start_state(r, loop, loop.state + 1)
+    stop = StopRequest()
+    with stop.handling_signals():
+        r = setup(cfg)
+        loop, tools = resume(r) if cfg.resume else begin(r)
+        run_start, epoch_times = time.time(), []
+        try:
+            while True:
+                for epoch in range(loop.epochs_done, cfg.epochs):
+                    record = train_epoch(r, loop, tools, epoch, stop)
+                    end_epoch(r, loop, tools, record, epoch_times)
+                finish_state(r, loop, tools)
+                if loop.state == cfg.states - 1:
+                    break
+                loop, tools = start_state(r, loop, loop.state + 1)
+        except Interrupted:
+            stop_here(r, loop, tools, stop.signum)
     if r.main:
         r.log.close()
     r.say(f"done in {fmt_time(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
     return r.run_dir
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: the loop stops at the step boundary where it is raised."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop at the next step boundary, where it
+    saves its position; a second signal stops at once (last.pt then holds the last epoch)."""
+    CHECK_EVERY = 16  # steps between the processes' agreement on stopping (DDP): one sync each
+
+    def __init__(self):
+        self.signum = None
+
+    @contextlib.contextmanager
+    def handling_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"\n{signal.Signals(signum).name} again: stopping now; last.pt holds the last finished epoch",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping at the next step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self, step: int, world: int, device) -> bool:
+        """Whether to stop after `step`; every process gives the same answer at the same step."""
+        if world == 1:
+            return self.signum is not None
+        if step % self.CHECK_EVERY:
+            return False
+        flag = torch.tensor(float(self.signum is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def stop_here(r: Run, loop: LoopState, tools: StepTools, signum: int):
+    """After an interruption: last.pt at this step, summary.json "interrupted", the command
+    that resumes, and the exit code of the signal (130 for SIGINT, 143 for SIGTERM)."""
+    cfg = r.cfg
+    command = (f"torchrun --nproc_per_node={r.world} -m vitprune" if r.world > 1 else "python -m vitprune")
+    command += f" run --resume --out_dir={shlex.quote(cfg.out_dir)} --name={shlex.quote(cfg.run_name)}"
+    if r.main:
+        loop.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
+        write_summary(r, "interrupted", loop.state, resume_command=command)
+        r.log.close(exit_code=128 + signum)
+    r.say(f"interrupted at state {loop.state}, epoch {loop.epochs_done}, step {loop.step} (counted from 0); "
+          f"resume with: {command}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def write_summary(r: Run, status: str, states_done: int, **more):
+    r.log.summary({"name": r.cfg.run_name, "status": status, "states_done": states_done,
+                   "config": r.cfg.to_dict(), **more})
 
 
 def setup(cfg: Config) -> Run:
@@ -305,6 +380,7 @@ def begin(r: Run):
     """A new run: its config, the rewind point θ0 (for --rewind=init), then state 0."""
     if r.main:
         write_json(r.run_dir / "config.json", r.cfg.to_dict())
+        write_summary(r, "running", 0)
     if r.cfg.rewind_epoch == 0:
         r.rewind = save_rewind_point(r, 0)
     full = Structure.full(r.model)
@@ -325,7 +401,9 @@ def resume(r: Run):
                        loop.rsst_start_norms)
     if r.main:
         r.log.truncate(loop.state, loop.epochs_done)
-    r.say(f"resuming {r.run_dir} at state {loop.state}, epoch {loop.epochs_done}")
+        write_summary(r, "running", loop.state)
+    r.say(f"resuming {r.run_dir} at state {loop.state}, epoch {loop.epochs_done}"
+          + (f", step {loop.step}" if loop.step else "") + " (counted from 0)")
     return loop, StepTools(opt, sched, rsst)
 
 
@@ -354,26 +432,35 @@ def start_state(r: Run, prev: LoopState, state: int):
     return loop, tools
 
 
-def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int) -> dict:
-    """One epoch of the state; returns its record (the accuracies of the network the state
-    will become: for RSST, without its targets)."""
-    cfg, state = r.cfg, loop.state
-    t0 = time.time()
-    # Metrics accumulate on the device: no host sync inside the step loop.
-    sums = torch.zeros(2, device=r.device)  # loss · n, correct
-    seen, heartbeat = 0, time.time()
+def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int, stop: StopRequest) -> dict:
+    """One epoch of the state (from step loop.step on, after an interruption); returns its
+    record (the accuracies of the network the state will become: for RSST, without its
+    targets). Raises Interrupted at a step boundary when asked to stop, its position in loop."""
+    cfg, state, start = r.cfg, loop.state, loop.step
+    loss_sum, correct, seen, elapsed, lr = loop.partial or (0.0, 0.0, 0, 0.0, None)
+    t0 = time.time() - elapsed
+    # Metrics accumulate on the device: no host sync inside the step loop. The sums of an
+    # interrupted epoch are global: one process carries them on.
+    sums = torch.tensor([loss_sum, correct] if r.main else [0.0, 0.0], device=r.device)  # loss · n, correct
+    heartbeat = time.time()
     r.model.train()
-    for i, (x, y) in enumerate(train_batches(r.data, cfg.batch_size, cfg.seed, state, epoch, r.rank, r.world)):
+    batches = train_batches(r.data, cfg.batch_size, cfg.seed, state, epoch, r.rank, r.world, start_step=start)
+    for i, (x, y) in enumerate(batches, start=start):
         step = (epoch - r.first_epoch(state)) * r.steps + i + 1  # 1-based step within the state
-        lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (logged per epoch)
+        lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (the last one is logged)
         loss, logits = train_step(r.forward, tools.opt, tools.sched, x, y, step, r.autocast, cfg.label_smoothing,
                                   tools.rsst)
         sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y) * r.world
+        if stop.requested(i + 1, r.world, r.device):
+            if r.world > 1:
+                dist.all_reduce(sums)
+            loop.step, loop.partial = i + 1, (*sums.tolist(), seen, time.time() - t0, lr)
+            raise Interrupted()
         if r.main and time.time() - heartbeat > 30:
             heartbeat = time.time()
-            r.say(f"  state {state} epoch {epoch + 1}: step {i + 1}/{r.steps}, "
-                  f"{(i + 1) * cfg.batch_size / (heartbeat - t0):.0f} img/s", flush=True)
+            r.say(f"  state {state} epoch {epoch}: step {i + 1} of {r.steps}, "
+                  f"{(i + 1 - start) * cfg.batch_size / (heartbeat - t0 + elapsed):.0f} img/s", flush=True)
     if r.world > 1:
         dist.all_reduce(sums)
     loss_sum, correct = sums.tolist()
@@ -392,15 +479,17 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int) -> dict:
 def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_times: list):
     """Record the epoch: console, metrics.jsonl, the rewind point (--rewind=epoch:K), last.pt."""
     cfg, state, epoch = r.cfg, loop.state, record["epoch"]
-    loop.epochs_done = epoch + 1
+    loop.epochs_done, loop.step, loop.partial = epoch + 1, 0, None
     loop.state_time += record["time_s"]
     loop.history.append(record)
     epoch_times.append(record["time_s"])
-    left = (cfg.states - state - 1) * (cfg.epochs - r.first_epoch(1)) + cfg.epochs - epoch - 1
+    total = cfg.epochs + (cfg.states - 1) * (cfg.epochs - r.first_epoch(1))  # epochs in the run
+    done = (epoch + 1 if state == 0 else cfg.epochs + (state - 1) * (cfg.epochs - r.first_epoch(1))
+            + epoch + 1 - r.first_epoch(state))
     reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if tools.rsst else ""
-    r.say(f"state {state}/{cfg.states - 1} epoch {epoch + 1}/{cfg.epochs} | loss {record['train_loss']:.3f} "
-          f"train {record['train_acc']:.1f}% val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | "
-          f"{record['time_s']:.1f}s, ETA {fmt_time(left * sum(epoch_times) / len(epoch_times))}", flush=True)
+    r.say(f"state {state} epoch {epoch} | loss {record['train_loss']:.3f} train {record['train_acc']:.1f}% "
+          f"val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | {record['time_s']:.1f}s, "
+          f"{done}/{total} epochs, ETA {fmt_time((total - done) * sum(epoch_times) / len(epoch_times))}", flush=True)
     if state == 0 and cfg.rewind_epoch == epoch + 1:
         r.rewind = save_rewind_point(r, epoch + 1, tools)
     if r.main:
@@ -433,8 +522,7 @@ def finish_state(r: Run, loop: LoopState, tools: StepTools):
         r.log.state(record)
         save_torch({"state": state, "model": r.model.state_dict(), "structure": loop.structure.state_dict(),
                     "record": record, "config": cfg.to_dict()}, r.ckpt_dir / f"state_{state:02d}.pt")
-        r.log.summary({"name": cfg.run_name, "status": "finished" if state == cfg.states - 1 else "running",
-                       "states_done": state + 1, "config": cfg.to_dict(), "last_state": record})
+        write_summary(r, "finished" if state == cfg.states - 1 else "running", state + 1, last_state=record)
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
           f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
           f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
