@@ -47,10 +47,22 @@ def test_oneshot_compares_state_1_only():
     assert rows["best"][0] == {"refill": "83.00% (state 3)", "rsst": "80.50% (state 3)"}
 
 
-def test_markdown_and_plots(tmp_path, capsys):
+def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+    ticks, save = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, **kwargs):  # what the plots show on their x axes
+        ax = fig.axes[0]
+        ticks.append([t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
+        return save(fig, path, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    short = [write_run(tmp_path, m, [50.0, 45.0]) for m in ("refill", "rsst")]  # two states: 0 and 1 only
+    report.main(*map(str, short), out=str(tmp_path / "short.md"))
     out = tmp_path / "sub" / "report.md"
     report.main(str(REFILL), str(RSST), out=str(out))
     md = out.read_text()
+    assert len(ticks) == 4 and all(t == int(t) for axis in ticks for t in axis)  # states and epochs: integers
+    assert "| Metric | refill | rsst | Δ (best − next) | Winner |" in md
     assert "**final pruned test accuracy**" in md and "### Best-epoch test accuracy" in md
     assert "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
     assert "Only **State 1** can tell the methods apart" in md

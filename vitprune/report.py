@@ -439,7 +439,6 @@ def plot(dataset, runs, paths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
     fig, ax = plt.subplots(figsize=(7, 4))
     flagged = False
@@ -452,25 +451,29 @@ def plot(dataset, runs, paths):
             ax.plot(bad, [r.acc()[s] for s in bad], "o", ms=12, mfc="none", mec="red",
                     label=None if flagged else f"RSST targets not zeroed (> {NOT_ZEROED:g})")
             flagged = True
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="state", ylabel="test accuracy (%)", title=f"{dataset}: accuracy per state")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["states"], dpi=120)
-    plt.close(fig)
+    _save(fig, ax, paths["states"], xlabel="state", ylabel="test accuracy (%)", title=f"{dataset}: accuracy per state")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         ax.plot([e["global_epoch"] for e in r.epochs], [e["val_acc"] for e in r.epochs],
                 color=colors[r.label], label=r.name, lw=1)
-    for e in runs[0].epochs:  # state boundaries
-        if e["epoch"] == 0 and e["state"] > 0:
+    epochs = runs[0].epochs
+    for before, e in zip(epochs, epochs[1:]):  # state boundaries
+        if e["state"] != before["state"]:
             ax.axvline(e["global_epoch"] - 0.5, color="grey", lw=0.5, ls=":")
+    _save(fig, ax, paths["epochs"], xlabel="global epoch", ylabel="val accuracy (%)",
+          title=f"{dataset}: val accuracy per epoch")
+
+
+def _save(fig, ax, path, **labels):
+    """Integer ticks (states and epochs are counted), labels, legend; write the PNG."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="global epoch", ylabel="val accuracy (%)", title=f"{dataset}: val accuracy per epoch")
+    ax.set(**labels)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths["epochs"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
