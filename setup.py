@@ -22,5 +22,8 @@ setup(
         "scipy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"dev": ["pytest>=7", "wandb-workspaces"], "report": ["wandb-workspaces"]},
+    # The tests run the kernels in Triton's interpreter, which fails with numpy >= 2.4 before
+    # triton 3.7 (triton-lang/triton#9171).
+    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "triton>=3.7; platform_system == 'Linux'"],
+                    "report": ["wandb-workspaces"]},
 )
