@@ -12,9 +12,12 @@ Two kernels, both blocked matmuls in the style of the Triton matmul tutorial, fp
 - `_weight_grad_kernel`: dW[live_out, live_in] = M ⊙ dyᵀ·x, scattered into a zero-initialised
   full-size gradient, with db[live_out] = Σ dy fused in.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch.autograd.function import once_differentiable
 
 from . import interpret_mode
@@ -155,8 +158,12 @@ if _INTERPRET:
     _GATHER_MATMUL = (_gather_matmul_kernel, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
     _WEIGHT_GRAD = (_weight_grad_kernel, dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=32))
 else:
-    _GATHER_MATMUL = (triton.autotune(_FWD_CONFIGS, key=["M", "N", "K"])(_gather_matmul_kernel), {})
-    _WEIGHT_GRAD = (triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "K"])(_weight_grad_kernel), {})
+    # A pruned state has different alive widths in every layer, so dozens of shapes are tuned
+    # at its first step: 20 ms of repetitions per config (not Triton's 100) rank these
+    # sub-millisecond kernels just as well and keep a state's first step short.
+    _bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+    _GATHER_MATMUL = (triton.autotune(_FWD_CONFIGS, key=["M", "N", "K"], do_bench=_bench)(_gather_matmul_kernel), {})
+    _WEIGHT_GRAD = (triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "K"], do_bench=_bench)(_weight_grad_kernel), {})
 
 
 def _dot_precision(dtype):
