@@ -6,7 +6,8 @@ kernels/__init__.py, kernels/masked_linear.py, kernels/group_reg.py and kernels/
 
 Backends: "triton" (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1) and
 "torch" (kernels/reference.py). `import vitprune` never needs triton: the Triton modules
-are imported only when that backend is chosen.
+are imported only when that backend is chosen, and self-checked then (self_check.py).
+aot.py compiles every kernel variant for a GPU target without a GPU (the CI's check).
 """
 import os
 import sys

@@ -131,7 +131,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
                                                              device=device)}
     linear_ops = {"reference": reference.masked_linear}
     reg_ops = {"loop": group_reg_loop, "reference": reference.group_reg}
-    if resolve_backend("auto", device) == "triton":
+    if resolve_backend("auto", device, dtype) == "triton":
         from .kernels.group_reg import group_reg
         from .kernels.masked_linear import masked_linear
         linear_ops["triton"] = masked_linear
@@ -139,7 +139,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
     lines = [f"# vitprune kernel benchmark — {device_name(device)} — {datetime.date.today()} — "
              f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"]
     if "triton" not in linear_ops:
-        lines.append("Triton kernels need CUDA: timing the PyTorch paths only.")
+        lines.append("Triton kernels need CUDA (and a passed self-check): timing the PyTorch paths only.")
     gen = torch.Generator().manual_seed(0)
     linear_rows = _masked_linear_rows(s, batches, alive, timer, linear_ops, dtype, device, gen)
     lines += ["", "masked_linear forward+backward, ms; × = speedup over dense F.linear "
