@@ -199,12 +199,12 @@ def launches(full: bool) -> list:
 def variants(archs, full: bool) -> list:
     """(launch × autotune config × target), deduplicated by what Triton would compile; unless
     `full`, a subset covering every feature of `Variant.features` per kernel and target."""
-    chosen = []
+    chosen, recorded = [], launches(full)
     for arch in archs:
         backend = make_backend(GPUTarget("cuda", arch, 32))
         seen = set()
         per_kernel = {}
-        for launch in launches(full):
+        for launch in recorded:
             for i in range(len(launch.configs)):
                 v = Variant(launch, i, arch)
                 key = json.dumps([launch.fn.__name__, repr(_compile_args(v, backend)[1:]), i], default=str)

@@ -171,7 +171,7 @@ fi
 total=$(( $(date +%s) - start ))
 {
     echo "# vitprune GPU check — $(date -u +%Y-%m-%d) — $([ $cpu = 1 ] && echo 'CPU dry run (tiny shapes)' || echo CUDA)"
-    echo; sed 's/^/    /' "$out/info.txt"; echo
+    echo; grep -v '^\$ ' "$out/info.txt" | sed 's/^/    /'; echo
     echo "| step | seconds | status |"; echo "|---|---|---|"; cat "$out/steps.tmp"
     echo; echo "Total: $total s."
     echo; echo "## GPU tests"; echo; tail -n 1 "$out/tests.log"
