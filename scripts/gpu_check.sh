@@ -95,7 +95,8 @@ else:
 # is CPU work, and one process would compile them one after another.
 gpu_tests() {
     local ids shards i pids=() rc=0
-    mapfile -t ids < <("$py" -m pytest -q --co -m gpu tests/ 2>/dev/null | grep '::')
+    "$py" -m pytest -q --co -m gpu tests/ > "$runs/collect.log" 2>&1 || { cat "$runs/collect.log"; return 1; }
+    mapfile -t ids < <(grep '::' "$runs/collect.log")
     [ ${#ids[@]} -gt 0 ] || { echo "no gpu tests collected"; return 1; }
     shards=$(( $(nproc) < 8 ? $(nproc) : 8 ))
     for ((i = 0; i < shards; i++)); do
