@@ -15,10 +15,12 @@ arch, 32))` runs the whole pipeline down to a cubin with every autotune config (
 with the triton wheel). No GPU is needed, but the kernels must be compiled ones: import this
 with TRITON_INTERPRET unset.
 
-The default set is a representative subset: per kernel and target, every autotune config in
-the target's critical precision (CRITICAL_PRECISION) on the launch that needs the most shared
-memory, and every precision, flag value, launch and shape kind at least once; --full compiles
-the whole matrix.
+Only the configs the autotuner would try on the target are compiled: masked_linear prunes
+those whose pipelined tiles cannot fit the GPU's shared memory (its own estimate, which the
+compiled kernels then check). The default set is a representative subset: per kernel and
+target, every autotune config in the target's critical precision (CRITICAL_PRECISION) on the
+launch that needs the most shared memory, and every config, precision, flag value, launch and
+shape kind at least once; --full compiles the whole matrix.
 """
 import argparse
 import contextlib
@@ -94,12 +96,13 @@ class Variant:
 
     def features(self) -> set:
         """What the default subset must cover, per kernel and target: every precision, launch,
-        shape kind and flag value, and every autotune config in the target's critical precision."""
+        shape kind and flag value, every autotune config, and every config again in the
+        target's critical precision (where it fits)."""
         l = self.launch
-        found = {("precision", l.precision), ("call", l.call), ("shapes", l.shapes)}
+        found = {("precision", l.precision), ("call", l.call), ("shapes", l.shapes), ("config", self.config_index)}
         found |= {("flag", k, v) for k, v in l.flags().items()}
         if l.precision == CRITICAL_PRECISION[self.arch]:
-            found.add(("config", self.config_index))
+            found.add(("config in critical precision", self.config_index))
         return found
 
     def shared_memory_weight(self) -> int:
@@ -205,7 +208,7 @@ def variants(archs, full: bool) -> list:
         seen = set()
         per_kernel = {}
         for launch in recorded:
-            for i in range(len(launch.configs)):
+            for i in _tried_on(launch, arch):
                 v = Variant(launch, i, arch)
                 key = json.dumps([launch.fn.__name__, repr(_compile_args(v, backend)[1:]), i], default=str)
                 if key not in seen:
@@ -214,6 +217,17 @@ def variants(archs, full: bool) -> list:
         for group in per_kernel.values():
             chosen += group if full else _cover(group)
     return chosen
+
+
+def _tried_on(launch: Launch, arch: int) -> list:
+    """Indices of the configs the autotuner tries on `arch`: those whose pipelined tiles fit its
+    shared memory by masked_linear's own estimate (compiling them checks that estimate)."""
+    tiles = ml.PIPELINED_TILES.get(launch.fn.__name__)
+    if tiles is None:
+        return list(range(len(launch.configs)))
+    named = dict(zip(launch.fn.arg_names, launch.args))
+    fit = ml.fitting_configs(launch.configs, named, launch.kwargs, tiles, SHARED_LIMIT[arch])
+    return [i for i, c in enumerate(launch.configs) if any(c is f for f in fit)]
 
 
 def _cover(group: list) -> list:
