@@ -68,3 +68,19 @@ def test_subset_covers_configs_precisions_and_flags(compiled, arch):
             assert flag.endswith("DTYPE") or flag == "DOT_PRECISION" or values == {True, False}, (kernel, flag)
     calls = {r["call"] for r in results if r["arch"] == arch}
     assert calls == {"forward", "dx", "dW", "l2", "group_lasso"}
+
+
+def test_configs_that_cannot_fit_are_never_tried():
+    """masked_linear's prune: 128×128×64 × 3 stages of fp32 tiles (and the mask) is more shared
+    memory than sm_80 has, not than sm_90 has; in bf16 it fits both. Nothing fits 1 KB: the
+    smallest config is kept, so the autotuner always has one."""
+    import torch
+    from vitprune.kernels import masked_linear as ml
+    tiles = ml.PIPELINED_TILES["_gather_matmul_kernel"]
+    configs, big = ml._FWD_CONFIGS, ml._FWD_CONFIGS[4]
+    args = lambda dt: dict(a_ptr=torch.zeros(1, dtype=dt), w_ptr=torch.zeros(1, dtype=dt),
+                           mask_ptr=torch.zeros(1, dtype=torch.bool))
+    fits = lambda dt, mask, limit: ml.fitting_configs(configs, args(dt), dict(HAS_MASK=mask), tiles, limit)
+    assert big not in fits(torch.float32, True, 163 * 1024) and big in fits(torch.float32, True, 227 * 1024)
+    assert big in fits(torch.bfloat16, True, 163 * 1024) and len(fits(torch.bfloat16, True, 163 * 1024)) == 5
+    assert fits(torch.float32, False, 1024) == [configs[3]]  # 64×64×32: the smallest
