@@ -22,6 +22,9 @@ setup(
         "scipy",
         "triton; platform_system == 'Linux'",
     ],
-    # dev: the tests, incl. W&B's own sweep engine (`sweeps`) that validates sweeps/*.yaml
-    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "sweeps"], "report": ["wandb-workspaces"]},
+    # dev: the tests, incl. W&B's own sweep engine (`sweeps`) that validates sweeps/*.yaml. The
+    # tests run the kernels in Triton's interpreter, which fails with numpy >= 2.4 before
+    # triton 3.7 (triton-lang/triton#9171).
+    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "sweeps", "triton>=3.7; platform_system == 'Linux'"],
+                    "report": ["wandb-workspaces"]},
 )

@@ -6,9 +6,11 @@ kernels/__init__.py, kernels/masked_linear.py, kernels/group_reg.py and kernels/
 
 Backends: "triton" (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1) and
 "torch" (kernels/reference.py). `import vitprune` never needs triton: the Triton modules
-are imported only when that backend is chosen.
+are imported only when that backend is chosen, and self-checked then (self_check.py).
+aot.py compiles every kernel variant for a GPU target without a GPU (the CI's check).
 """
 import os
+import sys
 
 import torch
 
@@ -30,23 +32,40 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(name: str, device) -> str:
-    """'auto' -> 'triton' on CUDA when triton imports, else 'torch'. An impossible request
-    raises ValueError with the reason."""
+def auto_backend(device: torch.device) -> str:
+    """What --kernels=auto asks for: Triton on CUDA when it imports, else the reference."""
+    return "triton" if device.type == "cuda" and triton_importable() else "torch"
+
+
+def resolve_backend(name: str, device, dtype=torch.float32) -> str:
+    """The backend that will run: 'auto' -> auto_backend(device). The Triton kernels are
+    self-checked first (once per process, in fp32 and `dtype`, see self_check.py): if they
+    fail, 'auto' warns in one line and falls back to 'torch'. An impossible or failed
+    explicit request raises ValueError with the reason, in one line."""
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"--kernels: unknown {name!r}; choose from {', '.join(BACKENDS)}")
-    if name == "torch":
+    wanted = auto_backend(device) if name == "auto" else name
+    if wanted == "torch":
         return "torch"
-    usable = triton_importable() and (device.type == "cuda" or interpret_mode())
-    if name == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
     if not triton_importable():
         raise ValueError("--kernels=triton: triton is not installed; use --kernels=torch or auto")
-    if not usable:
+    if device.type != "cuda" and not interpret_mode():
         raise ValueError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU "
                          "testing); use --kernels=torch or auto")
-    return "triton"
+    from .self_check import self_check
+    error = self_check(device, dtype)
+    if error is None:
+        return "triton"
+    if name == "triton":
+        raise ValueError(f"--kernels=triton: {error}; use --kernels=torch or auto")
+    if (str(device), error) not in _WARNED:
+        _WARNED.add((str(device), error))
+        print(f"warning: {error}; falling back to --kernels=torch", file=sys.stderr, flush=True)
+    return "torch"
+
+
+_WARNED = set()  # fallback warnings already printed: one line per process and failure
 
 
 def get_ops(backend: str):

@@ -12,9 +12,13 @@ Two kernels, both blocked matmuls in the style of the Triton matmul tutorial, fp
 - `_weight_grad_kernel`: dW[live_out, live_in] = M ⊙ dyᵀ·x, scattered into a zero-initialised
   full-size gradient, with db[live_out] = Σ dy fused in.
 """
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch.autograd.function import once_differentiable
 
 from . import interpret_mode
@@ -150,13 +154,54 @@ _FWD_CONFIGS = _matmul_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
     (64, 64, 32, 8, 4, 4), (128, 128, 64, 8, 3, 8)])
 _WGRAD_CONFIGS = _matmul_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), [
     (128, 128, 32, 3, 8), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (32, 64, 64, 4, 4)])
+# The operands each kernel's K-loop loads (and the software pipeline stages in shared memory):
+# (argument, the flag that turns its load on, or None, tile dimensions).
+PIPELINED_TILES = {
+    "_gather_matmul_kernel": (("a_ptr", None, ("BLOCK_M", "BLOCK_K")), ("w_ptr", None, ("BLOCK_K", "BLOCK_N")),
+                              ("mask_ptr", "HAS_MASK", ("BLOCK_K", "BLOCK_N"))),
+    "_weight_grad_kernel": (("dy_ptr", None, ("BLOCK_N", "BLOCK_M")), ("x_ptr", None, ("BLOCK_M", "BLOCK_K"))),
+}
+
+
+def stage_bytes(config, named_args: dict, flags: dict, tiles) -> int:
+    """Shared memory the pipeline needs for `config`: a tile of every operand per stage."""
+    per_stage = sum(named_args[arg].element_size() * math.prod(config.kwargs[d] for d in dims)
+                    for arg, flag, dims in tiles if flag is None or flags.get(flag))
+    return per_stage * config.num_stages
+
+
+def fitting_configs(configs, named_args: dict, flags: dict, tiles, limit: int) -> list:
+    """The configs whose pipelined tiles fit in `limit` bytes (else the smallest one)."""
+    need = {id(c): stage_bytes(c, named_args, flags, tiles) for c in configs}
+    return [c for c in configs if need[id(c)] <= limit] or [min(configs, key=lambda c: need[id(c)])]
+
+
+def _prune_to_this_gpu(kernel_name: str):
+    """The autotuner's early_config_prune: never try a config that needs more shared memory
+    than this GPU has (fp32 128×128×64 × 3 stages on an A100): Triton would compile it only
+    to fail at launch. tests/test_aot.py checks the estimate against the compiled kernels."""
+    def prune(configs, named_args, **flags):
+        device = named_args[PIPELINED_TILES[kernel_name][0][0]].device
+        limit = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+        return fitting_configs(configs, named_args, flags, PIPELINED_TILES[kernel_name], limit)
+    return {"early_config_prune": prune}
+
+
 # (kernel, fixed meta-parameters) of each launch.
 if _INTERPRET:
     _GATHER_MATMUL = (_gather_matmul_kernel, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2))
     _WEIGHT_GRAD = (_weight_grad_kernel, dict(BLOCK_N=32, BLOCK_K=32, BLOCK_M=32))
 else:
-    _GATHER_MATMUL = (triton.autotune(_FWD_CONFIGS, key=["M", "N", "K"])(_gather_matmul_kernel), {})
-    _WEIGHT_GRAD = (triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "K"])(_weight_grad_kernel), {})
+    # A pruned state has different alive widths in every layer, so dozens of shapes are tuned
+    # at its first step: 20 ms of repetitions per config (not Triton's 100) rank these
+    # sub-millisecond kernels just as well and keep a state's first step short.
+    _bench = functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+    _GATHER_MATMUL = (triton.autotune(_FWD_CONFIGS, key=["M", "N", "K"], do_bench=_bench,
+                                      prune_configs_by=_prune_to_this_gpu("_gather_matmul_kernel"))(
+                          _gather_matmul_kernel), {})
+    _WEIGHT_GRAD = (triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "K"], do_bench=_bench,
+                                    prune_configs_by=_prune_to_this_gpu("_weight_grad_kernel"))(
+                        _weight_grad_kernel), {})
 
 
 def _dot_precision(dtype):

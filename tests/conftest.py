@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels are tested in Triton's CPU interpreter. triton.jit reads
@@ -12,6 +13,13 @@ import torch
 # collected. With a GPU the kernels are compiled (TRITON_INTERPRET=1 forces the interpreter).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Fixed for the session, like the kernels: a test never changes it (test_backends checks).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# A test that runs the Triton kernels comes in two variants: the CPU twin in the interpreter,
+# and the CUDA one (also marked `gpu`) with compiled kernels.
+interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU twin: needs TRITON_INTERPRET=1")
+compiled_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                   reason="needs CUDA and TRITON_INTERPRET=0 (compiled kernels)")
 
 
 def pytest_configure(config):
@@ -21,6 +29,25 @@ def pytest_configure(config):
     # torchvision 0.29 announces that its image decoders will move to TorchCodec, once per
     # decoded file; vitprune.folder decodes with them (what the installed torchvision offers).
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+    _check_interpreter()
+
+
+def _check_interpreter():
+    """Triton < 3.7's interpreter cannot run with numpy >= 2.4: every interpreted kernel
+    fails with "only 0-dimensional arrays can be converted to Python scalars"
+    (triton-lang/triton#9171). Say so once instead of failing every kernel test."""
+    if not INTERPRET:
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(f"triton {triton.__version__}'s interpreter cannot run with numpy "
+                                f"{numpy.__version__} (triton-lang/triton#9171): pip install "
+                                f"'triton>=3.7' (the dev extra asks for it) or 'numpy<2.4'")
 
 
 def run_cli(monkeypatch, *args) -> int:

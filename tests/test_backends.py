@@ -1,10 +1,14 @@
-"""The model's prunable linears and RSST's penalty through the Triton backend (CPU: Triton's
-interpreter) give the same training steps as the PyTorch reference."""
+"""The model's prunable linears and RSST's penalty through the Triton backend give the same
+training steps as the PyTorch reference: on CPU in Triton's interpreter (CPU twin), on CUDA
+with the compiled kernels (`gpu`)."""
+import ast
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import compiled_cuda, interpreted
 from vitprune import kernels
 from vitprune.config import Config
 from vitprune.methods import RsstRegularizer
@@ -13,11 +17,13 @@ from vitprune.structure import Structure, apply_structure
 from vitprune.train import make_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not kernels.triton_importable(), reason="triton is not installed")
+DEVICES = [pytest.param("cpu", marks=interpreted, id="cpu-interpreted"),
+           pytest.param("cuda", marks=[pytest.mark.gpu, compiled_cuda], id="cuda")]
 
 
-def pruned_micro(backend):
+def pruned_micro(backend, device):
     torch.manual_seed(0)
-    model = build_model("vit_micro", 10)
+    model = build_model("vit_micro", 10).to(device)
     g = torch.Generator().manual_seed(1)
     heads = torch.rand(4, 4, generator=g) < 0.6
     heads[:, 0] = True
@@ -30,21 +36,22 @@ def pruned_micro(backend):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["refill", "rsst"])
-def test_triton_backend_trains_like_reference(method, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_triton_backend_trains_like_reference(method, device):
     cfg = Config(method=method, optimizer="sgd", lr=0.05, epochs=1, reg_granularity_prune=5.0)
     g = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(2)]
+    batches = [(torch.randn(2, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (2,), generator=g).to(device))
+               for _ in range(2)]
     results = {}
     for backend in ("torch", "triton"):
-        model, group_reg = pruned_micro(backend)
-        opt, sched = make_optimizer(cfg, model, 2, torch.device("cpu"))
+        model, group_reg = pruned_micro(backend, device)
+        opt, sched = make_optimizer(cfg, model, 2, torch.device(device))
         rsst = None
         if method == "rsst":
-            head_t = torch.zeros(4, 4, dtype=torch.bool)
+            head_t = torch.zeros(4, 4, dtype=torch.bool, device=device)
             head_t[:, 0] = True  # regularise one alive head per layer and the first neuron
-            neuron_t = torch.zeros(4, 128, dtype=torch.bool)
+            neuron_t = torch.zeros(4, 128, dtype=torch.bool, device=device)
             neuron_t[:, 0] = True
             rsst = RsstRegularizer(model, head_t, neuron_t, 2, group_reg, formula="seed", schedule=cfg.reg_schedule,
                                    k=cfg.exponents, kind=cfg.reg_kind, residual=1.0, g=cfg.reg_granularity_prune,
@@ -58,3 +65,33 @@ def test_triton_backend_trains_like_reference(method, monkeypatch):
     for name in g_ref:
         torch.testing.assert_close(g_tri[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=name)
         torch.testing.assert_close(w_tri[name], w_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _sets_triton_interpret(node) -> bool:
+    """Whether an AST node writes TRITON_INTERPRET: setenv/setdefault/putenv/environ[...] = ."""
+    if isinstance(node, ast.Call) and any(isinstance(a, ast.Constant) and a.value == "TRITON_INTERPRET"
+                                          for a in node.args[:1]):
+        return getattr(node.func, "attr", getattr(node.func, "id", "")) in ("setenv", "setdefault", "putenv",
+                                                                            "__setitem__", "update")
+    if isinstance(node, (ast.Assign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
+                   and t.slice.value == "TRITON_INTERPRET" for t in targets)
+    return False
+
+
+def test_no_code_sets_triton_interpret_at_run_time():
+    """triton.jit reads TRITON_INTERPRET when a kernel is defined, so setting it once the
+    kernels are imported does nothing on a CUDA host (compiled kernels, CPU tensors). The only
+    writes allowed are at module level, under `if not torch.cuda.is_available():`, before any
+    kernel is imported (conftest.py; test_kernels.py run on its own)."""
+    root = Path(__file__).parents[1]
+    writes = []
+    for path in [*root.glob("tests/*.py"), *root.glob("vitprune/*.py"), *root.glob("kernels/*.py"),
+                 *root.glob("scripts/*.py")]:
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for top in tree.body if isinstance(top, ast.If)
+                   and ast.unparse(top.test) == "not torch.cuda.is_available()" for n in ast.walk(top)}
+        writes += [f"{path.relative_to(root)}:{n.lineno}" for n in ast.walk(tree)
+                   if _sets_triton_interpret(n) and id(n) not in guarded]
+    assert writes == [], f"TRITON_INTERPRET written at run time or without the CUDA guard: {writes}"

@@ -17,15 +17,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from conftest import INTERPRET, compiled_cuda, interpreted  # noqa: E402
 from vitprune.bench import bench_kernels, group_reg_loop  # noqa: E402
-from vitprune.kernels import PrunableParams, interpret_mode, reference  # noqa: E402
+from vitprune.kernels import PrunableParams, reference  # noqa: E402
 from vitprune.kernels.group_reg import _table, group_reg  # noqa: E402
 from vitprune.kernels.masked_linear import masked_linear  # noqa: E402
-
-INTERPRET = interpret_mode()
-interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU twin: needs TRITON_INTERPRET=1")
-compiled_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
-                                   reason="needs CUDA and TRITON_INTERPRET=0 (compiled kernels)")
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=5e-2)

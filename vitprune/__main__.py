@@ -119,10 +119,10 @@ def _bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", ite
 
 
 def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
-                 optimizer="sgd", compile=False, workers=0):
+                 optimizer="sgd", compile=False, workers=0, img_size=32, patch_size=4):
     from vitprune.bench import bench_train
     bench_train(model=model, batch=batch, ratio=ratio, iters=iters, device=device, precision=precision,
-                optimizer=optimizer, compile=compile, workers=workers)
+                optimizer=optimizer, compile=compile, workers=workers, img_size=img_size, patch_size=patch_size)
 
 
 def _bench_export(checkpoint, batches=(1, 256), iters=None, device="auto"):

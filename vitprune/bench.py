@@ -131,7 +131,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
                                                              device=device)}
     linear_ops = {"reference": reference.masked_linear}
     reg_ops = {"loop": group_reg_loop, "reference": reference.group_reg}
-    if resolve_backend("auto", device) == "triton":
+    if resolve_backend("auto", device, dtype) == "triton":
         from .kernels.group_reg import group_reg
         from .kernels.masked_linear import masked_linear
         linear_ops["triton"] = masked_linear
@@ -139,7 +139,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
     lines = [f"# vitprune kernel benchmark — {device_name(device)} — {datetime.date.today()} — "
              f"torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"]
     if "triton" not in linear_ops:
-        lines.append("Triton kernels need CUDA: timing the PyTorch paths only.")
+        lines.append("Triton kernels need CUDA (and a passed self-check): timing the PyTorch paths only.")
     gen = torch.Generator().manual_seed(0)
     linear_rows = _masked_linear_rows(s, batches, alive, timer, linear_ops, dtype, device, gen)
     lines += ["", "masked_linear forward+backward, ms; × = speedup over dense F.linear "
@@ -192,12 +192,15 @@ def _group_reg_rows(s, alive, timer, ops, dtype, device, gen) -> list:
 
 
 def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
-                optimizer="sgd", compile=False, workers=0):
-    """Training throughput: a dense step (State 0) against a step of a state pruned at `ratio`
-    (heads and neurons, magnitude, global), and the tensor-resident data path against
-    torchvision's DataLoader with the classic PIL transforms — side by side in one process —
-    then the projected wall time of the seed's experiment (vit_small-sized states: 16 × 60
-    epochs of 45k images + evaluation of 15k images per epoch) at the measured rates."""
+                optimizer="sgd", compile=False, workers=0, img_size=32, patch_size=4):
+    """Training throughput, side by side in one process: a dense step (State 0), a step of a
+    state pruned at `ratio` (heads and neurons, magnitude, global) as the state loop runs it
+    (dense parameter shapes, compute following the structure), and the floor: the same pruned
+    network physically compacted (`export`'s timm model, plain nn.Linear) with its own
+    optimizer; forward-only evaluation of the three; the tensor-resident data path against
+    torchvision's DataLoader with the classic PIL transforms; then the projected wall time of
+    the seed's experiment (16 × 60 epochs of 45k images + evaluation of 15k per epoch).
+    img_size/patch_size: the models' input (the synthetic 32-px batch is resized to it)."""
     from .data import synthetic, train_batches
 
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -208,61 +211,91 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     data = synthetic(0).to(device)
-    batch_xy = next(train_batches(data, batch, 0, 0, 0))
+    x, y = next(train_batches(data, batch, 0, 0, 0))
+    if img_size != x.shape[-1]:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    nets, backend = _bench_models(model, ratio, device, bf16, img_size, patch_size)
     fns = {}
-    for name, pruned in (("dense", False), ("pruned", True)):
-        step, infer = _step_fns(model, pruned, ratio, batch_xy, device, bf16, optimizer, compile)
+    for name, net in nets.items():
+        step, infer = _step_fns(net, (x, y), device, bf16, optimizer, compile)
         fns.update({name: step, f"{name}_eval": infer})
     t = time_side_by_side(fns, warmup=3 if not compile else 10, iters=iters, device=device)
     # The data paths, on the CPU copy of the same images (DataLoader + PIL never sees a GPU).
     tensor_imgs_s = _tensor_loader_rate(data, batch)
     pil_imgs_s = _pil_loader_rate(data, batch, workers)
+    setting = (f"{model} ({img_size} px, patch {patch_size}), batch {batch}, {'bf16' if bf16 else 'fp32'}, "
+               f"{optimizer}, ratio {ratio:g}, kernels={backend}{', torch.compile' if compile else ''}")
+    lines, total_h = _train_table(t, batch, ratio, setting, device, (pil_imgs_s, tensor_imgs_s), workers)
+    print("\n".join(lines), flush=True)
+    return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
+            "projected_h": total_h, "pruned_vs_twin": t["pruned"] / t["twin"], "kernels": backend}
 
+
+TRAIN_ROWS = {"dense": "dense (State 0)", "pruned": "pruned {ratio:g}",
+              "twin": "compacted twin (export, nn.Linear)"}
+
+
+def _train_table(t, batch, ratio, setting, device, loader_rates, workers):
+    """(Markdown lines, projected hours of the seed's experiment) of bench_train's timings."""
     rate = {k: batch / v for k, v in t.items()}
-    lines = [f"# vitprune training benchmark — {device_name(device)} — {datetime.date.today()} — torch {torch.__version__}",
-             f"{model}, batch {batch}, {'bf16' if bf16 else 'fp32'}, {optimizer}, ratio {ratio:g}"
-             f"{', torch.compile' if compile else ''}", "",
-             "| path | ms/step | images/s | vs dense |", "|---|---|---|---|",
-             f"| train step, dense (State 0) | {t['dense'] * 1e3:.1f} | {rate['dense']:.0f} | 1.00 |",
-             f"| train step, pruned {ratio:g} | {t['pruned'] * 1e3:.1f} | {rate['pruned']:.0f} | "
-             f"{t['pruned'] / t['dense']:.2f}× time |",
-             f"| eval forward, dense | {t['dense_eval'] * 1e3:.1f} | {rate['dense_eval']:.0f} | 1.00 |",
-             f"| eval forward, pruned | {t['pruned_eval'] * 1e3:.1f} | {rate['pruned_eval']:.0f} | "
-             f"{t['pruned_eval'] / t['dense_eval']:.2f}× time |", "",
-             "| data path (augmented batches) | images/s | ratio |", "|---|---|---|",
-             f"| DataLoader + PIL transforms ({workers} workers) | {pil_imgs_s:.0f} | 1.00 |",
-             f"| tensor loader on {device.type} | {tensor_imgs_s:.0f} | {tensor_imgs_s / pil_imgs_s:.1f}× |"]
+    lines = [f"# vitprune training benchmark — {device_name(device)} — {datetime.date.today()} — "
+             f"torch {torch.__version__}", setting, "", "| path | ms/step | images/s | vs dense |", "|---|---|---|---|"]
+    for kind, suffix in (("train step", ""), ("eval forward", "_eval")):
+        for name, label in TRAIN_ROWS.items():
+            ratio_text = "1.00" if name == "dense" else f"{t[name + suffix] / t['dense' + suffix]:.2f}× time"
+            lines.append(f"| {kind}, {label.format(ratio=ratio)} | {t[name + suffix] * 1e3:.1f} | "
+                         f"{rate[name + suffix]:.0f} | {ratio_text} |")
+    pil_imgs_s, tensor_imgs_s = loader_rates
+    lines += ["", f"The pruned step takes {t['pruned'] / t['twin']:.2f}× the time of its compacted twin "
+              f"(evaluation: {t['pruned_eval'] / t['twin_eval']:.2f}×): the cost of keeping dense parameter shapes.",
+              "", "| data path (augmented batches) | images/s | ratio |", "|---|---|---|",
+              f"| DataLoader + PIL transforms ({workers} workers) | {pil_imgs_s:.0f} | 1.00 |",
+              f"| tensor loader on {device.type} | {tensor_imgs_s:.0f} | {tensor_imgs_s / pil_imgs_s:.1f}× |"]
     # The seed's experiment: state 0 dense, states 1-15 pruned; 45k train + 15k eval images per epoch.
     epoch_dense = 45000 / rate["dense"] + 15000 / rate["dense_eval"]
     epoch_pruned = 45000 / rate["pruned"] + 15000 / rate["pruned_eval"]
     total = 60 * epoch_dense + 15 * 60 * epoch_pruned
     lines += ["", f"Projected seed experiment with this model and batch (16 states × 60 epochs): "
               f"{total / 3600:.2f} h (a dense epoch {epoch_dense:.1f} s, a pruned epoch {epoch_pruned:.1f} s)."]
-    print("\n".join(lines), flush=True)
-    return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
-            "projected_h": total / 3600}
+    return lines, total / 3600
 
 
-def _step_fns(model_name, pruned, ratio, batch_xy, device, bf16, optimizer, compile):
-    """(train step, inference forward) of a fresh `model_name`, dense or pruned at `ratio`
-    (magnitude, global), as the state loop runs them."""
-    import contextlib
+def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
+    """({dense, pruned, twin}, kernels backend): a fresh `model_name` (State 0), the same
+    weights pruned at `ratio` (magnitude, global) running through the run's kernels, and the
+    pruned network compacted by export into a plain timm model with its own parameters."""
+    import copy
 
     from . import kernels
-    from .config import Config
     from .model import build_model, set_kernels
     from .select import importance, select
     from .structure import apply_structure
+
+    backend = kernels.resolve_backend("auto", device, torch.bfloat16 if bf16 else torch.float32)
+    masked_linear = kernels.get_ops(backend)[0]
+    nets = {}
+    for name in ("dense", "pruned"):
+        torch.manual_seed(0)
+        nets[name] = build_model(model_name, 10, img_size, patch_size).to(device)
+        set_kernels(nets[name], masked_linear)
+    heads, neurons = importance(nets["pruned"], Structure.full(nets["pruned"]), "magnitude")
+    structure = Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
+                          select(neurons, neurons > -1, 1 - ratio, "global", 1))
+    apply_structure(nets["pruned"], structure)
+    # From a CPU copy (the structure's indices live there): parameters of its own, not views
+    # of the pruned model's.
+    nets["twin"] = compact_model(copy.deepcopy(nets["pruned"]).cpu(), structure).to(device).train()
+    return nets, backend
+
+
+def _step_fns(net, batch_xy, device, bf16, optimizer, compile):
+    """(train step, inference forward) of `net` with a fresh optimizer, as the state loop runs them."""
+    import contextlib
+
+    from .config import Config
     from .train import make_optimizer, train_step
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    torch.manual_seed(0)
-    net = build_model(model_name, 10).to(device)
-    set_kernels(net, kernels.get_ops(kernels.resolve_backend("auto", device))[0])
-    if pruned:
-        heads, neurons = importance(net, Structure.full(net), "magnitude")
-        apply_structure(net, Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
-                                       select(neurons, neurons > -1, 1 - ratio, "global", 1)))
     cfg = Config(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.01, epochs=1)
     opt, sched = make_optimizer(cfg, net, 10 ** 9, device)
     fwd = torch.compile(net) if compile else net

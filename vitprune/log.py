@@ -109,8 +109,11 @@ def resolve_wandb_mode(mode: str) -> str:
 class RunLog:
     """Appends records to metrics.jsonl and mirrors them to W&B (one W&B run per run folder)."""
 
-    def __init__(self, run_dir, config: dict, wandb_mode: str = "disabled"):
+    def __init__(self, run_dir, config: dict, wandb_mode: str = "disabled", runtime: dict = None):
         self.run_dir = Path(run_dir)
+        # How the run executes, as found at start-up rather than configured (e.g. the kernels
+        # backend that passed its self-check): in summary.json and the W&B config and summary.
+        self.runtime = dict(runtime or {})
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.config = config
@@ -137,7 +140,7 @@ class RunLog:
         run_id = id_file.read_text().strip() if id_file.exists() and not os.environ.get("WANDB_RUN_ID") else None
         kwargs = dict(
             project=c.get("wandb_project") or "vitprune", entity=c.get("wandb_entity"),
-            name=self.run_dir.name, config=c, dir=str(self.run_dir), id=run_id, resume="allow",
+            name=self.run_dir.name, config={**c, **self.runtime}, dir=str(self.run_dir), id=run_id, resume="allow",
             # the UI averages a group's runs (the seeds) and compares methods curve against curve
             group=wandb_group(c), job_type=c.get("method"),
             tags=[str(v) for v in (c.get("model"), c.get("dataset") and dataset_name(c["dataset"]), c.get("method"))
@@ -199,10 +202,12 @@ class RunLog:
 
     def summary(self, summary: dict):
         """Write summary.json atomically and mirror its status to the W&B run summary."""
+        summary = {**summary, **self.runtime}
         write_json(self.run_dir / "summary.json", summary)
         if self.wandb_run is not None:
             try:
-                self.wandb_run.summary.update({k: summary[k] for k in ("status", "states_done") if k in summary})
+                self.wandb_run.summary.update({k: summary[k] for k in ("status", "states_done", *self.runtime)
+                                               if k in summary})
             except Exception as e:
                 self._warn(f"W&B summary failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
                 self.wandb_run = None

@@ -331,8 +331,12 @@ def write_summary(r: Run, status: str, states_done: int, **more):
 def setup(cfg: Config) -> Run:
     """Everything that can fail on bad input happens here, before the run folder is touched."""
     rank, world, device = init_distributed(cfg)
-    try:
-        backend = kernels.resolve_backend(cfg.kernels, device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:  # the backend that will run: Triton only if its self-check passes in this precision
+        backend = kernels.resolve_backend(cfg.kernels, device, torch.bfloat16 if bf16 else torch.float32)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     masked_linear, group_reg = kernels.get_ops(backend)
@@ -350,10 +354,6 @@ def setup(cfg: Config) -> Run:
             print(message)
     model.to(device)
     set_kernels(model, masked_linear)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     forward = model
     if world > 1:
@@ -366,7 +366,7 @@ def setup(cfg: Config) -> Run:
     if world > 1:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb) if rank == 0 else None
+    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend}) if rank == 0 else None
     r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "

@@ -1,0 +1,88 @@
+"""`bench train`: dense, pruned and the compacted twin side by side, at any input size; and
+scripts/gpu_check.sh's CPU dry run, end to end."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitprune.bench import _bench_models, bench_train
+from vitprune.export import n_params
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bench_train_has_the_compacted_twin_row(capsys):
+    result = bench_train(model="vit_micro", batch=4, iters=1, device="cpu", img_size=48, patch_size=8)
+    out = capsys.readouterr().out
+    assert "vit_micro (48 px, patch 8), batch 4, fp32, sgd, ratio 0.7, kernels=torch" in out
+    for kind in ("train step", "eval forward"):
+        for row in ("dense (State 0)", "pruned 0.7", "compacted twin (export, nn.Linear)"):
+            assert f"| {kind}, {row} |" in out
+    assert "The pruned step takes" in out and "× the time of its compacted twin" in out
+    t = result["step_s"]
+    assert set(t) == {"dense", "pruned", "twin", "dense_eval", "pruned_eval", "twin_eval"}
+    assert result["pruned_vs_twin"] == pytest.approx(t["pruned"] / t["twin"])
+
+
+def test_twin_is_the_pruned_network_with_parameters_of_its_own():
+    nets, backend = _bench_models("vit_micro", 0.7, torch.device("cpu"), False, 48, 8)
+    dense, pruned, twin = nets["dense"], nets["pruned"], nets["twin"]
+    assert backend == "torch" and twin.training
+    assert twin.patch_embed.img_size == (48, 48) and twin.patch_embed.patch_size == (8, 8)
+    assert n_params(twin) < 0.5 * n_params(dense)
+    assert all(p.requires_grad for p in twin.parameters())
+    x = torch.randn(3, 3, 48, 48)
+    pruned.eval(), twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), pruned(x), rtol=1e-4, atol=1e-5)
+    # A step of the twin leaves the pruned network alone (no shared storage).
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    twin.train()
+    torch.optim.SGD(twin.parameters(), lr=0.1).zero_grad()
+    twin(x).sum().backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in before.items())
+    shared = {p.data_ptr() for p in pruned.parameters()} & {p.data_ptr() for p in twin.parameters()}
+    assert not shared
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's plumbing on the CPU: every step runs and the report holds every table."""
+    out = tmp_path / "check"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.md", "info.txt", "tests.log", "bench_kernels.log", "runs.log", "runs_compared.log",
+         "bench_train.log", "bench_export.log"])  # at most 8 files: what a lent GPU machine returns
+    report = (out / "report.md").read_text()
+    for step in ("device and versions", "GPU tests (pytest -m gpu)", "bench kernels", "run --kernels=auto",
+                 "run --kernels=torch", "runs compared", "bench train", "bench export"):
+        assert f"| {step} | " in report and f"| {step} | " in report.split("## GPU tests")[0]
+    assert report.count("| ok |") == 8 and "skipped on --cpu" in report
+    assert "gpu tests in" in report and "0 failed" in report
+    assert "| batch | alive | heads | layer |" in report
+    assert "(ran: torch): test acc" in report and "agree" in report
+    assert "| train step, compacted twin (export, nn.Linear) |" in report
+    assert "| parameters (M) |" in report
+    assert "Total:" in report and r.stdout.count(" ok") == 8
+
+
+@pytest.mark.slow
+def test_gpu_check_stays_within_its_time_budget(tmp_path):
+    """A step gets only what is left of the budget (killed with its child processes when it
+    runs out); the steps after it are skipped, and the check fails."""
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "25"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    total = int(r.stdout.split("total ")[1].split(" s")[0])
+    assert total <= 30
+    report = (out / "report.md").read_text()
+    assert "| bench export | 0 | FAILED (skipped) |" in report
+    assert "stopped after" in (out / "tests.log").read_text() or "skipped: out of time" in (out / "tests.log").read_text()
