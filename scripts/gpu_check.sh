@@ -120,7 +120,7 @@ run_leg() {  # run_leg NAME KERNELS: 2 states × 1 epoch of RSST on the syntheti
 from vitprune.config import from_flags
 from vitprune.train import run
 run(from_flags(dict(method='rsst', dataset='synthetic', states=2, epochs=1, optimizer='adamw', lr=1e-3,
-                    reg_granularity_prune=1000.0, kernels='$2', wandb='disabled', out_dir='$runs',
+                    kernels='$2', wandb='disabled', out_dir='$runs',
                     name='$1', $run_flags)))"
 }
 
