@@ -109,6 +109,24 @@ def test_decode_gives_rgb_squares_of_the_shorter_side():
     assert x.shape == (3, 10, 10) and x.dtype == torch.uint8 and torch.equal(x, expected)
 
 
+
+def test_a_changed_folder_is_decoded_again(tmp_path):
+    """The decode cache is keyed by the file list: a rewritten or an added image is decoded
+    again, never read stale from the cache of the folder as it was."""
+    root = write_tree(tmp_path / "images", {"train": 20, "val": 4})
+    data_dir = str(tmp_path / "data")
+    first = folder_module.decoded(folder_module.scan(str(root)), 16, data_dir)
+    changed = root / "val" / "cat" / "img_000.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(changed)  # a black image in its place
+    second = folder_module.decoded(folder_module.scan(str(root)), 16, data_dir)
+    i = folder_module.scan(str(root)).sources["val"][0].index(str(changed))
+    assert second["val"][i].max() == 0 and first["val"][i].max() > 0
+    for k in range(3):  # three more dogs
+        Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(root / "train" / "dog" / f"new_{k}.png")
+    third = folder_module.decoded(folder_module.scan(str(root)), 16, data_dir)
+    assert len(third["train"]) == len(second["train"]) + 3
+    assert len(list((tmp_path / "data" / "decoded").iterdir())) == 3
+
 # ---- the streaming path against the tensor path ----------------------------------------------
 
 def both_paths(root, tmp_path, **flags):
