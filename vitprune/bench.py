@@ -24,6 +24,7 @@ from .export import compact_model, load_checkpoint, masked_model, n_params
 from .kernels import PrunableParams, reference, resolve_backend
 from .structure import Structure, count, head_cols, head_rows
 from .timing import device_name, peak_memory, time_side_by_side
+from .train import resolve_device, use_bf16
 
 # vit_small/16 on 32×32 images with patch 4: 64 patches + the class token.
 VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
@@ -120,8 +121,7 @@ def bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iter
     "float32" or "bfloat16"; small: tiny shapes, for tests. Returns the table rows as dicts
     (times in seconds, None where a path was not run).
     """
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                          else "cpu" if device == "auto" else device)
+    device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     s = SMALL if small else VIT_SMALL
     cuda = device.type == "cuda"
@@ -203,13 +203,10 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     img_size/patch_size: the models' input (the synthetic 32-px batch is resized to it)."""
     from .data import synthetic, train_batches
 
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                          else "cpu" if device == "auto" else device)
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     iters = iters or (30 if cuda else 5)
-    bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    bf16 = use_bf16(precision, device)
     data = synthetic(0).to(device)
     x, y = next(train_batches(data, batch, 0, 0, 0))
     if img_size != x.shape[-1]:
@@ -367,8 +364,7 @@ def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="
     iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
     runs before (default 10 on CUDA, 1 on CPU).
     """
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                          else "cpu" if device == "auto" else device)
+    device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     cuda = device.type == "cuda"
     iters = iters or (50 if cuda else 5)

@@ -50,6 +50,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to autocast in bf16 (--precision; 'auto': on CUDA). On CUDA the fp32 matmuls
+    and convolutions use TF32 either way."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def make_optimizer(cfg: Config, model, steps: int, device):
     """Optimizer and per-step LR schedule of one state (every state starts them afresh)."""
     decay, no_decay = [], []
@@ -331,10 +340,7 @@ def write_summary(r: Run, status: str, states_done: int, **more):
 def setup(cfg: Config) -> Run:
     """Everything that can fail on bad input happens here, before the run folder is touched."""
     rank, world, device = init_distributed(cfg)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    bf16 = use_bf16(cfg.precision, device)
     try:  # the backend that will run: Triton only if its self-check passes in this precision
         backend = kernels.resolve_backend(cfg.kernels, device, torch.bfloat16 if bf16 else torch.float32)
     except ValueError as e:
