@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import fmt
 from .export import compact_model, load_checkpoint, masked_model, n_params
 from .kernels import PrunableParams, reference, resolve_backend
 from .structure import Structure, count, head_cols, head_rows
@@ -347,14 +348,6 @@ def _pil_loader_rate(data, batch, workers):
 # --- export: dense vs physically compacted model ------------------------------------------
 
 
-def _mib(n):
-    return "n/a" if n is None else f"{n / 2**20:.1f}"
-
-
-def _times(num, den):
-    return "n/a" if num is None or den is None or den == 0 else f"{num / den:.2f}×"
-
-
 def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
     """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
 
@@ -390,11 +383,11 @@ def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="
                 result[name]["latency_s"][b] = t
             for name, fn in fns.items():
                 result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
-    print(_table(result, ck, iters, cuda))
+    print(_export_table(result, ck, iters, cuda))
     return result
 
 
-def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
+def _export_table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
     d, e = r["dense"], r["exported"]
     cfg = ck["config"]
     memory = ("torch.cuda.max_memory_allocated above the resident weights" if cuda else
@@ -407,12 +400,12 @@ def _table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
              f"{cfg.get('model')}, ratio {cfg.get('ratio')}. Latency: median of {iters} runs after warm-up "
              f"({'CUDA events' if cuda else 'wall clock'}), models alternating. Peak memory: {memory}.")
     lines = [title, "", about, "", "| | dense | exported | exported / dense |", "|---|---|---|---|"]
-    lines += [f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {_times(b, a)} |" for label, a, b, fmt in rows]
+    lines += [f"| {label} | {form.format(a)} | {form.format(b)} | {fmt.ratio(b, a)} |" for label, a, b, form in rows]
     for b in r["batches"]:
         t_d, t_e = d["latency_s"][b], e["latency_s"][b]
-        lines.append(f"| latency, batch {b} (ms) | {t_d * 1e3:.2f} | {t_e * 1e3:.2f} | {_times(t_e, t_d)} |")
+        lines.append(f"| latency, batch {b} (ms) | {t_d * 1e3:.2f} | {t_e * 1e3:.2f} | {fmt.ratio(t_e, t_d)} |")
     for b in r["batches"]:
         m_d, m_e = d["peak_memory_bytes"][b], e["peak_memory_bytes"][b]
-        lines.append(f"| peak memory, batch {b} (MiB) | {_mib(m_d)} | {_mib(m_e)} | {_times(m_e, m_d)} |")
+        lines.append(f"| peak memory, batch {b} (MiB) | {fmt.mib(m_d)} | {fmt.mib(m_e)} | {fmt.ratio(m_e, m_d)} |")
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from vitprune.config import Config, ConfigError
+from vitprune import fmt
 from vitprune.data import Data, check_split, seeded_split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io decodes (PIL-only formats are skipped)
@@ -209,8 +210,8 @@ def load_folder(cfg: Config, device, world: int = 1):
     size = layout.images * 3 * cfg.img_size ** 2
     budget, rule = memory_budget(device)
     if cfg.data_loader == "tensor" and size > budget:
-        raise ConfigError(f"--data_loader: {layout.images} images at {cfg.img_size} px take {_bytes(size)} decoded, "
-                          f"more than the memory budget of {_bytes(budget)} ({rule}); use --data_loader=stream")
+        raise ConfigError(f"--data_loader: {layout.images} images at {cfg.img_size} px take {fmt.size(size)} decoded, "
+                          f"more than the memory budget of {fmt.size(budget)} ({rule}); use --data_loader=stream")
     shared = [source for source, _ in parts.values()]  # a source that several splits share is split with the seed
     say(f"--dataset {cfg.dataset}: {len(layout.classes)} classes; " + ", ".join(
         f"{len(idx)} {split} images ({'seeded from ' if shared.count(source) > 1 else ''}{_folder_name(source)})"
@@ -218,7 +219,7 @@ def load_folder(cfg: Config, device, world: int = 1):
     if cfg.data_loader == "stream" or size > budget:
         from vitprune.stream import StreamData
         if cfg.data_loader == "auto":
-            say(f"streaming: {_bytes(size)} decoded would exceed the memory budget of {_bytes(budget)} ({rule})")
+            say(f"streaming: {fmt.size(size)} decoded would exceed the memory budget of {fmt.size(budget)} ({rule})")
         return StreamData.from_layout(layout, parts, cfg.img_size, world).to(device)
     images = decoded(layout, cfg.img_size, cfg.data_dir)
     tensors = []
@@ -231,10 +232,3 @@ def load_folder(cfg: Config, device, world: int = 1):
 def _folder_name(source: str) -> str:
     return "PATH" if source == "all" else f"PATH/{source}"
 
-
-def _bytes(n: float) -> str:
-    """Bytes, in the largest binary unit that keeps the number at least 1."""
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"

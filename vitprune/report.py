@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitprune.config import ConfigError, configuration
+from vitprune import fmt
 from vitprune.log import read_metrics, record_from_wandb, resolve_wandb_mode
 from vitprune.methods import NOT_ZEROED
 
@@ -254,24 +255,9 @@ def by_state(groups: dict, n: int, schedule: str, key=HEADLINE) -> list:
 
 # ---- Markdown -----------------------------------------------------------------------------
 
-def _table(header, rows):
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-
 
 def _pct(x, signed=False):
     return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}%")
-
-
-def _count(x):
-    for unit, scale, digits in (("G", 1e9, 2), ("M", 1e6, 2), ("K", 1e3, 1)):
-        if x >= scale:
-            return f"{x / scale:.{digits}f}{unit}"
-    return str(x)
-
-
-def _seconds(s):
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 DELTA = "Δ (best − next)"
@@ -279,7 +265,7 @@ DELTA = "Δ (best − next)"
 
 def comparison_table(groups, n, schedule="oneshot", key=HEADLINE) -> list:
     rows = comparison(groups, n, schedule, key)
-    return _table(["Metric", *groups, DELTA, "Winner"],
+    return fmt.table(["Metric", *groups, DELTA, "Winner"],
                   [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
 
 
@@ -323,7 +309,7 @@ def dataset_section(title, runs, schedule, png) -> list:
                          (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
         lines += [f"### {heading}", ""] + comparison_table(groups, n, schedule, key) + [""]
     if n >= 2:
-        lines += ["### State by state (final pruned test accuracy)", ""] + _table(
+        lines += ["### State by state (final pruned test accuracy)", ""] + fmt.table(
             ["State", *groups, DELTA, "Winner"],
             [[s, *cells.values(), _pct(d, signed=True), v] for s, cells, d, v in by_state(groups, n, schedule)]) + [""]
     lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
@@ -338,7 +324,7 @@ def per_state(r: Run) -> list:
     rows = [("final test (pruned)", HEADLINE, _num), ("final val (pruned)", "final_val_acc", _num),
             ("best-epoch test", BEST_EPOCH, _num), ("before hard prune (RSST)", "pre_prune_test_acc", _num),
             ("targets' norm at hard prune (RSST)", "target_norm_ratio", _ratio_cell),
-            ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", _count)]
+            ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", fmt.count)]
     body = [[title, *("" if s.get(key) is None else fmt(s[key]) for s in r.states)] for title, key, fmt in rows
             if any(s.get(key) is not None for s in r.states)]
     planned = r.config.get("states")
@@ -347,7 +333,7 @@ def per_state(r: Run) -> list:
     trend = "" if stats["best"] is None else (
         f"Best pruned state by val: state {stats['best_state']}, test {stats['best']:.2f}%" +
         (f"; states 2+ range {min(r.acc()[2:]):.2f}–{max(r.acc()[2:]):.2f}%." if len(r.states) > 2 else "."))
-    return [head, ""] + _table(["State", *range(len(r.states))], body) + ["", trend, ""]
+    return [head, ""] + fmt.table(["State", *range(len(r.states))], body) + ["", trend, ""]
 
 
 def _num(x):
@@ -367,7 +353,7 @@ def findings(runs, n) -> list:
         best = "n/a" if s["best"] is None else f"{s['best']:.2f}% (state {s['best_state']})"
         rows.append([r.name, _pct(s["state0"]), best, _pct(gain(s["best"]), True),
                      _pct(s["mean"]), _pct(gain(s["mean"]), True)])
-    lines += _table(["Run", "State 0", "Best pruned (by val)", "Δ best", "Mean states 2+", "Δ mean"], rows) + [""]
+    lines += fmt.table(["Run", "State 0", "Best pruned (by val)", "Δ best", "Mean states 2+", "Δ mean"], rows) + [""]
 
     lines += ["### Finding 2: is State 0 still improving? (val accuracy per epoch of state 0)", ""]
     rows = []
@@ -381,7 +367,7 @@ def findings(runs, n) -> list:
         verdict = "still rising" if last - before > RISING else "plateaued"
         rows.append([r.name, _pct(first), _pct(last), _pct(last - first, True),
                      f"{verdict} (last {k} vs the {k} before: {last - before:+.2f})"])
-    lines += _table(["Run", "First-k mean", "Last-k mean", "Δ", "Verdict"], rows)
+    lines += fmt.table(["Run", "First-k mean", "Last-k mean", "Δ", "Verdict"], rows)
     lines += ["", f"k = min(5, epochs/2); \"still rising\" = the last k epochs beat the k before "
                   f"by > {RISING} points.", ""]
 
@@ -395,7 +381,7 @@ def findings(runs, n) -> list:
         e0 = r.state_epochs(1, "test_acc")[:1]
         rows.append([r.name, _pct(s0), _pct(r.states[1].get("start_test_acc")), _pct(e0[0] if e0 else None),
                      _pct(e0[0] - s0 if e0 else None, True), _pct(s1), _pct(s1 - s0, True)])
-    lines += _table(["Run", "State 0 final", "State 1 start (rewound + pruned)", "State 1 epoch 0",
+    lines += fmt.table(["Run", "State 0 final", "State 1 start (rewound + pruned)", "State 1 epoch 0",
                      "Drop", "State 1 final", "Recovered (vs State 0)"], rows) + [""]
     return lines
 
@@ -415,10 +401,10 @@ def efficiency(runs) -> list:
         cells = []
         for r, total in zip(runs, totals):
             alive = r.states[-1].get(alive_key)
-            cells.append("n/a" if not alive else f"{_count(alive)} ({total / alive:.2f}×)")
-        rows.append([title, " / ".join(map(_count, dict.fromkeys(totals))), *cells])
+            cells.append("n/a" if not alive else f"{fmt.count(alive)} ({total / alive:.2f}×)")
+        rows.append([title, " / ".join(map(fmt.count, dict.fromkeys(totals))), *cells])
     header = ["", "Dense (State 0)", *(f"{r.name} (state {len(r.states) - 1})" for r in runs)]
-    return ["### Parameter efficiency (alive after the last state; compression ×)", ""] + _table(header, rows) + [""]
+    return ["### Parameter efficiency (alive after the last state; compression ×)", ""] + fmt.table(header, rows) + [""]
 
 
 def timing(runs) -> list:
@@ -426,10 +412,10 @@ def timing(runs) -> list:
     for r in runs:
         t = [s.get("time_s", 0.0) for s in r.states]
         per_epoch = _mean([e["time_s"] for e in r.epochs if e.get("time_s") is not None])
-        rows.append([r.name, _seconds(t[0]), _seconds(t[1]) if len(t) > 1 else "n/a",
-                     _seconds(_mean(t[2:])) if len(t) > 2 else "n/a", _seconds(sum(t)),
-                     _seconds(per_epoch) if per_epoch else "n/a"])
-    return ["### Training time", ""] + _table(
+        rows.append([r.name, fmt.duration(t[0]), fmt.duration(t[1]) if len(t) > 1 else "n/a",
+                     fmt.duration(_mean(t[2:])) if len(t) > 2 else "n/a", fmt.duration(sum(t)),
+                     fmt.duration(per_epoch) if per_epoch else "n/a"])
+    return ["### Training time", ""] + fmt.table(
         ["Run", "State 0", "State 1", "States 2+ (mean per state)", "Total", "Per epoch"], rows) + [""]
 
 
@@ -517,7 +503,7 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     lines = [f"# {title}", "",
              "Headline numbers are the **final pruned test accuracy** of each state: the network after the "
              "state's pruning (RSST: after its hard prune). Best-epoch accuracies are shown separately, labelled.", ""]
-    lines += _table(["Run", "Dataset", "Method", "Model", "Ratio", "Seed", "States", "Epochs/state", "Status"],
+    lines += fmt.table(["Run", "Dataset", "Method", "Model", "Ratio", "Seed", "States", "Epochs/state", "Status"],
                     [[r.name, *(r.config.get(k) for k in ("dataset", "method", "model", "ratio", "seed")),
                       f"{len(r.states)}/{r.config.get('states', '?')}", r.config.get("epochs"), r.status]
                      for r in runs]) + [""]

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from vitprune import kernels
+from vitprune import fmt, kernels
 from vitprune.config import Config, ConfigError
 from vitprune.data import Data, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
@@ -151,11 +151,6 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def save_torch(obj, path: Path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
@@ -269,7 +264,7 @@ def run(cfg: Config) -> Path:
             stop_here(r, loop, tools, stop.signum)
     if r.main:
         r.log.close()
-    r.say(f"done in {fmt_time(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
+    r.say(f"done in {fmt.clock(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
     return r.run_dir
 
 
@@ -495,7 +490,7 @@ def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_tim
     reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if tools.rsst else ""
     r.say(f"state {state} epoch {epoch} | loss {record['train_loss']:.3f} train {record['train_acc']:.1f}% "
           f"val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | {record['time_s']:.1f}s, "
-          f"{done}/{total} epochs, ETA {fmt_time((total - done) * sum(epoch_times) / len(epoch_times))}", flush=True)
+          f"{done}/{total} epochs, ETA {fmt.clock((total - done) * sum(epoch_times) / len(epoch_times))}", flush=True)
     if state == 0 and cfg.rewind_epoch == epoch + 1:
         r.rewind = save_rewind_point(r, epoch + 1, tools)
     if r.main:
