@@ -27,7 +27,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (compiled Triton kernels)")
     config.addinivalue_line("markers", "slow: runs the state loop (minutes on 2 cores); -m 'not slow' skips them")
     # torchvision 0.29 announces that its image decoders will move to TorchCodec, once per
-    # decoded file; vitprune.folder decodes with them (what the installed torchvision offers).
+    # decoded file; vitprune.data.images decodes with them (what the installed torchvision offers).
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
     _check_interpreter()
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import kill_mid_state, run_cli
-from vitprune import folder as folder_module
 from vitprune.config import from_flags
-from vitprune.data import load_data, train_batches
-from vitprune.folder import decode
-from vitprune.stream import StreamData
+from vitprune.data import LoopData, StreamData, load_data, train_batches
+from vitprune.data import folder as folder_module
+from vitprune.data import images
+from vitprune.data.images import decode
 
 CLASSES = ("cat", "dog", "fox")
 MODES = ("RGB", "L", "RGBA")  # colour, grayscale, with alpha
@@ -133,6 +133,7 @@ def both_paths(root, tmp_path, **flags):
     cfg = lambda loader: from_flags(folder_flags(root, data_dir=str(tmp_path / "data"), data_loader=loader, **flags))
     tensor, stream = load_data(cfg("tensor")), load_data(cfg("stream"))
     assert isinstance(stream, StreamData) and not isinstance(tensor, StreamData)
+    assert isinstance(stream, LoopData) and isinstance(tensor, LoopData)  # what the loop reads, both provide
     return tensor, stream
 
 
@@ -223,7 +224,7 @@ def test_folder_run_counts_the_files_and_reuses_the_decode_cache(tree, tensor_ru
     # A second run decodes nothing: every decode now fails, and the run still succeeds.
     def no_decoding(*args):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(folder_module, "decode", no_decoding)
+    monkeypatch.setattr(images, "decode", no_decoding)
     mtime = cache[0].stat().st_mtime_ns
     assert run_cli(monkeypatch, "run", f"--dataset=folder:{tree}", *RUN, "--states=1", "--epochs=1",
                    f"--data_dir={data_dir}", f"--out_dir={out}", "--name=again") == 0

@@ -191,11 +191,6 @@ def dataset_name(dataset: str) -> str:
     return dataset
 
 
-def val_count(val_size: float, pool: int) -> int:
-    """--val_size as images out of `pool`: below 1 a fraction (rounded), else a count."""
-    return round(val_size * pool) if val_size < 1 else int(val_size)
-
-
 def configuration(config: dict) -> dict:
     """The fields that define what a run computes, seed aside and only those that apply to
     it: runs that agree on these are seeds of one configuration."""

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import fmt, kernels
 from vitprune.config import Config, ConfigError
-from vitprune.data import Data, load_data, steps_per_epoch, train_batches
+from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
 from vitprune.methods import NOT_ZEROED, RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
@@ -86,7 +86,7 @@ def make_optimizer(cfg: Config, model, steps: int, device):
 
 
 @torch.inference_mode()
-def evaluate(model, data: Data, split: str, autocast, rank: int = 0, world: int = 1) -> float:
+def evaluate(model, data: LoopData, split: str, autocast, rank: int = 0, world: int = 1) -> float:
     """Top-1 accuracy (%) on a split in large batches; each process takes its share; one host sync."""
     was_training = model.training
     model.eval()
@@ -164,7 +164,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    data: Data
+    data: LoopData
     steps: int                   # optimisation steps per epoch
     model: torch.nn.Module
     forward: Callable            # the model as the training step calls it (DDP, compiled)

@@ -1,5 +1,5 @@
 """Image folders too large to hold decoded (--data_loader=stream): DataLoader workers decode
-every batch with torchvision, the same way folder.py decodes the cached set.
+every batch with torchvision, as folder.py decodes the cached set (images.decode).
 
 The epoch's order and augmentation are drawn exactly as the tensor path draws them (from
 (seed, state, epoch) only), the workers only decode, and the crop, flip and normalisation
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitprune.data import EVAL_BATCH, augment, epoch_draws, global_batches, model_input
-from vitprune.folder import decode
+from vitprune.data.core import EVAL_BATCH, augment, epoch_draws, global_batches, model_input
+from vitprune.data.images import decode
 
 
 class FolderImages(Dataset):
@@ -38,7 +38,7 @@ class FolderImages(Dataset):
 
 @dataclass
 class StreamData:
-    """The interface of data.Data (labels, train_batches, batches, to) over image files."""
+    """core.LoopData over image files, as core.Data provides it (and `to`, `classes`)."""
     train: FolderImages
     val: FolderImages
     test: FolderImages
@@ -82,7 +82,7 @@ class StreamData:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_batches(self, batch_size, seed, state, epoch, rank=0, world=1, start_step=0):
-        """The tensor path's batches (data.train_batches), decoded from the files."""
+        """The tensor path's batches (core.Data.train_batches), decoded from the files."""
         perm, shifts, flips = epoch_draws(len(self.train), self.img_size, seed, state, epoch)
         slices = list(global_batches(len(self.train), batch_size, rank, world, start_step))
         batches = self._load("train", [perm[sl].tolist() for sl in slices])
@@ -90,7 +90,7 @@ class StreamData:
             yield model_input(augment(x, shifts[sl].to(self.device), flips[sl].to(self.device)), self.img_size), y
 
     def batches(self, split: str, batch_size: int = EVAL_BATCH, rank: int = 0, world: int = 1, index=None):
-        """Normalised batches of a split, not augmented (data.Data.batches)."""
+        """Normalised batches of a split, not augmented (core.Data.batches)."""
         index = (torch.arange(len(getattr(self, split))) if index is None else index.cpu())[rank::world].tolist()
         chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
         for x, y in self._load(split, chunks):

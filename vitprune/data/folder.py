@@ -9,28 +9,28 @@ Carving uses --val_size and the seed, as for CIFAR. Every image is decoded with 
 (antialiased) and centre-cropped to a square: once. The uint8 result is cached in
 --data_dir/decoded/, keyed by the folder, the size and the file list (names, byte sizes,
 modification times), and then goes through the same device-resident tensor pipeline as
-CIFAR. A set whose decoded size exceeds the memory budget streams instead (stream.py).
+CIFAR. A set whose decoded size exceeds the memory budget streams instead (stream.py);
+images.py decodes.
 """
 import hashlib
 import json
 import os
-import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torchvision.datasets.folder import find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
-from vitprune.config import Config, ConfigError
 from vitprune import fmt
-from vitprune.data import Data, check_split, seeded_split
+from vitprune.config import Config, ConfigError
+from vitprune.data.core import Data
+from vitprune.data.images import EXTENSIONS, decode_all
+from vitprune.data.split import check_split, seeded_split
+from vitprune.data.stream import StreamData
+from vitprune.log import write_atomic
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io decodes (PIL-only formats are skipped)
 MEMORY_FRACTION = 0.5  # of the available RAM (shared by this machine's processes) and of a GPU's free memory
 BUDGET_ENV = "VITPRUNE_DATA_BUDGET"  # bytes: overrides the rule above
 
@@ -110,36 +110,6 @@ def splits(layout: Layout, cfg: Config) -> dict:
     return {"train": (pool, train), "val": (pool, held[:n_val]), "test": test}
 
 
-def decode(path: str, size: int) -> torch.Tensor:
-    """One image file -> uint8 [3, size, size]: RGB, EXIF orientation applied, the shorter
-    side resized to `size` (bilinear, antialiased), the centre square kept."""
-    img = decode_image(path, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = TF.to_dtype(img, torch.uint8, scale=True)
-    return TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
-
-
-def _decode_or_fail(path: str, size: int) -> torch.Tensor:
-    try:
-        return decode(path, size)
-    except Exception as e:  # torchvision says "decode_image, .../decode_image.cpp:61, Unsupported ..."
-        reason = re.sub(r"^.*?\.cpp:\d+, ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
-        raise ConfigError(f"--dataset: cannot decode {path} ({reason[:120]})") from None
-
-
-def decode_all(files: list, size: int) -> torch.Tensor:
-    """uint8 [N, 3, size, size], decoded by a thread pool (torchvision's decoders and resize
-    release the GIL); ConfigError naming the first file that fails."""
-    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
-    try:
-        for i, img in enumerate(pool.map(lambda f: _decode_or_fail(f, size), files)):
-            out[i] = img
-    finally:
-        pool.shutdown(cancel_futures=True)
-    return out
-
-
 def cache_file(layout: Layout, size: int, data_dir: str) -> Path:
     """--data_dir/decoded/NAME_SIZEpx_KEY.pt, KEY a hash of the folder, the size and the file
     list with byte sizes and modification times: a changed, added or removed file re-decodes."""
@@ -156,7 +126,6 @@ def cache_file(layout: Layout, size: int, data_dir: str) -> Path:
 def decoded(layout: Layout, size: int, data_dir: str) -> dict:
     """source -> uint8 images: read from the cache, or decoded and cached. Under torchrun the
     first process decodes and writes the cache while the others wait, then read it."""
-    from vitprune.log import write_atomic
     path, fresh = cache_file(layout, size, data_dir), None
     if (not dist.is_initialized() or dist.get_rank() == 0) and not path.is_file():
         t0 = time.time()
@@ -217,7 +186,6 @@ def load_folder(cfg: Config, device, world: int = 1):
         f"{len(idx)} {split} images ({'seeded from ' if shared.count(source) > 1 else ''}{_folder_name(source)})"
         for split, (source, idx) in parts.items()))
     if cfg.data_loader == "stream" or size > budget:
-        from vitprune.stream import StreamData
         if cfg.data_loader == "auto":
             say(f"streaming: {fmt.size(size)} decoded would exceed the memory budget of {fmt.size(budget)} ({rule})")
         return StreamData.from_layout(layout, parts, cfg.img_size, world).to(device)
