@@ -38,6 +38,7 @@ class LoopData(Protocol):
 
 @dataclass
 class Data:
+    """LoopData held as uint8 tensors, one (images, labels) pair per split, on one device."""
     train_x: torch.Tensor  # uint8 [N, 3, S, S]
     train_y: torch.Tensor  # int64 [N]
     val_x: torch.Tensor
