@@ -19,6 +19,9 @@ from typing import Optional, get_args
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
+# An RSST state whose targets keep more than this share of their norm at the hard prune was
+# not driven to zero: the run warns and the report flags it.
+NOT_ZEROED = 0.1
 
 
 class ConfigError(ValueError):

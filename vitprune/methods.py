@@ -18,11 +18,6 @@ from vitprune.kernels.reference import group_sq_norms
 from vitprune.structure import Structure, apply_structure, dims, group_sizes, prunable_params
 
 
-# An RSST state whose targets keep more than this share of their norm at the hard prune was
-# not driven to zero: the run warns and the report flags it.
-NOT_ZEROED = 0.1
-
-
 def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
     """RSST coefficient at progress p ∈ (0, 1] of the state; λ(1) = g for every schedule."""
     if schedule == "x":

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import fmt, kernels
-from vitprune.config import Config, ConfigError
+from vitprune.config import NOT_ZEROED, Config, ConfigError
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
-from vitprune.methods import NOT_ZEROED, RsstRegularizer, Transition, regularizer, transition
+from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
 

@@ -1,0 +1,67 @@
+"""The report's figures: PNG plots of accuracy per state and per epoch, and the optional W&B
+Report (headline tables beside the runs' live curves)."""
+from vitprune.config import NOT_ZEROED
+from vitprune.report.runs import BEST_EPOCH
+
+
+def plot(dataset, runs, paths):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r.label for r in runs))}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    flagged = False
+    for r in runs:
+        x = range(len(r.states))
+        ax.plot(x, r.acc(), "o-", color=colors[r.label], label=f"{r.name} final (pruned)")
+        ax.plot(x, r.acc(BEST_EPOCH), "x--", color=colors[r.label], alpha=0.5, label=f"{r.name} best epoch")
+        bad = [s for s in x if r.not_zeroed(s)]
+        if bad:
+            ax.plot(bad, [r.acc()[s] for s in bad], "o", ms=12, mfc="none", mec="red",
+                    label=None if flagged else f"RSST targets not zeroed (> {NOT_ZEROED:g})")
+            flagged = True
+    _save(fig, ax, paths["states"], xlabel="state", ylabel="test accuracy (%)", title=f"{dataset}: accuracy per state")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        ax.plot([e["global_epoch"] for e in r.epochs], [e["val_acc"] for e in r.epochs],
+                color=colors[r.label], label=r.name, lw=1)
+    epochs = runs[0].epochs
+    for before, e in zip(epochs, epochs[1:]):  # state boundaries
+        if e["state"] != before["state"]:
+            ax.axvline(e["global_epoch"] - 0.5, color="grey", lw=0.5, ls=":")
+    _save(fig, ax, paths["epochs"], xlabel="global epoch", ylabel="val accuracy (%)",
+          title=f"{dataset}: val accuracy per epoch")
+
+
+def _save(fig, ax, path, **labels):
+    """Integer ticks (states and epochs are counted), labels, legend; write the PNG."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(**labels)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the W&B Report ---------------------------------------------------------------------------
+
+def create_wandb_report(target, tables: dict, title):
+    """A W&B Report with, per dataset, the headline table and the runs' curves grouped by method."""
+    import wandb_workspaces.reports.v2 as wr
+    entity, project = target.split("/")
+    blocks = [wr.H1(title), wr.P("Headline: final pruned test accuracy of every state (state/final_test_acc).")]
+    for dataset, table in tables.items():
+        runs = wr.Runset(entity=entity, project=project, name=dataset,
+                         filters=f"Config('dataset') = '{dataset}'", groupby=["group"])
+        panels = [wr.LinePlot(title="final pruned test acc", x="state", y=["state/final_test_acc"]),
+                  wr.LinePlot(title="best-epoch test acc", x="state", y=["state/best_test_acc"]),
+                  wr.LinePlot(title="val acc", x="global_epoch", y=["val_acc"]),
+                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"])]
+        blocks += [wr.H2(dataset), wr.MarkdownBlock("\n".join(table)), wr.PanelGrid(runsets=[runs], panels=panels)]
+    report = wr.Report(project=project, entity=entity, title=title, blocks=blocks)
+    report.save()
+    return report.url
+

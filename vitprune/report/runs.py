@@ -1,0 +1,87 @@
+"""Reading runs for the report: a run folder (metrics.jsonl, config.json, summary.json) or a W&B
+run's history, as one RunRecords."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitprune.config import NOT_ZEROED, ConfigError
+from vitprune.log import read_metrics, record_from_wandb
+
+# The headline number of a state is its FINAL PRUNED test accuracy (the network after the state's
+# pruning, what one would deploy); the best-epoch accuracy (test accuracy at the epoch of best val
+# accuracy) is shown beside it, labelled as such.
+HEADLINE, BEST_EPOCH = "final_test_acc", "best_test_acc"
+
+
+@dataclass
+class RunRecords:
+    """One run as its metrics records tell it (what train wrote, not a run to train)."""
+    name: str
+    config: dict
+    status: str
+    epochs: list = field(default_factory=list)  # epoch records in order
+    states: list = field(default_factory=list)  # state records for states 0, 1, ... (no gaps)
+    label: str = ""                             # its configuration's name in the tables
+
+    def acc(self, key=HEADLINE, n=None):
+        return [s.get(key) for s in self.states[:n]]
+
+    def state_epochs(self, state, key="val_acc"):
+        return [e[key] for e in self.epochs if e["state"] == state and e.get(key) is not None]
+
+    def not_zeroed(self, state) -> bool:
+        """RSST state whose targets were not driven to zero before the hard prune."""
+        ratio = self.states[state].get("target_norm_ratio") if state < len(self.states) else None
+        return ratio is not None and ratio > NOT_ZEROED
+
+
+def make_run(name, config, status, records) -> RunRecords:
+    """RunRecords from metrics records; a record written twice (resume) counts once, the last."""
+    states = {r["state"]: r for r in records if r["kind"] == "state"}
+    epochs = {(r["state"], r["epoch"]): r for r in records if r["kind"] == "epoch"}
+    consecutive = []
+    while len(consecutive) in states:
+        consecutive.append(states[len(consecutive)])
+    return RunRecords(name, config, status, [epochs[k] for k in sorted(epochs)], consecutive)
+
+
+def load_run(run_dir) -> RunRecords:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"report: {run_dir} is not a run folder (no metrics.jsonl); give folders under --out_dir")
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_json(run_dir / "config.json") or summary.get("config", {})
+    return make_run(run_dir.name, config, summary.get("status", "unknown"), read_metrics(run_dir))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def load_wandb_runs(project, entity=None) -> list:
+    """The runs of a W&B project, rebuilt from their histories (names as logged by RunLog)."""
+    import wandb
+    runs = []
+    for r in wandb.Api().runs(f"{entity}/{project}" if entity else project):
+        records = [rec for rec in map(record_from_wandb, r.scan_history()) if rec]
+        config = {k: v for k, v in dict(r.config).items() if not k.startswith("_")}
+        runs.append(make_run(r.name, config, r.state, records))
+    return runs
+
+
+def read_runs(run_dirs, wandb_project=None, wandb_entity=None, online=False) -> list:
+    """The runs with at least one finished state, from run folders and (online) a W&B project."""
+    runs = [load_run(d) for d in run_dirs]
+    if wandb_project and online:
+        runs += load_wandb_runs(wandb_project, wandb_entity)
+    elif wandb_project:
+        print(f"report: cannot read W&B project {wandb_project!r} offline (no credentials or WANDB_MODE); "
+              f"using the run folders only")
+    runs = [r for r in runs if r.states]
+    if not runs:
+        raise ConfigError("report: no run with a finished state; give run folders (RUN_DIR...) "
+                          "or --wandb_project with W&B online")
+    return runs
