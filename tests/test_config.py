@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import Config, ConfigError, from_flags, wandb_group
+from vitprune.config import Config, ConfigError, from_flags
+from vitprune.log import wandb_group
 
 
 def cli(monkeypatch, capsys, *args):
