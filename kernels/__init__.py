@@ -9,11 +9,11 @@ Backends: "triton" (fused Triton kernels; CUDA, or CPU under TRITON_INTERPRET=1)
 are imported only when that backend is chosen, and self-checked then (self_check.py).
 aot.py compiles every kernel variant for a GPU target without a GPU (the CI's check).
 """
-import os
 import sys
 
 import torch
 
+from .interpret import interpret_mode
 from .reference import PrunableParams, as_index  # noqa: F401
 from . import reference
 
@@ -26,10 +26,6 @@ def triton_importable() -> bool:
         return True
     except Exception:
         return False
-
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def auto_backend(device: torch.device) -> str:

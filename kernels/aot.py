@@ -40,7 +40,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from . import group_reg as gr
-from . import interpret_mode
+from .interpret import interpret_mode
 from . import masked_linear as ml
 from .reference import PrunableParams
 

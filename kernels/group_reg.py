@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpret_mode
+from .interpret import interpret_mode
 from .reference import PrunableParams
 
 _INTERPRET = interpret_mode()

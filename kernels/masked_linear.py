@@ -21,7 +21,7 @@ import triton.language as tl
 import triton.testing
 from torch.autograd.function import once_differentiable
 
-from . import interpret_mode
+from .interpret import interpret_mode
 from .reference import as_index
 
 # triton.jit picks the interpreter when the kernel is *defined* (TRITON_INTERPRET at import),

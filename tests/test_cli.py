@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vitprune.config import FIELDS, default_text, flag_table, help_text
+from vitprune.__main__ import default_text, flag_table, help_text
+from vitprune.config import FIELDS
 
 REPO = Path(__file__).parent.parent
 README = REPO / "README.md"

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import Config, ConfigError, from_flags, wandb_group
+from vitprune.config import FIELDS, Config, ConfigError, Range, from_flags
+from vitprune.log import wandb_group
 
 
 def cli(monkeypatch, capsys, *args):
@@ -164,3 +165,12 @@ def test_resume_refuses_a_config_from_an_older_version(tmp_path, monkeypatch, ca
     (run_dir / "config.json").write_text(json.dumps(config))
     code, err = cli(monkeypatch, capsys, "run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r")
     assert code == 2 and "older vitprune (it has no --reg_formula)" in err
+
+
+def test_ranges_are_parsed_once_and_print_as_declared():
+    for text in ("[0, 1)", "(0, inf)", "[1, inf)", "(0, 1]", "[0, inf)"):
+        assert str(Range.parse(text)) == text
+    r = Range.parse("[0, 1)")
+    assert r.contains(0) and r.contains(0.5) and not r.contains(1) and not r.contains(float("nan"))
+    assert not Range.parse("(0, inf)").contains(float("inf")) and Range.parse("(0, 1]").contains(1)
+    assert isinstance(FIELDS["ratio"].metadata["range"], Range)

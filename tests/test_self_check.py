@@ -2,7 +2,7 @@
 the PyTorch kernels with one warning line and records the backend that ran; --kernels=triton
 stops with one line. CPU twin: the kernels in Triton's interpreter; `gpu`: compiled, on CUDA.
 
-A deliberately wrong kernel goes in through the module attribute get_ops("triton") reads.
+A deliberately wrong kernel goes in through the module attribute the self-check reads.
 """
 import json
 

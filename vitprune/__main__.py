@@ -2,14 +2,64 @@
 
 Bad input ends with one line naming the flag and the valid values, exit code 2.
 """
+import functools
+import inspect
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import fire
 
-from vitprune.config import EXECUTION_FLAGS, FIELDS, ConfigError, from_flags, help_text
+from vitprune.config import EXECUTION_FLAGS, FIELDS, NUMERICS_FLAGS, ConfigError, base_type, from_flags
+
+# --help and the README's flag table, both from the fields' metadata
+GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
+
+
+def default_text(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def values_text(name: str) -> str:
+    """The valid values of a flag as help and the README show them."""
+    f = FIELDS[name]
+    meta = f.metadata
+    if meta["choices"]:
+        text = ", ".join(meta["choices"])
+    elif meta["range"]:
+        text = str(meta["range"])
+    else:
+        text = {bool: "true, false", int: "integer", float: "number", str: "text"}[base_type(f)]
+    if meta["requires"]:
+        text += "; only with " + " and ".join(f"--{k}={'|'.join(v)}" for k, v in meta["requires"].items())
+    return text
+
+
+def help_text() -> str:
+    """`python -m vitprune run --help`: every flag, grouped, with its default and valid values."""
+    lines = ["usage: python -m vitprune run [--flag=value ...]", "",
+             "The state loop: state 0 trains the dense ViT, every later state selects the heads and neurons to",
+             "keep, rewinds and retrains. Defaults are the seed's experiment. States and epochs count from 0."]
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        for name, f in FIELDS.items():
+            if f.metadata["group"] == group:
+                lines.append(f"  {'--' + name + '=' + default_text(f.default):<32} {values_text(name)}")
+                lines += textwrap.wrap(f.metadata["help"], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def flag_table() -> str:
+    """The README's flag table: the same source as --help."""
+    cell = lambda text: text.replace("|", "\\|")
+    rows = ["| group | flag | default | values | what it does |", "|---|---|---|---|---|"]
+    for group in GROUPS:
+        rows += [f"| {group} | `--{name}` | `{default_text(f.default)}` | {cell(values_text(name))} | "
+                 f"{cell(f.metadata['help'])} |" for name, f in FIELDS.items() if f.metadata["group"] == group]
+    return "\n".join(rows)
 
 
 def run(*args, **flags):
@@ -54,7 +104,7 @@ def _resumed_config(cfg, flags):
         if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
             raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "
                               f"a resumed run keeps its config (drop the flag or start a new run)")
-    changed = [k for k in flags if FIELDS[k].metadata["numerics"] and getattr(cfg, k) != saved[k]]
+    changed = [k for k in flags if k in NUMERICS_FLAGS and getattr(cfg, k) != saved[k]]
     if changed:
         print("warning: " + ", ".join(f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed) +
               " since the run started: the resumed numbers will not be bit-identical to an uninterrupted run",
@@ -108,31 +158,29 @@ def export(checkpoint, out):
     export_checkpoint(checkpoint, out)
 
 
-def _as_tuple(value):
-    """Fire reads --batches=128 as an int and --batches=128,512 as a tuple."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+def _command(fn):
+    """`fn` as a Fire command: where it takes a tuple, one value becomes a 1-tuple (Fire reads
+    --batches=128 as 128, --batches=128,512 as a tuple); it prints, so its return value is dropped."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)  # Fire reads the signature and doc of `fn` through __wrapped__
+    def command(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for key, value in bound.arguments.items():
+            if isinstance(signature.parameters[key].default, tuple):
+                bound.arguments[key] = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        fn(*bound.args, **bound.kwargs)
+    return command
 
 
-def _bench_kernels(batches=(128, 512), alive=(1.0, 0.5, 0.3), device="auto", iters=None, dtype="float32"):
-    from vitprune.bench import bench_kernels
-    bench_kernels(batches=_as_tuple(batches), alive=_as_tuple(alive), device=device, iters=iters, dtype=dtype)
-
-
-def _bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto", precision="auto",
-                 optimizer="sgd", compile=False, workers=0, img_size=32, patch_size=4):
-    from vitprune.bench import bench_train
-    bench_train(model=model, batch=batch, ratio=ratio, iters=iters, device=device, precision=precision,
-                optimizer=optimizer, compile=compile, workers=workers, img_size=img_size, patch_size=patch_size)
-
-
-def _bench_export(checkpoint, batches=(1, 256), iters=None, device="auto"):
-    from vitprune.bench import bench_export
-    bench_export(checkpoint, batches=_as_tuple(batches), iters=iters, device=device)
+def bench():
+    """Side-by-side benchmarks (vitprune/bench.py): kernels, train, export."""
+    from vitprune import bench as benchmarks
+    return {name: _command(getattr(benchmarks, f"bench_{name}")) for name in ("kernels", "train", "export")}
 
 
 def main():
-    commands = {"run": run, "report": report, "sweep": sweep, "export": export, "info": info,
-                "bench": {"kernels": _bench_kernels, "train": _bench_train, "export": _bench_export}}
+    commands = {"run": run, "report": report, "sweep": sweep, "export": export, "info": info, "bench": bench}
     try:
         fire.Fire(commands, name="vitprune")
     except ConfigError as e:

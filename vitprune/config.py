@@ -12,7 +12,6 @@ import difflib
 import math
 import os
 import string
-import textwrap
 from dataclasses import dataclass
 from typing import Optional, get_args
 
@@ -28,17 +27,48 @@ class ConfigError(ValueError):
     """Bad user input: the message is one line naming the flag and the valid values."""
 
 
-def flag(default, help: str, group: str, *, choices=None, range: str = None, execution: bool = False,
-         numerics: bool = False, requires: dict = None):
+@dataclass(frozen=True)
+class Range:
+    """An interval of valid numbers, parsed once from its text: "[0, 1)", "(0, inf)"."""
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Range":
+        lo, hi = text[1:-1].split(",")
+        return cls(float(lo), float(hi), text[0] == "(", text[-1] == ")")
+
+    def contains(self, x) -> bool:
+        return (self.lo < x if self.lo_open else self.lo <= x) and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def describe(self) -> str:
+        """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'in [0, 1)'."""
+        if self.hi == math.inf:
+            return f"{'greater than' if self.lo_open else 'at least'} {self.lo:g}"
+        return f"in {self}"
+
+
+# What a flag says: "what" to compute (the default); how to run ("execution": it may change
+# on --resume and does not distinguish configurations); or how to run in a way that still
+# changes the floating-point results ("numerics": a resumed run that changes it is not
+# bit-identical).
+KINDS = ("what", "execution", "numerics")
+
+
+def flag(default, help: str, group: str, *, choices=None, range: str = None, kind: str = "what",
+         requires: dict = None):
     """A Config field with what the command line, validation and reports need to know of it.
 
     choices: the valid values; range: interval of valid numbers, e.g. "[0, 1)" or "(0, inf)";
-    execution: the flag says how to run, not what to compute (it may change on --resume and
-    does not distinguish configurations); numerics: an execution flag that still changes the
-    floating-point results (a resumed run that changes it is not bit-identical); requires:
-    {field: values} under which the flag applies (e.g. {"method": ("rsst",)}): elsewhere it
-    must keep its default, and reports do not show it."""
-    meta = dict(help=help, group=group, choices=choices, range=range, execution=execution, numerics=numerics,
+    kind: one of KINDS; requires: {field: values} under which the flag applies (e.g.
+    {"method": ("rsst",)}): elsewhere it must keep its default, and reports do not show it."""
+    assert kind in KINDS, kind
+    meta = dict(help=help, group=group, choices=choices, range=Range.parse(range) if range else None, kind=kind,
                 requires=requires or {})
     return dataclasses.field(default=default, metadata=meta)
 
@@ -121,28 +151,28 @@ class Config:
     # system
     kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch; triton: fail if it cannot run; torch: the "
                         "reference", "system", choices=("auto", "triton", "torch"),
-                        execution=True, numerics=True)
+                        kind="numerics")
     precision: str = flag("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", "system",
-                          choices=("auto", "fp32", "bf16"), execution=True, numerics=True)
-    compile: bool = flag(False, "torch.compile the training forward", "system", execution=True, numerics=True)
+                          choices=("auto", "fp32", "bf16"), kind="numerics")
+    compile: bool = flag(False, "torch.compile the training forward", "system", kind="numerics")
     device: str = flag("auto", "where to train (auto: CUDA when available)", "system",
-                       choices=("auto", "cpu", "cuda", "cuda:N"), execution=True, numerics=True)
+                       choices=("auto", "cpu", "cuda", "cuda:N"), kind="numerics")
     data_dir: str = flag("data", "where datasets are found or downloaded, and where image folders are cached "
-                         "decoded", "system", execution=True)
+                         "decoded", "system", kind="execution")
     data_loader: str = flag("auto", "tensor: the decoded set on the device; stream: DataLoader workers decode "
                             "every batch (image folders too large to hold); auto: tensor when it fits the memory "
                             "budget. How to load, not what: may change on --resume",
-                            "system", choices=("auto", "tensor", "stream"), execution=True)
+                            "system", choices=("auto", "tensor", "stream"), kind="execution")
     # logging
-    out_dir: str = flag("runs", "the parent folder of run folders", "logging", execution=True)
+    out_dir: str = flag("runs", "the parent folder of run folders", "logging", kind="execution")
     name: Optional[str] = flag(None, "run folder name (default: derived from the config)", "logging",
-                               execution=True)
+                               kind="execution")
     wandb: str = flag("auto", "auto: online with credentials, else offline", "logging",
-                      choices=("auto", "online", "offline", "disabled"), execution=True)
-    wandb_project: str = flag("vitprune", "W&B project", "logging", execution=True)
-    wandb_entity: Optional[str] = flag(None, "W&B entity (team or user)", "logging", execution=True)
-    resume: bool = flag(False, "continue the run folder from checkpoints/last.pt", "logging", execution=True)
-    overwrite: bool = flag(False, "replace an existing run folder", "logging", execution=True)
+                      choices=("auto", "online", "offline", "disabled"), kind="execution")
+    wandb_project: str = flag("vitprune", "W&B project", "logging", kind="execution")
+    wandb_entity: Optional[str] = flag(None, "W&B entity (team or user)", "logging", kind="execution")
+    resume: bool = flag(False, "continue the run folder from checkpoints/last.pt", "logging", kind="execution")
+    overwrite: bool = flag(False, "replace an existing run folder", "logging", kind="execution")
 
     @property
     def head_prune(self) -> float:
@@ -179,7 +209,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 RUN_NAME = "{dataset}_{method}_{model}_r{ratio:g}_s{seed}"
 NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME) if name)
 # Flags that say how to execute, not what to compute: they may change on --resume.
-EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["execution"])
+EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["kind"] != "what")
+# Execution flags that still change the floating-point results.
+NUMERICS_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["kind"] == "numerics")
 
 
 def applies(name: str, config: dict) -> bool:
@@ -201,80 +233,14 @@ def configuration(config: dict) -> dict:
             if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed" and applies(k, config)}
 
 
-def wandb_group(config: dict) -> str:
-    """The W&B group of a run: dataset/method/rRATIO, then every other field of its
-    configuration that differs from the default, so that a group holds seeds only."""
-    c = configuration(config)
-    rest = [f"{k}={v}" for k, v in c.items()
-            if k not in ("dataset", "method", "ratio") and v != FIELDS[k].default]
-    return "/".join([dataset_name(str(c.get("dataset"))), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
-
-
-def _base_type(f):
+def base_type(f):
     """int, float, str or bool: the field's type with Optional removed."""
     return next(t for t in (get_args(f.type) or (f.type,)) if t is not type(None))
 
 
-def _parse_range(text: str):
-    """'[0, 1)' -> (0.0, 1.0, lo_open=False, hi_open=True)."""
-    lo, hi = text[1:-1].split(",")
-    return float(lo), float(hi), text[0] == "(", text[-1] == ")"
-
-
-GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
-
-
-def default_text(value) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}" \
-        if isinstance(value, float) else str(value)
-
-
-def values_text(name: str) -> str:
-    """The valid values of a flag as help and the README show them."""
-    f = FIELDS[name]
-    meta = f.metadata
-    text = (", ".join(meta["choices"]) if meta["choices"] else meta["range"] or
-            {bool: "true, false", int: "integer", float: "number", str: "text"}[_base_type(f)])
-    if meta["requires"]:
-        text += "; only with " + " and ".join(f"--{k}={'|'.join(v)}" for k, v in meta["requires"].items())
-    return text
-
-
-def help_text() -> str:
-    """`python -m vitprune run --help`: every flag, grouped, with its default and valid values."""
-    lines = ["usage: python -m vitprune run [--flag=value ...]", "",
-             "The state loop: state 0 trains the dense ViT, every later state selects the heads and neurons to",
-             "keep, rewinds and retrains. Defaults are the seed's experiment. States and epochs count from 0."]
-    for group in GROUPS:
-        lines += ["", f"{group}:"]
-        for name, f in FIELDS.items():
-            if f.metadata["group"] == group:
-                lines.append(f"  {'--' + name + '=' + default_text(f.default):<32} {values_text(name)}")
-                lines += textwrap.wrap(f.metadata["help"], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    return "\n".join(lines)
-
-
-def flag_table() -> str:
-    """The README's flag table: the same source as --help."""
-    cell = lambda text: text.replace("|", "\\|")
-    rows = ["| group | flag | default | values | what it does |", "|---|---|---|---|---|"]
-    for group in GROUPS:
-        rows += [f"| {group} | `--{name}` | `{default_text(f.default)}` | {cell(values_text(name))} | "
-                 f"{cell(f.metadata['help'])} |" for name, f in FIELDS.items() if f.metadata["group"] == group]
-    return "\n".join(rows)
-
-
-def describe_range(text: str) -> str:
-    """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'in [0, 1)'."""
-    lo, hi, lo_open, _ = _parse_range(text)
-    if hi == math.inf:
-        return f"{'greater than' if lo_open else 'at least'} {lo:g}"
-    return f"in {text}"
-
-
 def _check_value(name: str, value):
     f = FIELDS[name]
-    meta, kind = f.metadata, _base_type(f)
+    meta, kind = f.metadata, base_type(f)
     if value is None:
         if f.default is not None:
             raise ConfigError(f"--{name}: needs a value (default {f.default!r})")
@@ -284,10 +250,8 @@ def _check_value(name: str, value):
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise ConfigError(f"--{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if meta["range"]:
-            lo, hi, lo_open, hi_open = _parse_range(meta["range"])
-            if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
-                raise ConfigError(f"--{name}: {value!r} is not {describe_range(meta['range'])}")
+        if meta["range"] and not meta["range"].contains(value):  # NaN is in no range
+            raise ConfigError(f"--{name}: {value!r} is not {meta['range'].describe()}")
 
 
 def _is_choice(value, choices) -> bool:
@@ -388,7 +352,7 @@ def _check_pretrained(spec: str):
 def _coerce(name: str, value):
     """Fire reads --ratio=1 as int and --name=123 as int: give the value its field's type."""
     f = FIELDS[name]
-    kind = _base_type(f)
+    kind = base_type(f)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and value is not None and not isinstance(value, str):

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from vitprune.config import dataset_name, wandb_group
+from vitprune.config import FIELDS, configuration, dataset_name
 
 EPOCH_STEP = "global_epoch"
 STATE_STEP = "state"
@@ -104,6 +104,15 @@ def resolve_wandb_mode(mode: str) -> str:
     if env in ("online", "offline", "disabled"):
         return env
     return "online" if has_wandb_credentials() else "offline"
+
+
+def wandb_group(config: dict) -> str:
+    """The W&B group of a run: dataset/method/rRATIO, then every other field of its
+    configuration that differs from the default, so that a group holds seeds only."""
+    c = configuration(config)
+    rest = [f"{k}={v}" for k, v in c.items()
+            if k not in ("dataset", "method", "ratio") and v != FIELDS[k].default]
+    return "/".join([dataset_name(str(c.get("dataset"))), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
 
 
 class RunLog:
