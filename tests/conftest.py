@@ -73,9 +73,9 @@ def small_data(sizes):
     return load
 
 
-def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 600, env=None):
+def kill_mid_state(cmd, run_dir, state: int, next_epoch: int, timeout: float = 600, env=None):
     """Start `cmd` and SIGKILL it (a crash with no warning) as soon as its rolling checkpoint
-    is at (state, epochs_done): the kill lands inside the next epoch, and resuming must
+    is at (state, next_epoch): the kill lands inside the next epoch, and resuming must
     restore the middle of a state, not replay a transition."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     last = run_dir / "checkpoints" / "last.pt"
@@ -83,7 +83,7 @@ def kill_mid_state(cmd, run_dir, state: int, epochs_done: int, timeout: float = 
     while time.time() < deadline and proc.poll() is None:
         if last.exists():
             ck = torch.load(last, weights_only=False)  # written by rename: never torn
-            if (ck["state"], ck["epochs_done"]) == (state, epochs_done):
+            if (ck["state"], ck["next_epoch"]) == (state, next_epoch):
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"

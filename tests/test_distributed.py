@@ -23,7 +23,7 @@ def rows(run_dir):
 def test_torchrun_two_processes_match_one_and_resume(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "vitprune", "run", *FLAGS, f"--out_dir={tmp_path}", "--name=ddp"]
-    kill_mid_state(torchrun, tmp_path / "ddp", state=1, epochs_done=1, env=ENV)
+    kill_mid_state(torchrun, tmp_path / "ddp", state=1, next_epoch=1, env=ENV)
     ddp = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, env=ENV)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "at state 1, epoch 1" in ddp.stdout and "2 processes" in ddp.stdout

@@ -237,7 +237,7 @@ def test_streamed_run_killed_and_resumed_equals_the_tensor_run(tree, tensor_run)
     out, data_dir, _ = tensor_run
     args = ["run", f"--dataset=folder:{tree}", *RUN, f"--data_dir={data_dir}", f"--out_dir={out}", "--name=stream",
             "--data_loader=stream"]
-    kill_mid_state([sys.executable, "-m", "vitprune", *args], out / "stream", state=1, epochs_done=1, env=ENV)
+    kill_mid_state([sys.executable, "-m", "vitprune", *args], out / "stream", state=1, next_epoch=1, env=ENV)
     assert len([r for r in comparable(out / "stream") if r["kind"] == "state"]) == 1  # killed inside state 1
     r = vitprune(*args, "--resume")
     assert r.returncode == 0, r.stderr

@@ -180,7 +180,7 @@ def test_truncate_drops_redone_work(tmp_path):
         for rec in EPOCHS[2 * s:2 * s + 2]:
             log.epoch(rec)
         log.state(STATES[s])
-    log.truncate(state=1, epochs_done=1)
+    log.truncate(state=1, next_epoch=1)
     kept = read_metrics(tmp_path / "r")
     assert [(r["kind"], r["state"]) for r in kept] == [("epoch", 0), ("epoch", 0), ("state", 0), ("epoch", 1)]
 

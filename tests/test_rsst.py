@@ -165,8 +165,8 @@ def test_rsst_epoch_accuracy_is_the_network_without_its_targets(runs):
     """The last epoch record of an RSST state: the weights of last.pt (just before the hard
     prune) with every group outside the saved keep set zeroed, in a plain timm ViT."""
     ck = torch.load(runs["sgd_off"] / "checkpoints" / "last.pt", weights_only=False)
-    assert (ck["state"], ck["epochs_done"]) == (1, 2)
-    keep, alive = Structure.from_state_dict(ck["keep"]), Structure.from_state_dict(ck["structure"])
+    assert (ck["state"], ck["next_epoch"]) == (1, 2)
+    keep, alive = Structure.from_state_dict(ck["keep"]), Structure.from_state_dict(ck["alive"])
     assert int(alive.heads.sum()) > int(keep.heads.sum())  # the targets were still alive
     record = [r for r in metrics(runs["sgd_off"], "epoch") if r["state"] == 1][-1]
     assert val_accuracy(plain_vit(zero_outside(ck["model"], keep))) == record["val_acc"]
@@ -211,10 +211,10 @@ def test_late_rewinding_continues_the_schedule_from_epoch_k(tmp_path):
     assert len({r["lr"] for r in state0}) == 3  # cosine: every epoch its own lr
     # last.pt: the weights after state 1's last step, before the end of the state zeroes anything
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert (ck["state"], ck["epochs_done"]) == (1, 3)
+    assert (ck["state"], ck["next_epoch"]) == (1, 3)
     model = build_model("vit_micro", 10)
     model.load_state_dict(ck["model"])
-    structure = Structure.from_state_dict(ck["structure"])
+    structure = Structure.from_state_dict(ck["alive"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     apply_structure(model, structure)  # zeroing the dead groups changes nothing: they are zero
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -225,7 +225,7 @@ def test_late_rewinding_continues_the_schedule_from_epoch_k(tmp_path):
 def test_sigkill_mid_rsst_state_then_resume(runs, tmp_path):
     flags = [f"--{k}={v}" for k, v in RUNS["sgd"].items()] + [f"--out_dir={tmp_path}", "--name=sgd"]
     cmd = [sys.executable, "-m", "vitprune", "run", *flags]
-    kill_mid_state(cmd, tmp_path / "sgd", state=1, epochs_done=1)  # mid-RSST state: λ, targets in flight
+    kill_mid_state(cmd, tmp_path / "sgd", state=1, next_epoch=1)  # mid-RSST state: λ, targets in flight
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "at state 1, epoch 1" in r.stdout

@@ -89,7 +89,7 @@ def test_sigkill_mid_state_then_resume_equals_uninterrupted(demo, tmp_path):
     run_dir, _ = demo
     args = ["run", *DEMO, f"--out_dir={tmp_path}", "--name=killed"]
     # Kill the process without warning in the middle of state 1 (during its second epoch).
-    kill_mid_state([sys.executable, "-m", "vitprune", *args], tmp_path / "killed", state=1, epochs_done=1)
+    kill_mid_state([sys.executable, "-m", "vitprune", *args], tmp_path / "killed", state=1, next_epoch=1)
     assert len(records(tmp_path / "killed", "state")) == 1  # killed inside state 1
     r = vitprune(*args, "--resume")
     assert r.returncode == 0, r.stderr
@@ -124,14 +124,14 @@ def test_sigint_mid_epoch_then_the_printed_resume_command_equals_uninterrupted(d
 
     def in_state_1_epoch_1():  # last.pt is written by rename: never torn
         ck = torch.load(last, weights_only=False) if last.exists() else {}
-        return (ck.get("state"), ck.get("epochs_done")) == (1, 1)
+        return (ck.get("state"), ck.get("next_epoch")) == (1, 1)
     wait_for(in_state_1_epoch_1)
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of state 1's second epoch
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     ck = torch.load(last, weights_only=False)
-    assert (ck["state"], ck["epochs_done"]) == (1, 1) and 0 < ck["step"] < 31  # inside the epoch
+    assert (ck["state"], ck["next_epoch"]) == (1, 1) and 0 < ck["step"] < 31  # inside the epoch
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["states_done"]) == ("interrupted", 1)
     line = stdout.strip().splitlines()[-1]

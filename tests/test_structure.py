@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from vitprune.config import Config
 from vitprune.model import build_model
-from vitprune.select import importance, select
+from vitprune.importance import importance, keep_set
 from vitprune.structure import Structure, apply_structure, count, dims, zero_dead
 from vitprune.train import make_optimizer
 
@@ -26,8 +26,8 @@ def test_vit_small_counts_match_the_seed():
     full = count(model, Structure.full(model))
     assert full["params_total"] == full["params_alive"] == 21_342_346  # the seed's "22M"
     heads, neurons = importance(model, Structure.full(model), "magnitude")
-    s = Structure(select(heads, torch.ones_like(heads, dtype=torch.bool), 0.3, "global", 1),
-                  select(neurons, torch.ones_like(neurons, dtype=torch.bool), 0.3, "global", 1))
+    s = Structure(keep_set(heads, torch.ones_like(heads, dtype=torch.bool), 0.3, "global", 1),
+                  keep_set(neurons, torch.ones_like(neurons, dtype=torch.bool), 0.3, "global", 1))
     c = count(model, s)
     assert (c["heads_alive"], c["neurons_alive"]) == (22, 5530)  # round(0.3 · 72), round(0.3 · 18432)
     assert abs(c["params_alive"] - 6.6e6) / 6.6e6 < 0.05

@@ -266,7 +266,7 @@ def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
 
     from . import kernels
     from .model import build_model, set_kernels
-    from .select import importance, select
+    from .importance import importance, keep_set as select
     from .structure import apply_structure
 
     backend = kernels.resolve_backend("auto", device, torch.bfloat16 if bf16 else torch.float32)

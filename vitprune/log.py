@@ -190,12 +190,12 @@ class RunLog:
             self._warn(f"W&B logging failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
             self.wandb_run = None
 
-    def truncate(self, state: int, epochs_done: int):
-        """Keep only the records of the run up to (state, epochs_done): used on resume, so the
+    def truncate(self, state: int, next_epoch: int):
+        """Keep only the records of the run before (state, next_epoch): used on resume, so the
         records of work after the last checkpoint, which is redone, are not duplicated.
         (W&B keeps its rows: the redone epochs are logged again at the same global_epoch.)"""
         kept = [r for r in read_metrics(self.run_dir)
-                if r["state"] < state or (r["state"] == state and r["kind"] == "epoch" and r["epoch"] < epochs_done)]
+                if r["state"] < state or (r["state"] == state and r["kind"] == "epoch" and r["epoch"] < next_epoch)]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _append(self, record: dict):

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from vitprune import select
+from vitprune.importance import importance, keep_elements, keep_fraction, keep_set
 from vitprune.kernels import PrunableParams
 from vitprune.kernels.reference import group_sq_norms
 from vitprune.structure import Structure, apply_structure, dims, group_sizes, prunable_params
@@ -34,52 +34,53 @@ def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
 
 
 class Transition(NamedTuple):
-    """What a state trains: the structure alive while it trains, the structure alive after
-    it, and RSST's penalty on the difference (None for the other methods)."""
-    train: Structure
-    end: Structure
+    """What a state trains: `alive` while it trains, `keep` alive after it, and RSST's
+    penalty on the difference (None for the other methods)."""
+    alive: Structure
+    keep: Structure
     regularizer: Optional["RsstRegularizer"]
 
 
-def transition(cfg, model, structure: Structure, data, state: int, rewind_to: Optional[dict],
+def transition(cfg, model, alive: Structure, data, state: int, rewind_to: Optional[dict],
                steps_in_state: int, group_reg) -> Transition:
-    """Between states: select the structure of `state` (>= 1) from the trained weights of the
-    previous one, rewind to `rewind_to` (None: keep the trained weights), prune."""
-    train, end = select_structure(cfg, model, structure, data, state)
+    """Between states: select the structures of `state` (>= 1) from the trained weights of the
+    previous one (`alive`: what it left alive), rewind to `rewind_to` (None: keep the trained
+    weights), prune."""
+    alive, keep = select_structure(cfg, model, alive, data, state)
     if rewind_to is not None:
         model.load_state_dict(rewind_to)
-    apply_structure(model, train)
-    return Transition(train, end, regularizer(cfg, model, train, end, steps_in_state, group_reg))
+    apply_structure(model, alive)
+    return Transition(alive, keep, regularizer(cfg, model, alive, keep, steps_in_state, group_reg))
 
 
 def select_structure(cfg, model, structure: Structure, data, state: int):
-    """(alive while `state` trains, alive after it): they differ only for RSST, whose targets
-    are the difference."""
+    """(alive while `state` trains, alive after it: its keep set): they differ only for RSST,
+    whose targets are the difference."""
     if cfg.method == "dense":
         return structure, structure
     if cfg.method == "imp":
-        keep = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.ratio)
-        new = Structure(structure.heads, structure.neurons, select.select_elements(model, structure, keep))
+        keep = keep_fraction(cfg.schedule, state, cfg.states, cfg.ratio)
+        new = Structure(structure.heads, structure.neurons, keep_elements(model, structure, keep))
         return new, new
-    keep_h = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.head_prune)
-    keep_n = select.keep_fraction(cfg.schedule, state, cfg.states, cfg.mlp_prune)
+    keep_h = keep_fraction(cfg.schedule, state, cfg.states, cfg.head_prune)
+    keep_n = keep_fraction(cfg.schedule, state, cfg.states, cfg.mlp_prune)
     head_size, neuron_size = group_sizes(model)
     L, H, _, _, M = dims(model)
     # remain: the unstructured prune keeps the same share of the prunable weights.
     keep_w = (keep_h * L * H * head_size + keep_n * L * M * neuron_size) / (L * H * head_size + L * M * neuron_size)
-    heads, neurons = select.importance(model, structure, cfg.criterion, data, keep_w, cfg.calib_batches,
-                                       cfg.batch_size, cfg.seed, state)
-    kept = Structure(select.select(heads, structure.heads, keep_h, cfg.sorting, cfg.min_keep),
-                     select.select(neurons, structure.neurons, keep_n, cfg.sorting, cfg.min_keep))
+    heads, neurons = importance(model, structure, cfg.criterion, data, keep_w, cfg.calib_batches,
+                                cfg.batch_size, cfg.seed, state)
+    kept = Structure(keep_set(heads, structure.heads, keep_h, cfg.sorting, cfg.min_keep),
+                     keep_set(neurons, structure.neurons, keep_n, cfg.sorting, cfg.min_keep))
     return (kept, kept) if cfg.method == "refill" else (structure, kept)
 
 
-def regularizer(cfg, model, train: Structure, end: Structure, steps_in_state: int, group_reg,
+def regularizer(cfg, model, alive: Structure, keep: Structure, steps_in_state: int, group_reg,
                 start_norms=None) -> Optional["RsstRegularizer"]:
-    """RSST's penalty on the groups alive in `train` but not in `end` (None for other methods
-    or without targets). start_norms: the groups' norms at the start of the state ([L, H],
+    """RSST's penalty on the groups in `alive` but not in `keep` (None for other methods or
+    without targets). start_norms: the groups' norms at the start of the state ([L, H],
     [L, M]), when resuming in its middle."""
-    heads, neurons = train.heads & ~end.heads, train.neurons & ~end.neurons
+    heads, neurons = alive.heads & ~keep.heads, alive.neurons & ~keep.neurons
     if cfg.method != "rsst" or not (heads.any() or neurons.any()):
         return None
     return RsstRegularizer(model, heads, neurons, steps_in_state, group_reg, formula=cfg.reg_formula,

@@ -1,18 +1,19 @@
 """The state loop: train → select structure → rewind → retrain, with exact resume.
 
     θ0 ← initial (or pretrained) weights: the rewind point
-    for s in 0 .. states-1:
-        s ≥ 1: select the keep set from the trained weights, rewind, prune (the method's transition)
+    for state in 0 .. states-1:
+        state ≥ 1: select the keep set from the trained weights, rewind, prune (the method's transition)
         train `epochs` (RSST: regularise the targets), finish (RSST: hard-prune the targets)
         evaluate the final, pruned network on val and test; checkpoint; log
 
-Where the loop stands is a `LoopState`, saved with the model, optimizer, LR schedule and RNG
+Where the loop stands is a `Position`, saved with the model, optimizer, LR schedule and RNG
 in checkpoints/last.pt (atomically) at the start of every state and after every epoch; the
 data order depends only on (seed, state, epoch). So a killed run resumed with --resume gives
 the same numbers as one that was never interrupted.
 """
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shlex
@@ -21,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -157,7 +157,7 @@ def save_torch(obj, path: Path):
 
 # ---- what a run holds, and where its loop stands ---------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What stays fixed for the whole run: configuration, processes, data, model, files."""
     cfg: Config
@@ -172,7 +172,6 @@ class Run:
     group_reg: Callable          # RSST's kernel
     run_dir: Path
     log: Optional[RunLog]        # only the first process writes
-    rewind: Optional[dict] = None  # the rewind point (weights, optimizer, schedule), once reached
 
     @property
     def main(self) -> bool:
@@ -197,43 +196,49 @@ class Run:
     def evaluate(self, split: str) -> float:
         return evaluate(self.model, self.data, split, self.autocast, self.rank, self.world)
 
-    def evaluate_as(self, structure: Structure):
-        """(val, test) accuracy of the network `structure` leaves alive, weights untouched."""
+    @contextlib.contextmanager
+    def live(self, structure: Structure, restore: Structure):
+        """The forward computes the network `structure` leaves alive (weights untouched) inside
+        the block, and `restore` (the live one) again after it."""
         set_live(self.model, structure)
-        return self.evaluate("val"), self.evaluate("test")
+        try:
+            yield
+        finally:
+            set_live(self.model, restore)
 
 
-@dataclass
-class LoopState:
+@dataclasses.dataclass
+class Position:
     """Where the loop stands. With the model, optimizer, schedule and RNG it is last.pt."""
     state: int
-    epochs_done: int
-    structure: Structure          # alive while the state trains
-    keep: Structure               # alive after it (RSST: structure minus its targets)
+    next_epoch: int               # the epoch to train next (from K under --rewind=epoch:K)
+    alive: Structure              # alive while the state trains (the forward computes it)
+    keep: Structure               # alive after it (RSST: alive minus its targets)
     start_acc: tuple = None       # (val, test) of the state's network before training
     state_time: float = 0.0
     rsst_start_norms: Optional[tuple] = None  # RSST: every group's norm at the start of the state
-    history: list = field(default_factory=list)  # the state's epoch records
-    step: int = 0                 # steps done in epoch `epochs_done` (an interrupted epoch)
+    history: list = dataclasses.field(default_factory=list)  # the state's epoch records
+    step: int = 0                 # steps done in epoch `next_epoch` (an interrupted epoch)
     partial: Optional[tuple] = None  # its (loss · n, correct, images, seconds, lr) so far, all processes
 
+    OLD_KEYS = {"epochs_done": "next_epoch", "structure": "alive"}  # last.pt written before the renames
+
     def save(self, path: Path, model, opt, sched, cfg: Config):
-        save_torch({"state": self.state, "epochs_done": self.epochs_done, "structure": self.structure.state_dict(),
-                    "keep": self.keep.state_dict(), "start_acc": self.start_acc, "state_time": self.state_time,
-                    "rsst_start_norms": self.rsst_start_norms, "history": self.history, "step": self.step,
-                    "partial": self.partial, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {k: v.state_dict() if isinstance(v, Structure) else v for k, v in fields.items()}
+        save_torch({**fields, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict()}, path)
 
     @classmethod
     def load(cls, path: Path, model, device):
-        """The saved loop state; loads the model and the RNG. Returns (loop, checkpoint)."""
+        """The saved position; loads the model and the RNG. Returns (position, checkpoint)."""
         ck = torch.load(path, map_location=device, weights_only=False)
+        ck = {cls.OLD_KEYS.get(k, k): v for k, v in ck.items()}
         model.load_state_dict(ck["model"])
         torch.set_rng_state(ck["rng"].cpu())
-        loop = cls(ck["state"], ck["epochs_done"], Structure.from_state_dict(ck["structure"]),
-                   Structure.from_state_dict(ck["keep"]), ck["start_acc"], ck["state_time"],
-                   ck["rsst_start_norms"], ck["history"], ck["step"], ck["partial"])
-        return loop, ck
+        fields = {f.name: Structure.from_state_dict(ck[f.name]) if f.type is Structure else ck[f.name]
+                  for f in dataclasses.fields(cls)}
+        return cls(**fields), ck
 
 
 class StepTools(NamedTuple):
@@ -249,19 +254,20 @@ def run(cfg: Config) -> Path:
     stop = StopRequest()
     with stop.handling_signals():
         r = setup(cfg)
-        loop, tools = resume(r) if cfg.resume else begin(r)
-        run_start, epoch_times = time.time(), []
+        pos, tools, rewind = resume(r) if cfg.resume else begin(r)
+        run_start, epoch_times, first = time.time(), [], pos.state
         try:
-            while True:
-                for epoch in range(loop.epochs_done, cfg.epochs):
-                    record = train_epoch(r, loop, tools, epoch, stop)
-                    end_epoch(r, loop, tools, record, epoch_times)
-                finish_state(r, loop, tools)
-                if loop.state == cfg.states - 1:
-                    break
-                loop, tools = start_state(r, loop, loop.state + 1)
+            for state in range(first, cfg.states):
+                if state > first:  # begin or resume started the first one
+                    pos, tools = start_state(r, pos, state, rewind)
+                for epoch in range(pos.next_epoch, cfg.epochs):
+                    record = train_epoch(r, pos, tools, epoch, stop)
+                    if state == 0 and cfg.rewind_epoch == epoch + 1:  # late rewinding rewinds to here
+                        rewind = save_rewind_point(r, epoch + 1, tools)
+                    end_epoch(r, pos, tools, record, epoch_times)
+                finish_state(r, pos, tools)
         except Interrupted:
-            stop_here(r, loop, tools, stop.signum)
+            stop_here(r, pos, tools, stop.signum)
     if r.main:
         r.log.close()
     r.say(f"done in {fmt.clock(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
@@ -312,17 +318,17 @@ class StopRequest:
         return bool(flag.item())
 
 
-def stop_here(r: Run, loop: LoopState, tools: StepTools, signum: int):
+def stop_here(r: Run, pos: Position, tools: StepTools, signum: int):
     """After an interruption: last.pt at this step, summary.json "interrupted", the command
     that resumes, and the exit code of the signal (130 for SIGINT, 143 for SIGTERM)."""
     cfg = r.cfg
     command = (f"torchrun --nproc_per_node={r.world} -m vitprune" if r.world > 1 else "python -m vitprune")
     command += f" run --resume --out_dir={shlex.quote(cfg.out_dir)} --name={shlex.quote(cfg.run_name)}"
     if r.main:
-        loop.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
-        write_summary(r, "interrupted", loop.state, resume_command=command)
+        pos.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
+        write_summary(r, "interrupted", pos.state, resume_command=command)
         r.log.close(exit_code=128 + signum)
-    r.say(f"interrupted at state {loop.state}, epoch {loop.epochs_done}, step {loop.step} (counted from 0); "
+    r.say(f"interrupted at state {pos.state}, epoch {pos.next_epoch}, step {pos.step} (counted from 0); "
           f"resume with: {command}", flush=True)
     raise SystemExit(128 + signum)
 
@@ -378,67 +384,71 @@ def setup(cfg: Config) -> Run:
 
 
 def begin(r: Run):
-    """A new run: its config, the rewind point θ0 (for --rewind=init), then state 0."""
+    """A new run: its config, the rewind point θ0 (for --rewind=init), then state 0.
+    Returns (position, tools, rewind point or None)."""
     if r.main:
         write_json(r.run_dir / "config.json", r.cfg.to_dict())
         write_summary(r, "running", 0)
-    if r.cfg.rewind_epoch == 0:
-        r.rewind = save_rewind_point(r, 0)
+    rewind = save_rewind_point(r, 0) if r.cfg.rewind_epoch == 0 else None
     full = Structure.full(r.model)
-    return start_state(r, LoopState(0, 0, full, full), 0)
+    return (*start_state(r, Position(0, 0, full, full), 0, rewind), rewind)
 
 
 def resume(r: Run):
-    """Continue from checkpoints/last.pt: the loop state, model, optimizer, schedule and RNG."""
+    """Continue from checkpoints/last.pt: the position, model, optimizer, schedule and RNG;
+    and the rewind point from rewind.pt once reached. Returns (position, tools, rewind)."""
     cfg = r.cfg
-    loop, ck = LoopState.load(r.ckpt_dir / "last.pt", r.model, r.device)
-    apply_structure(r.model, loop.structure)  # the forward skips what was dead when the run stopped
+    pos, ck = Position.load(r.ckpt_dir / "last.pt", r.model, r.device)
+    apply_structure(r.model, pos.alive)  # the forward skips what was dead when the run stopped
+    rewind = None
     if (r.ckpt_dir / "rewind.pt").is_file():
-        r.rewind = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu", weights_only=False)
+        rewind = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu", weights_only=False)
     opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
-    rsst = regularizer(cfg, r.model, loop.structure, loop.keep, r.steps_in_state(loop.state), r.group_reg,
-                       loop.rsst_start_norms)
+    rsst = regularizer(cfg, r.model, pos.alive, pos.keep, r.steps_in_state(pos.state), r.group_reg,
+                       pos.rsst_start_norms)
     if r.main:
-        r.log.truncate(loop.state, loop.epochs_done)
-        write_summary(r, "running", loop.state)
-    r.say(f"resuming {r.run_dir} at state {loop.state}, epoch {loop.epochs_done}"
-          + (f", step {loop.step}" if loop.step else "") + " (counted from 0)")
-    return loop, StepTools(opt, sched, rsst)
+        r.log.truncate(pos.state, pos.next_epoch)
+        write_summary(r, "running", pos.state)
+    r.say(f"resuming {r.run_dir} at state {pos.state}, epoch {pos.next_epoch}"
+          + (f", step {pos.step}" if pos.step else "") + " (counted from 0)")
+    return pos, StepTools(opt, sched, rsst), rewind
 
 
-def start_state(r: Run, prev: LoopState, state: int):
-    """State `state` begins: the method's transition (state >= 1), the accuracy of the network
-    it will become, a fresh optimizer; checkpointed, so a resume never redoes a transition."""
-    cfg, rewind = r.cfg, r.rewind or {}
+def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
+    """State `state` begins: the method's transition (state >= 1; to the `rewind` point, None:
+    not rewound), the accuracy of the network it will become, a fresh optimizer; checkpointed,
+    so a resume never redoes a transition."""
+    cfg, rewind = r.cfg, rewind or {}
     if state == 0:
-        apply_structure(r.model, prev.structure)
-        t = Transition(prev.structure, prev.keep, None)
+        apply_structure(r.model, prev.alive)
+        t = Transition(prev.alive, prev.keep, None)
     else:
         t = transition(cfg, r.model, prev.keep, r.data, state, rewind.get("model"), r.steps_in_state(state),
                        r.group_reg)
-    loop = LoopState(state, r.first_epoch(state), t.train, t.end, start_acc=r.evaluate_as(t.end),
-                     rsst_start_norms=t.regularizer.start_norms if t.regularizer else None)
-    set_live(r.model, t.train)
+    pos = Position(state, r.first_epoch(state), t.alive, t.keep,
+                   rsst_start_norms=t.regularizer.start_norms if t.regularizer else None)
+    with r.live(pos.keep, restore=pos.alive):
+        pos.start_acc = r.evaluate("val"), r.evaluate("test")
     opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
     if state > 0 and rewind.get("optimizer"):  # late rewinding: the optimizer and schedule of epoch K too
-        opt.load_state_dict(copy.deepcopy(rewind["optimizer"]))  # a copy: steps update the state in place
+        opt.load_state_dict(copy.deepcopy(rewind["optimizer"]))  # a copy: steps update it in place
         sched.load_state_dict(rewind["scheduler"])
-        zero_dead_optimizer_state(r.model, t.train, opt)
+        zero_dead_moments(r.model, pos.alive, opt)
     tools = StepTools(opt, sched, t.regularizer)
     if r.main:
-        report_structure(r.model, state, t.end)
-        loop.save(r.ckpt_dir / "last.pt", r.model, opt, sched, cfg)
-    return loop, tools
+        report_structure(r.model, state, pos.keep)
+        pos.save(r.ckpt_dir / "last.pt", r.model, opt, sched, cfg)
+    return pos, tools
 
 
-def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int, stop: StopRequest) -> dict:
-    """One epoch of the state (from step loop.step on, after an interruption); returns its
+def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopRequest) -> dict:
+    """One epoch of the state (from step pos.step on, after an interruption); returns its
     record (the accuracies of the network the state will become: for RSST, without its
-    targets). Raises Interrupted at a step boundary when asked to stop, its position in loop."""
-    cfg, state, start = r.cfg, loop.state, loop.step
-    loss_sum, correct, seen, elapsed, lr = loop.partial or (0.0, 0.0, 0, 0.0, None)
+    targets). Raises Interrupted at a step boundary when asked to stop, its place in pos."""
+    cfg, state, start = r.cfg, pos.state, pos.step
+    loss_sum, correct, seen, elapsed, lr = pos.partial or (0.0, 0.0, 0, 0.0, None)
     t0 = time.time() - elapsed
     # Metrics accumulate on the device: no host sync inside the step loop. The sums of an
     # interrupted epoch are global: one process carries them on.
@@ -456,7 +466,7 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int, stop: Sto
         if stop.requested(i + 1, r.world, r.device):
             if r.world > 1:
                 dist.all_reduce(sums)
-            loop.step, loop.partial = i + 1, (*sums.tolist(), seen, time.time() - t0, lr)
+            pos.step, pos.partial = i + 1, (*sums.tolist(), seen, time.time() - t0, lr)
             raise Interrupted()
         if r.main and time.time() - heartbeat > 30:
             heartbeat = time.time()
@@ -465,8 +475,8 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int, stop: Sto
     if r.world > 1:
         dist.all_reduce(sums)
     loss_sum, correct = sums.tolist()
-    val_acc, test_acc = r.evaluate_as(loop.keep)  # RSST evaluates the network it will become
-    set_live(r.model, loop.structure)
+    with r.live(pos.keep, restore=pos.alive):  # RSST evaluates the network it will become
+        val_acc, test_acc = r.evaluate("val"), r.evaluate("test")
     return {
         "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
         "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
@@ -477,12 +487,12 @@ def train_epoch(r: Run, loop: LoopState, tools: StepTools, epoch: int, stop: Sto
     }
 
 
-def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_times: list):
-    """Record the epoch: console, metrics.jsonl, the rewind point (--rewind=epoch:K), last.pt."""
-    cfg, state, epoch = r.cfg, loop.state, record["epoch"]
-    loop.epochs_done, loop.step, loop.partial = epoch + 1, 0, None
-    loop.state_time += record["time_s"]
-    loop.history.append(record)
+def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times: list):
+    """Record the epoch: console, metrics.jsonl, last.pt."""
+    cfg, state, epoch = r.cfg, pos.state, record["epoch"]
+    pos.next_epoch, pos.step, pos.partial = epoch + 1, 0, None
+    pos.state_time += record["time_s"]
+    pos.history.append(record)
     epoch_times.append(record["time_s"])
     total = cfg.epochs + (cfg.states - 1) * (cfg.epochs - r.first_epoch(1))  # epochs in the run
     done = (epoch + 1 if state == 0 else cfg.epochs + (state - 1) * (cfg.epochs - r.first_epoch(1))
@@ -491,16 +501,14 @@ def end_epoch(r: Run, loop: LoopState, tools: StepTools, record: dict, epoch_tim
     r.say(f"state {state} epoch {epoch} | loss {record['train_loss']:.3f} train {record['train_acc']:.1f}% "
           f"val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | {record['time_s']:.1f}s, "
           f"{done}/{total} epochs, ETA {fmt.clock((total - done) * sum(epoch_times) / len(epoch_times))}", flush=True)
-    if state == 0 and cfg.rewind_epoch == epoch + 1:
-        r.rewind = save_rewind_point(r, epoch + 1, tools)
     if r.main:
         r.log.epoch(record)
-        loop.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
+        pos.save(r.ckpt_dir / "last.pt", r.model, tools.opt, tools.sched, cfg)
 
 
-def finish_state(r: Run, loop: LoopState, tools: StepTools):
+def finish_state(r: Run, pos: Position, tools: StepTools):
     """RSST hard-prunes its targets; the final, pruned network is evaluated and saved."""
-    cfg, state, rsst = r.cfg, loop.state, tools.rsst
+    cfg, state, rsst = r.cfg, pos.state, tools.rsst
     record = {"state": state}
     if rsst:
         record["pre_prune_val_acc"], record["pre_prune_test_acc"] = r.evaluate("val"), r.evaluate("test")
@@ -510,18 +518,18 @@ def finish_state(r: Run, loop: LoopState, tools: StepTools):
                    f"raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
             r.say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
                   f"prune (not driven to zero); {fix}")
-    loop.structure = loop.keep
-    apply_structure(r.model, loop.structure)
-    best = max(loop.history, key=lambda e: e["val_acc"])
+    pos.alive = pos.keep
+    apply_structure(r.model, pos.alive)
+    best = max(pos.history, key=lambda e: e["val_acc"])
     record.update({
         "final_val_acc": r.evaluate("val"), "final_test_acc": r.evaluate("test"),
         "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-        "start_val_acc": loop.start_acc[0], "start_test_acc": loop.start_acc[1],
-        **count(r.model, loop.structure), "time_s": loop.state_time,
+        "start_val_acc": pos.start_acc[0], "start_test_acc": pos.start_acc[1],
+        **count(r.model, pos.alive), "time_s": pos.state_time,
     })
     if r.main:
         r.log.state(record)
-        save_torch({"state": state, "model": r.model.state_dict(), "structure": loop.structure.state_dict(),
+        save_torch({"state": state, "model": r.model.state_dict(), "structure": pos.alive.state_dict(),
                     "record": record, "config": cfg.to_dict()}, r.ckpt_dir / f"state_{state:02d}.pt")
         write_summary(r, "finished" if state == cfg.states - 1 else "running", state + 1, last_state=record)
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
@@ -532,7 +540,7 @@ def finish_state(r: Run, loop: LoopState, tools: StepTools):
 def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:
     """The rewind point: weights after `epoch` epochs of state 0 and, for late rewinding, the
     optimizer and LR schedule there too. Kept in memory on every process; the first saves it."""
-    cpu = lambda state: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
+    cpu = lambda sd: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in sd.items()}
     point = {"model": cpu(r.model.state_dict()), "epoch": epoch,
              "optimizer": copy.deepcopy(tools.opt.state_dict()) if tools else None,
              "scheduler": tools.sched.state_dict() if tools else None}
@@ -541,7 +549,7 @@ def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:
     return point
 
 
-def zero_dead_optimizer_state(model, structure: Structure, opt):
+def zero_dead_moments(model, structure: Structure, opt):
     """A dead group's optimizer state is zero too (momentum, Adam's moments), so that a
     restored optimizer cannot move it away from zero."""
     for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):

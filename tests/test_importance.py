@@ -5,7 +5,7 @@ import torch
 
 from vitprune.data import synthetic
 from vitprune.model import build_model
-from vitprune.select import importance, keep_fraction, select, select_elements
+from vitprune.importance import importance, keep_elements, keep_fraction, keep_set
 from vitprune.structure import Structure, apply_structure, dims
 
 
@@ -45,13 +45,13 @@ def test_global_vs_layerwise_and_min_keep():
     scores = torch.tensor([[9., 8, 7, 6], [1, 2, 3, 4], [5, 5, 0, 0]])
     alive = torch.ones(3, 4, dtype=torch.bool)
     # Global, keep 50% = 6 groups; each layer first gets its best one, then the best of the rest.
-    g = select(scores, alive, 0.5, "global", 1)
+    g = keep_set(scores, alive, 0.5, "global", 1)
     assert g.tolist() == [[True, True, True, True], [False, False, False, True], [True, False, False, False]]
     # min_keep=2 forces two per layer.
-    g2 = select(scores, alive, 0.5, "global", 2)
+    g2 = keep_set(scores, alive, 0.5, "global", 2)
     assert g2.sum(1).tolist() == [2, 2, 2]
     # Layerwise keeps the best half of every layer; ties break by position.
-    lw = select(scores, alive, 0.5, "layerwise", 1)
+    lw = keep_set(scores, alive, 0.5, "layerwise", 1)
     assert lw.tolist() == [[True, True, False, False], [False, False, True, True], [True, True, False, False]]
 
 
@@ -61,7 +61,7 @@ def test_selection_is_monotone(model):
     apply_structure(model, s)
     heads, _ = importance(model, s, "random", seed=1, state=1)
     assert torch.isinf(heads[~alive]).all()
-    kept = select(heads, alive, 0.75, "global", 1)  # 12 wanted, only 8 alive: keep those 8
+    kept = keep_set(heads, alive, 0.75, "global", 1)  # 12 wanted, only 8 alive: keep those 8
     assert kept.equal(alive)
 
 
@@ -108,12 +108,12 @@ def test_activation_criteria_respect_dead_groups(model):
 
 
 def test_imp_element_masks_exact_global_sparsity(model):
-    masks = select_elements(model, Structure.full(model), 0.3)
+    masks = keep_elements(model, Structure.full(model), 0.3)
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
     # Monotone: the next prune stays inside the previous mask.
     s = Structure(torch.ones(4, 4, dtype=torch.bool), torch.ones(4, 128, dtype=torch.bool), masks)
     apply_structure(model, s)
-    masks2 = select_elements(model, s, 0.1)
+    masks2 = keep_elements(model, s, 0.1)
     assert all((masks2[k] <= masks[k]).all() for k in masks)
     assert sum(int(m.sum()) for m in masks2.values()) == round(0.1 * total)

@@ -127,7 +127,7 @@ def importance(model, structure: Structure, criterion: str, data=None, keep: flo
     return heads, neurons
 
 
-def select(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: str, min_keep: int) -> torch.Tensor:
+def keep_set(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: str, min_keep: int) -> torch.Tensor:
     """Bool keep mask [L, G]: the best `keep` fraction of the groups, ranked across all layers
     (global) or inside each layer (layerwise); every layer keeps >= min_keep groups; only
     alive groups are kept (never more than are alive)."""
@@ -152,7 +152,7 @@ def select(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: str,
 
 
 @torch.no_grad()
-def select_elements(model, structure: Structure, keep: float) -> dict:
+def keep_elements(model, structure: Structure, keep: float) -> dict:
     """Global unstructured magnitude pruning: element masks keeping `keep` of all prunable
     weights (already-pruned weights are zero and rank last)."""
     names = [f"blocks.{l}.{n}" for l in range(len(model.blocks)) for n in PRUNABLE_WEIGHTS]
