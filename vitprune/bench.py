@@ -266,7 +266,7 @@ def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
 
     from . import kernels
     from .model import build_model, set_kernels
-    from .importance import importance, keep_set as select
+    from .importance import importance, keep_set
     from .structure import apply_structure
 
     backend = kernels.resolve_backend("auto", device, torch.bfloat16 if bf16 else torch.float32)
@@ -277,8 +277,8 @@ def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
         nets[name] = build_model(model_name, 10, img_size, patch_size).to(device)
         set_kernels(nets[name], masked_linear)
     heads, neurons = importance(nets["pruned"], Structure.full(nets["pruned"]), "magnitude")
-    structure = Structure(select(heads, heads > -1, 1 - ratio, "global", 1),
-                          select(neurons, neurons > -1, 1 - ratio, "global", 1))
+    structure = Structure(keep_set(heads, heads > -1, 1 - ratio, "global", 1),
+                          keep_set(neurons, neurons > -1, 1 - ratio, "global", 1))
     apply_structure(nets["pruned"], structure)
     # From a CPU copy (the structure's indices live there): parameters of its own, not views
     # of the pruned model's.
