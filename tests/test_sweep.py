@@ -112,24 +112,53 @@ def test_local_runner_skips_finished_resumes_interrupted(tmp_path, monkeypatch, 
     out = tmp_path / "runs"
     runs = sweep.plan(path, out)
     names = [r[1].name for r in runs]
-    # lr is not in the default run name: each point gets its own --name
-    assert names == ["synthetic_refill_vit_small_r0.7_s0_lr0.01", "synthetic_refill_vit_small_r0.7_s0_lr0.001",
-                     "synthetic_rsst_vit_small_r0.7_s0_lr0.01", "synthetic_rsst_vit_small_r0.7_s0_lr0.001"]
-    assert runs[0][0][-2:] == [f"--out_dir={out}", f"--name={names[0]}"]
+    # lr is not shown in the default run name, but the configuration's hash tells the points apart
+    assert [n.rsplit("_", 1)[0] for n in names] == ["synthetic_refill_vit_small_r0.7_s0"] * 2 + \
+        ["synthetic_rsst_vit_small_r0.7_s0"] * 2
+    assert len(set(names)) == 4 and runs[0][0][-1] == f"--out_dir={out}"
     (out / names[0]).mkdir(parents=True)
     (out / names[0] / "summary.json").write_text(json.dumps({"status": "finished"}))
     (out / names[1] / "checkpoints").mkdir(parents=True)
     (out / names[1] / "checkpoints" / "last.pt").write_bytes(b"")
     (out / names[1] / "summary.json").write_text(json.dumps({"status": "running"}))
     (out / names[2]).mkdir()
-    (out / names[2] / "config.json").write_text("{}")  # died before its first checkpoint
+    point = sweep.parse_run_flags(sweep._run_flags(runs[2][0])).to_dict()
+    (out / names[2] / "config.json").write_text(json.dumps(point))  # died before its first checkpoint
     (out / names[3]).mkdir()  # empty
     ran = []
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or type("P", (), {"returncode": 0}))
     sweep.main(str(path), out_dir=str(out))
-    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--name={names[3]}"]
+    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--out_dir={out}"]
     assert ran[0][:5] == [sys.executable, "-m", "vitprune", "run", "--method=refill"]
     assert "finished, skipped" in capsys.readouterr().out
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folder_of_another_configuration_is_refused(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+    path = write_sweep(tmp_path, GRID)
+    out = tmp_path / "runs"
+    command, run_dir, _ = sweep.plan(path, out)[1]
+    saved = {**sweep.parse_run_flags(sweep._run_flags(command)).to_dict(), "lr": 0.05}  # another experiment
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished"}))
+    before = snapshot(out)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: pytest.fail("a run started"))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "sweep", path, f"--out_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run_dir} holds another configuration" in err and "--lr=0.001" in err
+    assert snapshot(out) == before and "finished, skipped" not in err
+    # `run` into that folder by name: refused before torch loads, the folder untouched
+    flags = [f for f in sweep._run_flags(command) if not f.startswith("--out_dir")]
+    assert run_cli(monkeypatch, "run", *flags, f"--out_dir={out}", f"--name={run_dir.name}", "--wandb=disabled") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another configuration: --lr=0.001 (the folder has 0.05)" in err
+    assert snapshot(out) == before
 
 
 def test_dry_run_prints_commands_only(tmp_path, monkeypatch, capsys):
