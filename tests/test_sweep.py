@@ -221,3 +221,53 @@ def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## synthetic" in text and "**Key result**" in text
     assert all(f"**{d.name}**" in text for d in run_dirs)
     assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png"}
+
+
+TWO_SCHEDULES = """
+method: grid
+parameters:
+  method: {{values: [refill, rsst]}}
+  dataset: {{value: synthetic}}
+  model: {{value: vit_micro}}
+  states: {{value: 2}}
+  epochs: {{value: 1}}
+  batch_size: {{value: 32}}
+  optimizer: {{value: adamw}}
+  lr: {{value: 0.001}}
+  wandb: {{value: disabled}}
+  schedule: {{value: {schedule}}}
+command: ["${{interpreter}}", -m, vitprune, run, "${{args}}"]
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_that_differ_in_schedule_share_an_out_dir(tmp_path, monkeypatch, capsys):
+    """The same points but for `schedule` used to share run folders (the second sweep then said
+    "finished, skipped"). Each run executes `python -m vitprune run ...` in this process, on a
+    small synthetic set, so that the test stays short."""
+    from conftest import run_cli, small_data
+    from vitprune import report, train
+    monkeypatch.setattr(train, "load_data", small_data((64, 16, 16)))
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: type("P", (), {"returncode": run_cli(monkeypatch, *cmd[3:])}))
+    out = tmp_path / "runs"
+    paths = {s: tmp_path / f"{s}.yaml" for s in ("oneshot", "geometric")}
+    for schedule, path in paths.items():
+        path.write_text(TWO_SCHEDULES.format(schedule=schedule))
+        sweep.main(str(path), out_dir=str(out))
+    assert "skipped" not in capsys.readouterr().out
+    folders = {s: [run_dir for _, run_dir, _ in sweep.plan(p, out)] for s, p in paths.items()}
+    assert len(set(folders["oneshot"] + folders["geometric"])) == 4 == len(list(out.iterdir()))
+    for schedule, run_dirs in folders.items():
+        for run_dir in run_dirs:
+            assert json.loads((run_dir / "config.json").read_text())["schedule"] == schedule
+            assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    sweep.main(str(paths["geometric"]), out_dir=str(out))  # again: its own two runs are finished
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+    md = tmp_path / "r.md"
+    report.main(*map(str, out.iterdir()), out=str(md))
+    text = md.read_text()
+    assert "## synthetic — oneshot" in text and "## synthetic — geometric" in text
+    for schedule, run_dirs in folders.items():  # each section holds its own sweep's runs
+        section = text.split(f"## synthetic — {schedule}")[1].split("\n## ")[0]
+        assert all(f"**{d.name}**" in section for d in run_dirs)
+        assert not any(f"**{d.name}**" in section for s, ds in folders.items() if s != schedule for d in ds)
