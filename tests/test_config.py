@@ -135,6 +135,9 @@ def test_run_names_differ_by_configuration_only():
     assert config_hash({**Config().to_dict(), "reg_residual": 0.5}) == config_hash(Config().to_dict())
     assert config_hash({**Config(method="rsst").to_dict(), "reg_residual": 0.5}) != \
         config_hash(Config(method="rsst").to_dict())
+    # a flag added later at a default that keeps the old behaviour leaves old names alone
+    old = {k: v for k, v in Config(lr=0.001).to_dict().items() if k != "label_smoothing"}
+    assert config_hash(old) == config_hash(Config(lr=0.001).to_dict())
 
 
 def resumable_folder(root, **config):

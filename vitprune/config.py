@@ -14,8 +14,8 @@ import json
 import math
 import os
 import string
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, get_args
 
 METHODS = ("refill", "rsst", "imp", "dense")
@@ -241,9 +241,11 @@ def configuration(config: dict) -> dict:
 
 
 def config_hash(config: dict) -> str:
-    """6 hex digits of the configuration (seed aside: the name shows it), stable across runs,
-    processes and versions that add no field."""
-    text = json.dumps(configuration(config), sort_keys=True, default=str)
+    """6 hex digits of the configuration (seed aside: the name shows it). Only the fields that
+    differ from their defaults enter, so a new flag whose default keeps the old behaviour leaves
+    the names of existing runs (and a sweep's "finished, skipped") as they were."""
+    changed = {k: v for k, v in configuration(config).items() if v != FIELDS[k].default}
+    text = json.dumps(changed, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
