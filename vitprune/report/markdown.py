@@ -31,9 +31,11 @@ def comparison(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
 
 
 def _flagged(runs, stats, metric, n) -> bool:
-    """⚠ on a row that shows a state whose RSST targets were not driven to zero."""
-    states = {"state1": lambda s: 1, "last": lambda s: n - 1, "best": lambda s: s["best_state"]}.get(metric)
-    return states is not None and any(states(s) is not None and r.not_zeroed(states(s)) for r, s in zip(runs, stats))
+    """⚠ on a row that shows (or averages) a state whose RSST targets were not driven to zero."""
+    shown = {"state1": lambda s: [1], "last": lambda s: [n - 1], "best": lambda s: [s["best_state"]],
+             "mean": lambda s: range(2, n), "std": lambda s: range(2, n), "late": lambda s: range(late_start(n), n),
+             "retention": lambda s: [s["best_state"]]}.get(metric, lambda s: [])
+    return any(state is not None and r.not_zeroed(state) for r, s in zip(runs, stats) for state in shown(s))
 
 
 def _row_title(metric, title, n):
