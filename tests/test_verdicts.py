@@ -38,6 +38,7 @@ def test_ratio_sweep_rsst_wins_every_cell(tmp_path):
     report.main(*map(str, runs), out=str(out))
     md = out.read_text()
     assert "Holm-corrected over the 4 tests of this report" in md  # one test per ratio: State 1
+    assert md.count("| Metric | refill | rsst | Δ rsst − refill [95% CI] | Winner (paired; Holm over 4 tests) |") == 4
     holm = holm_by_hand({r: ttest_1samp(d, 0).pvalue for r, d in diffs.items()})
     results = key_results(md)
     assert len(results) == 4

@@ -78,16 +78,17 @@ def _pct(x, signed=False):
     return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}%")
 
 
-def pair_header(cell: Cell) -> list:
-    return [h for a, b in cell.pairs() for h in (f"Δ {b} − {a} [95% CI]", "Winner" if len(cell.pairs()) == 1
-                                                   else f"Winner ({a} vs {b})")]
+def pair_header(cell: Cell, verdicts: Verdicts) -> list:
+    holm = f" (paired; Holm over {len(verdicts)} tests)" if len(verdicts) else ""
+    return [h for a, b in cell.pairs() for h in (f"Δ {b} − {a} [95% CI]", f"Winner{holm}" if len(cell.pairs()) == 1
+                                                   else f"Winner {a} vs {b}{holm}")]
 
 
 def comparison_table(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
     rows = comparison(cell, verdicts, key)
     if key != HEADLINE:  # the verdicts are the headline's: this table describes
         return fmt.table(["Metric", *cell.groups], [[t, *cells.values()] for _, t, cells, _ in rows])
-    return fmt.table(["Metric", *cell.groups, *pair_header(cell)],
+    return fmt.table(["Metric", *cell.groups, *pair_header(cell, verdicts)],
                      [[t, *cells.values(), *(x for pair in pairs for x in pair)] for _, t, cells, pairs in rows])
 
 
@@ -174,7 +175,7 @@ def cell_section(cell: Cell, verdicts: Verdicts, named: bool) -> list:
         lines += [f"### {heading}{suffix}", ""] + comparison_table(cell, verdicts, key) + [""]
     if cell.n >= 2:
         lines += [f"### State by state (final pruned test accuracy){suffix}", ""] + fmt.table(
-            ["State", *cell.groups, *pair_header(cell)],
+            ["State", *cell.groups, *pair_header(cell, verdicts)],
             [[s, *cells.values(), *(x for pair in pairs for x in pair)] for s, cells, pairs in by_state(cell, verdicts)])
         lines += [""]
     return lines
