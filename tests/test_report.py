@@ -168,7 +168,7 @@ def test_geometric_compares_state_by_state_over_seeds(tmp_path):
     p3 = ttest_1samp([b - a for a, b in zip(noise["refill"], noise["rsst"])], 0).pvalue
     tests = {2: p, 3: p3}  # state 1: equal everywhere (no seed variance, no test)
     assert "Holm-corrected over the 2 tests" in md
-    assert f"| 2 | 40.03% ± 0.35 (3 seeds) | 45.03% ± 0.38 (3 seeds) | +5.00 [" in md
+    assert "| 2 | 40.03% ± 0.35 (3 seeds) | 45.03% ± 0.38 (3 seeds) | +5.00 [" in md
     assert f"**rsst** (Holm p={holm_by_hand(tests)[2]:.3f}, p={p:.3f}; paired over 3 seeds) |" in md
     assert "| 1 | 45.00% ± 0.00 (3 seeds) | 45.00% ± 0.00 (3 seeds) | +0.00 | n/a (no seed variance) |" in md
 
