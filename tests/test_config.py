@@ -2,11 +2,12 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import FIELDS, Config, ConfigError, Range, from_flags
+from vitprune.config import FIELDS, Config, ConfigError, Range, config_hash, from_flags
 from vitprune.log import wandb_group
 
 
@@ -58,7 +59,7 @@ def test_defaults_are_the_seed_recipe():
 def test_folder_run_names_and_groups_show_the_folder_name(tmp_path):
     (tmp_path / "flowers").mkdir()
     c = from_flags({"dataset": f"folder:{tmp_path}/flowers/", "val_size": 500, "img_size": 224, "patch_size": 16})
-    assert c.run_name == "flowers_refill_vit_small_r0.7_s0"
+    assert c.run_name == f"flowers_refill_vit_small_r0.7_s0_{config_hash(c.to_dict())}"
     assert wandb_group(c.to_dict()) == "flowers/refill/r0.7/val_size=500.0/img_size=224/patch_size=16"
 
 
@@ -72,6 +73,8 @@ def test_flag_coercion_and_derived_ratios():
     assert from_flags({"rewind": "none"}).rewind_epoch is None
     with pytest.raises(ConfigError, match="--rewind"):
         from_flags({"rewind": "epoch:9", "epochs": 5})
+    with pytest.raises(ConfigError, match="K < --epochs"):  # state 1 would have no epoch to train
+        from_flags({"rewind": "epoch:5", "epochs": 5})
     with pytest.raises(ConfigError, match="--resume and --overwrite"):
         from_flags({"resume": True, "overwrite": True})
 
@@ -109,6 +112,32 @@ def test_cli_subprocess_bad_method():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --method: unknown value 'prune'; choose from refill, rsst, imp, dense"]
+
+
+def test_rewind_to_the_last_epoch_is_refused_at_once(tmp_path):
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "vitprune", "run", "--rewind=epoch:2", "--epochs=2",
+                        "--dataset=synthetic", f"--out_dir={tmp_path / 'runs'}"], capture_output=True, text=True)
+    assert time.monotonic() - start < 3
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --rewind: 'epoch:2' is not valid; choose from init, none, epoch:K with 0 <= K < --epochs (2)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_names_differ_by_configuration_only():
+    name = lambda **flags: Config(dataset="synthetic", **flags).run_name
+    assert name() == name() and name().startswith("synthetic_refill_vit_small_r0.7_s0_")
+    assert name(schedule="geometric") != name() and name(lr=0.001) != name()  # not shown, still apart
+    assert name(seed=1) == name().replace("_s0_", "_s1_")  # the seed is shown; the hash leaves it out
+    assert name(data_loader="tensor", wandb="disabled", out_dir="x", precision="fp32") == name()  # how, not what
+    assert name(name="mine") == "mine"
+    # a flag that does not apply leaves the hash alone: it cannot change what is computed
+    assert config_hash({**Config().to_dict(), "reg_residual": 0.5}) == config_hash(Config().to_dict())
+    assert config_hash({**Config(method="rsst").to_dict(), "reg_residual": 0.5}) != \
+        config_hash(Config(method="rsst").to_dict())
+    # a flag added later at a default that keeps the old behaviour leaves old names alone
+    old = {k: v for k, v in Config(lr=0.001).to_dict().items() if k != "label_smoothing"}
+    assert config_hash(old) == config_hash(Config(lr=0.001).to_dict())
 
 
 def resumable_folder(root, **config):

@@ -233,6 +233,20 @@ def test_folder_run_counts_the_files_and_reuses_the_decode_cache(tree, tensor_ru
 
 
 @pytest.mark.slow
+def test_report_on_a_folder_run(tree, tensor_run, tmp_path):
+    """`report` on a real folder run: files named after the folder, not after folder:PATH."""
+    from vitprune import report
+    out, _, _ = tensor_run
+    md = tmp_path / "r.md"
+    report.main(str(out / "tensor"), out=str(md))
+    text = md.read_text()
+    assert f"## folder:{tree}" in text and "**tensor**" in text
+    for kind in ("states", "epochs"):
+        png = tmp_path / f"r_{tree.name}_{kind}.png"
+        assert f"]({png.name})" in text and png.stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_streamed_run_killed_and_resumed_equals_the_tensor_run(tree, tensor_run):
     out, data_dir, _ = tensor_run
     args = ["run", f"--dataset=folder:{tree}", *RUN, f"--data_dir={data_dir}", f"--out_dir={out}", "--name=stream",

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from scipy.stats import ttest_ind
+from scipy.stats import t as t_dist, ttest_1samp
 
 from vitprune import report
 from vitprune.config import Config, ConfigError
@@ -34,17 +34,20 @@ def test_run_stats_by_hand():
 
 def test_oneshot_compares_state_1_only():
     runs = [report.load_run(REFILL), report.load_run(RSST)]
-    groups = report.configurations(runs)
-    assert sorted(groups) == ["refill", "rsst"]  # RSST-only flags do not label the columns
-    rows = {metric: (cells, delta, verdict) for metric, _, cells, delta, verdict in report.comparison(groups, 5)}
-    noise = 2 * ((1 / 3) ** 0.5)  # refill's std over states 2-4 (rsst's is 0.29): retraining noise
-    cells, delta, verdict = rows["state1"]  # 79.0 vs 80.0: 1.0 < 1.15
+    [cell] = report.cells(runs)
+    assert sorted(cell.groups) == ["refill", "rsst"]  # RSST-only flags do not label the columns
+    assert cell.pairs() == [("refill", "rsst")] and cell.n == 5
+    verdicts = report.Verdicts([cell])
+    rows = {metric: (cells, pairs) for metric, _, cells, pairs in report.comparison(cell, verdicts)}
+    noise = 2 * 2 ** 0.5 * (1 / 3) ** 0.5  # 2√2 × refill's std over states 2-4 (rsst's is 0.29)
+    cells, [(delta, verdict)] = rows["state1"]  # 79.0 vs 80.0: 1.0 < 1.63
     assert cells == {"refill": "79.00%", "rsst": "80.00% ⚠"}  # rsst's state 1 kept 35% of its targets
-    assert delta == pytest.approx(1.0) and verdict == f"within noise (2σ = {noise:.2f}, within-run; one seed)"
+    assert delta == "+1.00" and verdict == f"within noise (2√2σ = {noise:.2f}, within-run; one seed)"
     for metric in ("best", "mean", "late", "last", "retention"):  # states >= 2: the same ticket, retrained
-        assert rows[metric][1] is None and "same ticket, retrained" in rows[metric][2], metric
-    assert rows["state0"][2].startswith("– (dense")
+        assert rows[metric][1][0][0] == "n/a" and "same ticket, retrained" in rows[metric][1][0][1], metric
+    assert rows["state0"][1][0][1].startswith("– (dense")
     assert rows["best"][0] == {"refill": "83.00% (state 3)", "rsst": "80.50% (state 3)"}
+    assert len(verdicts) == 0  # one seed: no seed-level test
 
 
 def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
@@ -62,12 +65,13 @@ def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
     report.main(str(REFILL), str(RSST), out=str(out))
     md = out.read_text()
     assert len(ticks) == 4 and all(t == int(t) for axis in ticks for t in axis)  # states and epochs: integers
-    assert "| Metric | refill | rsst | Δ (best − next) | Winner |" in md
+    assert "| Metric | refill | rsst | Δ rsst − refill [95% CI] | Winner |" in md
     assert "**final pruned test accuracy**" in md and "### Best-epoch test accuracy" in md
     assert "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
+    assert "| Metric | refill | rsst |\n" in md  # the best-epoch table describes: no verdict
     assert "Only **State 1** can tell the methods apart" in md
-    assert ("**Key result** (final pruned test accuracy at State 1): refill 79.00% vs rsst 80.00% ⚠ → "
-            "within noise (2σ = 1.15, within-run; one seed).") in md
+    assert ("**Key result** (final pruned test accuracy at State 1): refill 79.00% vs rsst 80.00% ⚠; "
+            "Δ rsst − refill = +1.00 → within noise (2√2σ = 1.63, within-run; one seed).") in md
     assert "| Mean, states 2–4 | 82.33% | 80.17% | n/a | – (same ticket, retrained) |" in md
     assert "| 3 | 83.00% | 80.50% | n/a | – (same ticket, retrained) |" in md  # state by state
     assert "⚠ = RSST targets not driven to zero at the hard prune" in md
@@ -85,11 +89,13 @@ def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
         assert f"]({png})" in md and (out.parent / png).stat().st_size > 1000
 
 
-def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2, vals=None, ratios=None, **flags):
+def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2, vals=None, ratios=None, extra=None,
+              name=None, **flags):
     """A run folder with the given final test accuracies per state (val = test unless `vals`;
-    `ratios`: RSST target_norm_ratio per state)."""
-    cfg = Config(method=method, dataset=dataset, seed=seed, states=len(finals), epochs=epochs, **flags).to_dict()
-    run_dir = root / f"{dataset}_{method}_{flags.get('schedule', 'oneshot')}_s{seed}"
+    `ratios`: RSST target_norm_ratio per state; `extra`: more fields per state record)."""
+    flags.setdefault("states", len(finals))
+    cfg = Config(method=method, dataset=dataset, seed=seed, epochs=epochs, **flags).to_dict()
+    run_dir = root / (name or f"{dataset}_{method}_{flags.get('schedule', 'oneshot')}_s{seed}")
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(cfg))
     vals = vals or finals
@@ -100,7 +106,7 @@ def write_run(root, method, finals, seed=0, dataset="cifar100", epochs=2, vals=N
         records.append({"kind": "state", "state": s, "final_test_acc": acc, "final_val_acc": vals[s],
                         "best_test_acc": acc + 0.1, "best_val_acc": vals[s] + 0.1,
                         "params_alive": 100 if s == 0 else 30, "params_total": 100, "time_s": 2.0,
-                        **({"target_norm_ratio": ratios[s]} if ratios and s else {})})
+                        **({"target_norm_ratio": ratios[s]} if ratios and s else {}), **(extra[s] if extra else {})})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
 
@@ -113,30 +119,33 @@ def test_best_state_is_chosen_by_val_not_test(tmp_path):
     report.main(str(run_dir), out=str(tmp_path / "r.md"))
     md = (tmp_path / "r.md").read_text()
     assert "| Best pruned state (by val) | 60.00% (state 2) |" in md
-    assert "**Key result**: one configuration (refill): nothing to compare." in md
+    assert "**Key result**: no Refill/RSST pair to compare (refill)." in md
 
 
-def test_welch_with_several_seeds(tmp_path):
-    # state 1: refill 40.0, 40.5, 39.5; rsst 45.0, 45.5, 46.0 (clear); dense 40.25, 41.25, 39.5 (close)
+def test_paired_with_several_seeds(tmp_path):
+    # state 1: refill 40.0, 40.5, 39.5; rsst 45.0, 45.5, 46.0 (clear); dense 40.25, 41.25, 39.5 (a reference)
     runs = [write_run(tmp_path, "refill", [50, 40 + d, 60, 61], seed) for seed, d in enumerate([0, 0.5, -0.5])]
     runs += [write_run(tmp_path, "rsst", [50, 45 + d, 55, 55], seed, ratios=[None, 0.01, 0.01, 0.01])
              for seed, d in enumerate([0, 0.5, 1.0])]
     runs += [write_run(tmp_path, "dense", [50, 40.25 + d, 60, 60.5], seed) for seed, d in enumerate([0, 1.0, -0.75])]
-    loaded = [report.load_run(r) for r in runs]
-    groups = report.configurations(loaded)
-    assert sorted(groups) == ["dense", "refill", "rsst"] and all(len(g) == 3 for g in groups.values())
-    values = {label: [report.run_stats(r)["state1"] for r in g] for label, g in groups.items()}
-    assert values["refill"] == [40.0, 40.5, 39.5]
-    delta, verdict = report.decide({k: values[k] for k in ("refill", "rsst")}, {})
-    p = ttest_ind([45.0, 45.5, 46.0], [40.0, 40.5, 39.5], equal_var=False).pvalue
-    assert delta == pytest.approx(5.5) and verdict == f"**rsst** (Welch p={p:.3f}, 3+ seeds)"
-    delta, verdict = report.decide({k: values[k] for k in ("refill", "dense")}, {})
-    p = ttest_ind([40.25, 41.25, 39.5], [40.0, 40.5, 39.5], equal_var=False).pvalue
-    assert p > 0.05 and verdict == f"within noise (Welch p={p:.2f}, 3+ seeds)"
+    [cell] = report.cells([report.load_run(r) for r in runs])
+    assert sorted(cell.groups) == ["dense", "refill", "rsst"] and all(len(g) == 3 for g in cell.groups.values())
+    assert cell.pairs() == [("refill", "rsst")]  # dense is a reference column, not a contestant
+    t = report.paired_test({0: 45.0, 1: 45.5, 2: 46.0}, {0: 40.0, 1: 40.5, 2: 39.5})
+    diffs = [5.0, 5.0, 6.5]
+    half = t_dist.ppf(0.975, 2) * (sum((d - 5.5) ** 2 for d in diffs) / 2) ** 0.5 / 3 ** 0.5
+    assert (t.delta, t.n) == (pytest.approx(5.5), 3) and (t.low, t.high) == (pytest.approx(5.5 - half),
+                                                                               pytest.approx(5.5 + half))
+    p = ttest_1samp(diffs, 0).pvalue
+    assert t.p == pytest.approx(p)
+    assert report.paired_test({0: 1.0, 1: 2.0}, {1: 1.5, 2: 0.0}) == (0.5, None, None, None, 1)  # seed 1 only
     md_path = tmp_path / "r.md"
     report.main(*map(str, runs), out=str(md_path))
     md = md_path.read_text()
-    assert "| State 1 (the methods' tickets) | 40.00% ± 0.50 (3 seeds) | 45.50% ± 0.50 (3 seeds) |" in md
+    assert "Holm-corrected over the 1 tests of this report" in md  # one pair, one state (oneshot)
+    assert (f"| State 1 (the methods' tickets) | 40.00% ± 0.50 (3 seeds) | 45.50% ± 0.50 (3 seeds) | "
+            f"40.33% ± 0.88 (3 seeds) | +5.50 [{5.5 - half:+.2f}, {5.5 + half:+.2f}] | "
+            f"**rsst** (Holm p={p:.3f}, p={p:.3f}; paired over 3 seeds) |") in md
     assert "| Mean, states 2–3 | 60.50% ± 0.00 (3 seeds) |" in md and "– (same ticket, retrained)" in md
 
 
@@ -149,16 +158,33 @@ def test_geometric_compares_state_by_state_over_seeds(tmp_path):
     assert "| Std over states 2–3 |" in md and "– (states differ in sparsity: not noise)" in md
     assert "no verdict: one seed, and no within-run noise under geometric (run several seeds)" in md
     assert "within noise" not in md  # the spread over states of different sparsity is not noise
-    seeds = [write_run(tmp_path / "b", m, [50, 45, 40 + 5 * (m == "rsst") + d, 30], seed, schedule="geometric")
-             for m in ("refill", "rsst") for seed, d in enumerate([0, 0.4, -0.3])]
+    noise = {"refill": [0, 0.4, -0.3], "rsst": [0.2, 0.3, -0.4]}
+    seeds = [write_run(tmp_path / "b", m, [50, 45, 40 + 5 * (m == "rsst") + d, 30 + d], seed, schedule="geometric")
+             for m in ("refill", "rsst") for seed, d in enumerate(noise[m])]
     report.main(*map(str, seeds), out=str(tmp_path / "b.md"))
     md = (tmp_path / "b.md").read_text()
-    p = ttest_ind([45, 45.4, 44.7], [40, 40.4, 39.7], equal_var=False).pvalue
-    assert f"| 2 | 40.03% ± 0.35 (3 seeds) | 45.03% ± 0.35 (3 seeds) | +5.00 | **rsst** (Welch p={p:.3f}, 3+ seeds) |" in md
+    diffs = [5 + b - a for a, b in zip(noise["refill"], noise["rsst"])]
+    p = ttest_1samp(diffs, 0).pvalue
+    p3 = ttest_1samp([b - a for a, b in zip(noise["refill"], noise["rsst"])], 0).pvalue
+    tests = {2: p, 3: p3}  # state 1: equal everywhere (no seed variance, no test)
+    assert "Holm-corrected over the 2 tests" in md
+    assert "| 2 | 40.03% ± 0.35 (3 seeds) | 45.03% ± 0.38 (3 seeds) | +5.00 [" in md
+    assert f"**rsst** (Holm p={holm_by_hand(tests)[2]:.3f}, p={p:.3f}; paired over 3 seeds) |" in md
+    assert "| 1 | 45.00% ± 0.00 (3 seeds) | 45.00% ± 0.00 (3 seeds) | +0.00 | n/a (no seed variance) |" in md
+
+
+def holm_by_hand(ps: dict) -> dict:
+    """Holm's adjusted p-values, written out: the k-th smallest times (m - k + 1), kept monotone."""
+    ordered = sorted(ps.items(), key=lambda kv: kv[1])
+    out, worst = {}, 0
+    for k, (key, p) in enumerate(ordered):
+        worst = max(worst, min(1, (len(ps) - k) * p))
+        out[key] = worst
+    return out
 
 
 def test_short_runs_give_na(tmp_path):
-    one = write_run(tmp_path, "refill", [50.0])
+    one = write_run(tmp_path, "refill", [50.0], states=2)  # still running its state 1
     two = write_run(tmp_path, "rsst", [50.0, 45.0])
     report.main(str(one), str(two), out=str(tmp_path / "r.md"))
     md = (tmp_path / "r.md").read_text()
@@ -166,8 +192,8 @@ def test_short_runs_give_na(tmp_path):
     assert "**Key result**: no pruned state in common yet: nothing to compare." in md
     assert "| Mean, states 2+ (none) | n/a | n/a | n/a | – (same ticket, retrained) |" in md
     assert "| final test (pruned) | 50.00 | 45.00 |" in md
-    assert report.decide({"a": [1.0], "b": [0.5]}, {"a": None, "b": 0.1})[1] == \
-        "no verdict: one seed, and within-run noise needs >= 4 states"
+    assert report.decide(report.paired_test({0: 1.0}, {0: 0.5}), None, {"a": None, "b": 0.1}, "oneshot", "a", "b") \
+        == "no verdict: one seed, and within-run noise needs >= 4 states"
 
 
 def test_bad_input_is_one_line(tmp_path):

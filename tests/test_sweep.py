@@ -112,24 +112,53 @@ def test_local_runner_skips_finished_resumes_interrupted(tmp_path, monkeypatch, 
     out = tmp_path / "runs"
     runs = sweep.plan(path, out)
     names = [r[1].name for r in runs]
-    # lr is not in the default run name: each point gets its own --name
-    assert names == ["synthetic_refill_vit_small_r0.7_s0_lr0.01", "synthetic_refill_vit_small_r0.7_s0_lr0.001",
-                     "synthetic_rsst_vit_small_r0.7_s0_lr0.01", "synthetic_rsst_vit_small_r0.7_s0_lr0.001"]
-    assert runs[0][0][-2:] == [f"--out_dir={out}", f"--name={names[0]}"]
+    # lr is not shown in the default run name, but the configuration's hash tells the points apart
+    assert [n.rsplit("_", 1)[0] for n in names] == ["synthetic_refill_vit_small_r0.7_s0"] * 2 + \
+        ["synthetic_rsst_vit_small_r0.7_s0"] * 2
+    assert len(set(names)) == 4 and runs[0][0][-1] == f"--out_dir={out}"
     (out / names[0]).mkdir(parents=True)
     (out / names[0] / "summary.json").write_text(json.dumps({"status": "finished"}))
     (out / names[1] / "checkpoints").mkdir(parents=True)
     (out / names[1] / "checkpoints" / "last.pt").write_bytes(b"")
     (out / names[1] / "summary.json").write_text(json.dumps({"status": "running"}))
     (out / names[2]).mkdir()
-    (out / names[2] / "config.json").write_text("{}")  # died before its first checkpoint
+    point = sweep.parse_run_flags(sweep._run_flags(runs[2][0])).to_dict()
+    (out / names[2] / "config.json").write_text(json.dumps(point))  # died before its first checkpoint
     (out / names[3]).mkdir()  # empty
     ran = []
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or type("P", (), {"returncode": 0}))
     sweep.main(str(path), out_dir=str(out))
-    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--name={names[3]}"]
+    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--out_dir={out}"]
     assert ran[0][:5] == [sys.executable, "-m", "vitprune", "run", "--method=refill"]
     assert "finished, skipped" in capsys.readouterr().out
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folder_of_another_configuration_is_refused(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+    path = write_sweep(tmp_path, GRID)
+    out = tmp_path / "runs"
+    command, run_dir, _ = sweep.plan(path, out)[1]
+    saved = {**sweep.parse_run_flags(sweep._run_flags(command)).to_dict(), "lr": 0.05}  # another experiment
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished"}))
+    before = snapshot(out)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: pytest.fail("a run started"))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "sweep", path, f"--out_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run_dir} holds another configuration" in err and "--lr=0.001" in err
+    assert snapshot(out) == before and "finished, skipped" not in err
+    # `run` into that folder by name: refused before torch loads, the folder untouched
+    flags = [f for f in sweep._run_flags(command) if not f.startswith("--out_dir")]
+    assert run_cli(monkeypatch, "run", *flags, f"--out_dir={out}", f"--name={run_dir.name}", "--wandb=disabled") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another configuration: --lr=0.001 (the folder has 0.05)" in err
+    assert snapshot(out) == before
 
 
 def test_dry_run_prints_commands_only(tmp_path, monkeypatch, capsys):
@@ -192,3 +221,53 @@ def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## synthetic" in text and "**Key result**" in text
     assert all(f"**{d.name}**" in text for d in run_dirs)
     assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png"}
+
+
+TWO_SCHEDULES = """
+method: grid
+parameters:
+  method: {{values: [refill, rsst]}}
+  dataset: {{value: synthetic}}
+  model: {{value: vit_micro}}
+  states: {{value: 2}}
+  epochs: {{value: 1}}
+  batch_size: {{value: 32}}
+  optimizer: {{value: adamw}}
+  lr: {{value: 0.001}}
+  wandb: {{value: disabled}}
+  schedule: {{value: {schedule}}}
+command: ["${{interpreter}}", -m, vitprune, run, "${{args}}"]
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_that_differ_in_schedule_share_an_out_dir(tmp_path, monkeypatch, capsys):
+    """The same points but for `schedule` used to share run folders (the second sweep then said
+    "finished, skipped"). Each run executes `python -m vitprune run ...` in this process, on a
+    small synthetic set, so that the test stays short."""
+    from conftest import run_cli, small_data
+    from vitprune import report, train
+    monkeypatch.setattr(train, "load_data", small_data((64, 16, 16)))
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: type("P", (), {"returncode": run_cli(monkeypatch, *cmd[3:])}))
+    out = tmp_path / "runs"
+    paths = {s: tmp_path / f"{s}.yaml" for s in ("oneshot", "geometric")}
+    for schedule, path in paths.items():
+        path.write_text(TWO_SCHEDULES.format(schedule=schedule))
+        sweep.main(str(path), out_dir=str(out))
+    assert "skipped" not in capsys.readouterr().out
+    folders = {s: [run_dir for _, run_dir, _ in sweep.plan(p, out)] for s, p in paths.items()}
+    assert len(set(folders["oneshot"] + folders["geometric"])) == 4 == len(list(out.iterdir()))
+    for schedule, run_dirs in folders.items():
+        for run_dir in run_dirs:
+            assert json.loads((run_dir / "config.json").read_text())["schedule"] == schedule
+            assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    sweep.main(str(paths["geometric"]), out_dir=str(out))  # again: its own two runs are finished
+    assert capsys.readouterr().out.count("finished, skipped") == 2
+    md = tmp_path / "r.md"
+    report.main(*map(str, out.iterdir()), out=str(md))
+    text = md.read_text()
+    assert "## synthetic — oneshot" in text and "## synthetic — geometric" in text
+    for schedule, run_dirs in folders.items():  # each section holds its own sweep's runs
+        section = text.split(f"## synthetic — {schedule}")[1].split("\n## ")[0]
+        assert all(f"**{d.name}**" in section for d in run_dirs)
+        assert not any(f"**{d.name}**" in section for s, ds in folders.items() if s != schedule for d in ds)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import fire
 
-from vitprune.config import EXECUTION_FLAGS, FIELDS, NUMERICS_FLAGS, ConfigError, base_type, from_flags
+from vitprune.config import (EXECUTION_FLAGS, FIELDS, NUMERICS_FLAGS, ConfigError, base_type, check_run_folder,
+                             from_flags)
 
 # --help and the README's flag table, both from the fields' metadata
 GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
@@ -76,6 +77,7 @@ def run(*args, **flags):
         # Under `wandb agent` a grid over a flag the default name does not show (e.g. lr) would
         # send several runs to one folder: the W&B run id keeps them apart.
         cfg.name = f"{cfg.run_name}_{os.environ['WANDB_RUN_ID']}"
+    check_run_folder(cfg)
     if cfg.resume:
         cfg = _resumed_config(cfg, flags)
         if cfg is None:

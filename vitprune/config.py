@@ -9,10 +9,13 @@ command fails before they load.
 """
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, get_args
 
 METHODS = ("refill", "rsst", "imp", "dense")
@@ -189,7 +192,9 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return self.name or RUN_NAME.format(**{**self.to_dict(), "dataset": dataset_name(self.dataset)})
+        config = self.to_dict()
+        return self.name or RUN_NAME.format(**{**config, "dataset": dataset_name(self.dataset),
+                                               "hash": config_hash(config)})
 
     @property
     def rewind_epoch(self) -> Optional[int]:
@@ -206,8 +211,10 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # The default run folder name; the fields it shows are the ones that tell runs apart by name.
-RUN_NAME = "{dataset}_{method}_{model}_r{ratio:g}_s{seed}"
-NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME) if name)
+# The hash stands for every other field that applies and changes what is computed, so that two
+# experiments that differ in a field the name does not show (schedule, lr...) never share a folder.
+RUN_NAME = "{dataset}_{method}_{model}_r{ratio:g}_s{seed}_{hash}"
+NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME) if name in FIELDS)
 # Flags that say how to execute, not what to compute: they may change on --resume.
 EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["kind"] != "what")
 # Execution flags that still change the floating-point results.
@@ -231,6 +238,45 @@ def configuration(config: dict) -> dict:
     it: runs that agree on these are seeds of one configuration."""
     return {k: v for k, v in config.items()
             if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed" and applies(k, config)}
+
+
+def config_hash(config: dict) -> str:
+    """6 hex digits of the configuration (seed aside: the name shows it). Only the fields that
+    differ from their defaults enter, so a new flag whose default keeps the old behaviour leaves
+    the names of existing runs (and a sweep's "finished, skipped") as they were."""
+    changed = {k: v for k, v in configuration(config).items() if v != FIELDS[k].default}
+    text = json.dumps(changed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def saved_config(run_dir) -> Optional[dict]:
+    """The config.json of a run folder, None when it has none (or an unreadable one)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def config_difference(saved: dict, requested: dict) -> Optional[str]:
+    """The first field, seed included, in which a run folder's saved config computes something
+    other than the requested one ("--lr=0.001 (the folder has 0.01)"), or None."""
+    full = lambda c: {**{k: f.default for k, f in FIELDS.items()}, **c}
+    saved, requested = full(saved), full(requested)
+    ours, theirs = configuration(requested), configuration(saved)
+    for k in [*dict.fromkeys([*ours, *theirs]), "seed"]:
+        if json.dumps(ours.get(k, requested[k])) != json.dumps(theirs.get(k, saved[k])):
+            return f"--{k}={requested[k]} (the folder has {saved[k]})"
+    return None
+
+
+def check_run_folder(cfg: "Config"):
+    """A new run (not --overwrite) never goes into a folder that holds another configuration."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    saved = None if cfg.overwrite or cfg.resume else saved_config(run_dir)
+    differs = saved is not None and config_difference(saved, cfg.to_dict())
+    if differs:
+        raise ConfigError(f"--name: run folder {run_dir} holds another configuration: {differs}; "
+                          f"choose another --name or --out_dir (--overwrite replaces it)")
 
 
 def base_type(f):
@@ -274,9 +320,9 @@ def validate(cfg: Config) -> Config:
     _check_seed_formula(cfg)
     if cfg.rewind not in ("init", "none"):
         k = cfg.rewind.split(":", 1)[1] if cfg.rewind.startswith("epoch:") else ""
-        if not k.isdigit() or int(k) > cfg.epochs:
+        if not k.isdigit() or int(k) >= cfg.epochs:  # K = epochs would leave later states no epoch
             raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, "
-                              f"epoch:K with 0 <= K <= --epochs ({cfg.epochs})")
+                              f"epoch:K with 0 <= K < --epochs ({cfg.epochs})")
     if cfg.device.startswith("cuda:") and not cfg.device[5:].isdigit():
         raise ConfigError(f"--device: unknown value {cfg.device!r}; choose from auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:

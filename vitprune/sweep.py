@@ -3,7 +3,8 @@
 The YAML is the one `wandb sweep` takes. Every grid point runs the command line `wandb agent`
 would run for it, built with wandb's own sweep-command helpers, plus `--out_dir` (and `--name`
 when two points would share a run folder). Re-running the sweep skips finished runs and
-resumes an interrupted one, so an interrupted sweep is continued by running it again.
+resumes an interrupted one, so an interrupted sweep is continued by running it again; a folder
+that holds another configuration stops the sweep before anything runs.
 """
 import itertools
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from vitprune.config import NAME_FIELDS, ConfigError, from_flags
+from vitprune.config import NAME_FIELDS, ConfigError, config_difference, from_flags, saved_config
 
 
 def load_sweep(path) -> dict:
@@ -77,16 +78,18 @@ def plan(path, out_dir="runs") -> list:
                           f"pass it as `vitprune sweep {path} --out_dir=DIR`")
     points = grid(sweep)
     commands = [agent_command(sweep, p, interpreter=sys.executable) + [f"--out_dir={out_dir}"] for p in points]
-    names = [parse_run_flags(_run_flags(c)).run_name for c in commands]
-    if len(set(names)) < len(names):  # e.g. a grid over lr: suffix what varies beyond run_name
+    configs = [parse_run_flags(_run_flags(c)) for c in commands]
+    names = [c.run_name for c in configs]
+    if len(set(names)) < len(names):  # a grid over how to execute (e.g. precision): suffix what varies
         varying = [k for k in sweep["parameters"] if k not in NAME_FIELDS and len({str(p[k]) for p in points}) > 1]
         names = [n + "".join(f"_{k}{p[k]}".replace("/", "-") for k in varying) for n, p in zip(names, points)]
         commands = [c + [f"--name={n}"] for c, n in zip(commands, names)]
         if len(set(names)) < len(names):
             raise ConfigError(f"sweep: grid points of {path} repeat; every point must differ in some flag")
     runs = []
-    for command, name in zip(commands, names):
+    for command, name, cfg in zip(commands, names, configs):
         run_dir = Path(out_dir) / name
+        _check_same_experiment(run_dir, cfg)
         status = _status(run_dir)
         extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(status, [])
         runs.append((command + extra, run_dir, status))
@@ -100,6 +103,15 @@ def _run_flags(command: list) -> list:
     except ValueError:
         raise ConfigError(f"sweep: `command:` must run `python -m vitprune run ${{args}}`, "
                           f"got {shlex.join(command)}") from None
+
+
+def _check_same_experiment(run_dir: Path, cfg):
+    """A folder that holds another experiment is never resumed, restarted or "finished, skipped"."""
+    saved = saved_config(run_dir)
+    differs = saved is not None and config_difference(saved, cfg.to_dict())
+    if differs:
+        raise ConfigError(f"sweep: run folder {run_dir} holds another configuration than this sweep's point: "
+                          f"{differs}; give the sweep another --out_dir")
 
 
 def _status(run_dir: Path) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vitprune import fmt, kernels
-from vitprune.config import NOT_ZEROED, Config, ConfigError
+from vitprune.config import NOT_ZEROED, Config, ConfigError, check_run_folder
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
@@ -143,6 +143,7 @@ def prepare_run_dir(cfg: Config) -> Path:
                               f"start the run without --resume")
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
+        check_run_folder(cfg)
         if not cfg.overwrite:
             raise ConfigError(f"--name: run folder {run_dir} already exists; pass --resume to continue it "
                               f"or --overwrite to replace it")

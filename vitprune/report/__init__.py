@@ -3,14 +3,15 @@ project), in layers: runs (reading) -> stats (numbers, verdict policy) -> markdo
 import re
 from pathlib import Path
 
-from vitprune.config import ConfigError
+from vitprune.config import ConfigError, dataset_name
 from vitprune.log import resolve_wandb_mode
 from vitprune.report import markdown, plots
 from vitprune.report.markdown import comparison
 from vitprune.report.runs import RunRecords, load_run, read_runs
-from vitprune.report.stats import configurations, decide, run_stats
+from vitprune.report.stats import Verdicts, cells, configurations, decide, paired_test, run_stats
 
-__all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "decide", "comparison"]
+__all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "cells", "decide", "paired_test",
+           "Verdicts", "comparison"]
 
 
 def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wandb_report=None):
@@ -22,16 +23,20 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     out.parent.mkdir(parents=True, exist_ok=True)
     title = "Structured pruning of ViTs: " + " vs ".join(dict.fromkeys(r.config.get("method", "?") for r in runs))
     lines = markdown.heading(title, runs)
-    tables = {}  # section title -> headline table, for the W&B Report
-    sections = dict.fromkeys((r.config.get("dataset"), r.config.get("schedule", "oneshot")) for r in runs)
-    for dataset, schedule in sections:
-        subset = [r for r in runs if (r.config.get("dataset"), r.config.get("schedule", "oneshot")) == (dataset, schedule)]
+    section_of = lambda r: (r.config.get("dataset"), r.config.get("schedule", "oneshot"))
+    sections = {key: [r for r in runs if section_of(r) == key] for key in dict.fromkeys(map(section_of, runs))}
+    section_cells = {key: cells(subset) for key, subset in sections.items()}
+    verdicts = Verdicts([c for cs in section_cells.values() for c in cs])  # Holm over the whole report
+    tables = {}  # section title -> headline tables, for the W&B Report
+    for (dataset, schedule), subset in sections.items():
         several = sum(d == dataset for d, _ in sections) > 1
-        title, stem = (f"{dataset} — {schedule}", f"{dataset}_{schedule}") if several else (dataset, dataset)
+        title = f"{dataset} — {schedule}" if several else dataset
+        stem = f"{file_stem(dataset)}_{schedule}" if several else file_stem(dataset)
         png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
-        lines += markdown.dataset_section(title, subset, schedule, png)
+        lines += markdown.dataset_section(title, subset, section_cells[(dataset, schedule)], verdicts, png)
         plots.plot(title, subset, {k: out.parent / v for k, v in png.items()})
-        tables[title] = markdown.comparison_table(configurations(subset), min(len(r.states) for r in subset), schedule)
+        tables[title] = [line for c in section_cells[(dataset, schedule)]
+                         for line in [f"**{c.name or dataset}**", ""] + markdown.comparison_table(c, verdicts) + [""]]
     out.write_text("\n".join(lines) + "\n")
     print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
     if wandb_report and online:
@@ -39,3 +44,7 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     elif wandb_report:
         print("report: cannot create a W&B Report offline (no credentials or WANDB_MODE); the Markdown is written")
 
+
+def file_stem(dataset) -> str:
+    """A file-name-safe name of the data set: folder:/data/flowers -> flowers."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset_name(str(dataset))).strip("-.") or "data"

@@ -3,30 +3,39 @@ runs' states, findings, parameter efficiency and training time."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
-from vitprune.report.stats import (RISING, configurations, late_start, mean, row_verdict, run_stats, state_verdict,
-                                   std, within_run_noise)
+from vitprune.report.stats import ALPHA, POLICY, RISING, Cell, Verdicts, late_start, mean, run_stats, std
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
-DELTA = "Δ (best − next)"
 # The rows of the comparison table: (run_stats key, title); what each may conclude is stats.POLICY.
 ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
         ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
         ("retention", "Retention: best pruned / State 0"), ("late", "Late phase mean"), ("last", "Last common state"))
 
 
-def comparison(groups: dict, n: int, schedule="oneshot", key=HEADLINE) -> list:
-    """Rows (metric, title, {label: cell}, Δ, verdict) of the seed's comparison table."""
-    stats = {label: [run_stats(r, n, key) for r in runs] for label, runs in groups.items()}
-    noise = within_run_noise(groups, n, schedule, key)
-    flagged = {label: any(r.not_zeroed(1) for r in runs) for label, runs in groups.items()}
-    table = []
+def comparison(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
+    """Rows (metric, title, {label: cell}, [(Δ text, verdict) per pair]) of the seed's comparison
+    table; only the headline's rows carry verdicts."""
+    n, table = cell.n, []
+    stats = {label: [run_stats(r, n, key) for r in runs] for label, runs in cell.groups.items()}
     for metric, title in ROWS:
         title = _row_title(metric, title, n)
         values = {label: [s[metric] for s in ss if s[metric] is not None] for label, ss in stats.items()}
-        cells = {label: _cell(values[label], ss, metric) + (f" {FLAG}" if metric == "state1" and flagged[label] else "")
-                 for label, ss in stats.items()}
-        table.append((metric, title, cells, *row_verdict(metric, values, noise, schedule)))
+        cells = {label: _cell(values[label], ss, metric) + (f" {FLAG}" if _flagged(cell.groups[label], ss, metric, n)
+                                                            else "") for label, ss in stats.items()}
+        policy = POLICY[cell.mode][metric]
+        state = {"state1": 1, "last": n - 1}.get(metric)
+        pairs = [verdicts.verdict(cell, a, b, state)[1:] if policy == "compare" and key == HEADLINE
+                 else ("n/a", policy) for a, b in cell.pairs()]
+        table.append((metric, title, cells, pairs))
     return table
+
+
+def _flagged(runs, stats, metric, n) -> bool:
+    """⚠ on a row that shows (or averages) a state whose RSST targets were not driven to zero."""
+    shown = {"state1": lambda s: [1], "last": lambda s: [n - 1], "best": lambda s: [s["best_state"]],
+             "mean": lambda s: range(2, n), "std": lambda s: range(2, n), "late": lambda s: range(late_start(n), n),
+             "retention": lambda s: [s["best_state"]]}.get(metric, lambda s: [])
+    return any(state is not None and r.not_zeroed(state) for r, s in zip(runs, stats) for state in shown(s))
 
 
 def _row_title(metric, title, n):
@@ -52,26 +61,44 @@ def _cell(values, stats, metric):
     return text
 
 
-def by_state(groups: dict, n: int, schedule: str, key=HEADLINE) -> list:
-    """Rows (state, {label: cell}, Δ, verdict) comparing the configurations state by state."""
-    rows, noise = [], within_run_noise(groups, n, schedule, key)
-    for s in range(1, n):
-        values = {label: [r.states[s][key] for r in runs] for label, runs in groups.items()}
-        cells = {label: _cell(v, None, "state") + (f" {FLAG}" if any(r.not_zeroed(s) for r in groups[label]) else "")
+def by_state(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
+    """Rows (state, {label: cell}, [(Δ text, verdict) per pair]) comparing the methods state by state."""
+    rows = []
+    for s in range(1, cell.n):
+        values = {label: [r.states[s][key] for r in runs] for label, runs in cell.groups.items()}
+        cells = {label: _cell(v, None, "state") + (f" {FLAG}" if any(r.not_zeroed(s) for r in cell.groups[label]) else "")
                  for label, v in values.items()}
-        rows.append((s, cells, *state_verdict(s, values, noise, schedule)))
+        same = cell.mode == "oneshot" and s >= 2
+        rows.append((s, cells, [("n/a", "– (same ticket, retrained)") if same else verdicts.verdict(cell, a, b, s)[1:]
+                                for a, b in cell.pairs()]))
     return rows
-
 
 
 def _pct(x, signed=False):
     return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}%")
 
 
-def comparison_table(groups, n, schedule="oneshot", key=HEADLINE) -> list:
-    rows = comparison(groups, n, schedule, key)
-    return fmt.table(["Metric", *groups, DELTA, "Winner"],
-                  [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
+def pair_header(cell: Cell, verdicts: Verdicts) -> list:
+    holm = f" (paired; Holm over {len(verdicts)} tests)" if len(verdicts) else ""
+    return [h for a, b in cell.pairs() for h in (f"Δ {b} − {a} [95% CI]", f"Winner{holm}" if len(cell.pairs()) == 1
+                                                   else f"Winner {a} vs {b}{holm}")]
+
+
+def comparison_table(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
+    rows = comparison(cell, verdicts, key)
+    if key != HEADLINE:  # the verdicts are the headline's: this table describes
+        return fmt.table(["Metric", *cell.groups], [[t, *cells.values()] for _, t, cells, _ in rows])
+    return fmt.table(["Metric", *cell.groups, *pair_header(cell, verdicts)],
+                     [[t, *cells.values(), *(x for pair in pairs for x in pair)] for _, t, cells, pairs in rows])
+
+
+def verdict_note(verdicts: Verdicts) -> list:
+    if not len(verdicts):
+        return ["Winner: no seed-level test in this report (no two seeds in common); one-seed gaps are judged "
+                "against the within-run noise only. imp and dense are references, not contestants.", ""]
+    return [f"Winner: paired t-test on the per-seed differences over the seeds both columns have (Δ = mean "
+            f"difference, [95% t-interval]); p-values **Holm-corrected over the {len(verdicts)} tests of this "
+            f"report**, a winner needs Holm p < {ALPHA:g}. imp and dense are references, not contestants.", ""]
 
 
 def heading(title, runs) -> list:
@@ -90,44 +117,46 @@ SCHEDULE_NOTE = {
                "retrains the same ticket from the rewind point (same keep set, no RSST targets). Only **State 1** "
                "can tell the methods apart; states ≥ 2 measure the noise of retraining a ticket and carry no "
                "winner.",
+    "oneshot, no rewind": "Schedule **oneshot** with `--rewind=none`: every state ≥ 1 keeps the groups of "
+                          "state 1, but without rewinding each method carries its own trained weights into states "
+                          "≥ 2, so those states differ between methods: they are compared one by one, like "
+                          "geometric states, with no within-run noise estimate.",
     "geometric": "Schedule **geometric**: every state prunes further, so each state has its own sparsity and the "
                  "methods select their own tickets from state 2 on. States are compared one by one, over seeds; "
                  "there is no within-run noise estimate.",
 }
 
 
-def key_result(groups, n, schedule) -> list:
-    if len(groups) < 2:
-        return [f"**Key result**: one configuration ({', '.join(groups)}): nothing to compare.", ""]
+def key_result(cell: Cell, verdicts: Verdicts) -> list:
+    groups, n = cell.groups, cell.n
+    if not cell.pairs():
+        return [f"**Key result**: no Refill/RSST pair to compare ({', '.join(groups)}).", ""]
     if n < 2:
         return ["**Key result**: no pruned state in common yet: nothing to compare.", ""]
-    row = {r[0]: r for r in comparison(groups, n, schedule)}["state1" if schedule == "oneshot" else "last"]
-    _, title, cells, _, verdict = row
-    what = "State 1" if schedule == "oneshot" else f"the last common state ({n - 1})"
+    _, _, cells, pairs = {r[0]: r for r in comparison(cell, verdicts)}["state1" if cell.mode == "oneshot" else "last"]
+    what = "State 1" if cell.mode == "oneshot" else f"the last common state ({n - 1})"
+    tests = "; ".join(f"Δ {b} − {a} = {d} → {v}" for (a, b), (d, v) in zip(cell.pairs(), pairs))
     return [f"**Key result** (final pruned test accuracy at {what}): " +
-            " vs ".join(f"{label} {cell}" for label, cell in cells.items()) + f" → {verdict}.", ""]
+            " vs ".join(f"{label} {c}" for label, c in cells.items()) + f"; {tests}.", ""]
 
 
-def dataset_section(title, runs, schedule, png) -> list:
-    groups = configurations(runs)
+def dataset_section(title, runs, section_cells, verdicts, png) -> list:
     n = min(len(r.states) for r in runs)
-    lines = [f"## {title}", "", SCHEDULE_NOTE[schedule], ""]
+    lines = [f"## {title}", ""]
+    for m in dict.fromkeys(c.mode for c in section_cells):
+        lines += [SCHEDULE_NOTE[m], ""]
     counts = {r.name: len(r.states) for r in runs}
     if len(set(counts.values())) > 1:
         lines += ["Runs finished different numbers of states (" +
                   ", ".join(f"{k}: {v}" for k, v in counts.items()) +
-                  f"); the comparisons use the {n} common states 0–{n - 1}.", ""]
-    lines += key_result(groups, n, schedule)
+                  f"); the comparisons use the common states of each cell (here 0–{n - 1}).", ""]
     if any(r.not_zeroed(s) for r in runs for s in range(len(r.states))):
-        lines += [f"{FLAG} = RSST targets not driven to zero at the hard prune (‖w_T‖ ratio > {NOT_ZEROED:g}): "
-                  f"that state's hard prune removed live weights.", ""]
-    for key, heading in ((HEADLINE, "Final pruned test accuracy (headline)"),
-                         (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
-        lines += [f"### {heading}", ""] + comparison_table(groups, n, schedule, key) + [""]
-    if n >= 2:
-        lines += ["### State by state (final pruned test accuracy)", ""] + fmt.table(
-            ["State", *groups, DELTA, "Winner"],
-            [[s, *cells.values(), _pct(d, signed=True), v] for s, cells, d, v in by_state(groups, n, schedule)]) + [""]
+        lines += [f"{FLAG} = RSST targets not driven to zero at the hard prune (the largest target group kept "
+                  f"more than {NOT_ZEROED:g} of its norm): that state's hard prune removed live weights.", ""]
+    if any(c.pairs() for c in section_cells):
+        lines += verdict_note(verdicts)
+    for cell in section_cells:
+        lines += cell_section(cell, verdicts, len(section_cells) > 1)
     lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
     for r in runs:
         lines += per_state(r)
@@ -136,10 +165,27 @@ def dataset_section(title, runs, schedule, png) -> list:
     return lines
 
 
+def cell_section(cell: Cell, verdicts: Verdicts, named: bool) -> list:
+    """One cell's key result, comparison tables and state-by-state table."""
+    lines = [f"### Cell: {cell.name}", ""] if named else []
+    suffix = f" — {cell.name}" if named else ""
+    lines += key_result(cell, verdicts)
+    for key, heading in ((HEADLINE, "Final pruned test accuracy (headline)"),
+                         (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
+        lines += [f"### {heading}{suffix}", ""] + comparison_table(cell, verdicts, key) + [""]
+    if cell.n >= 2:
+        lines += [f"### State by state (final pruned test accuracy){suffix}", ""] + fmt.table(
+            ["State", *cell.groups, *pair_header(cell, verdicts)],
+            [[s, *cells.values(), *(x for pair in pairs for x in pair)] for s, cells, pairs in by_state(cell, verdicts)])
+        lines += [""]
+    return lines
+
+
 def per_state(r: RunRecords) -> list:
     rows = [("final test (pruned)", HEADLINE, _num), ("final val (pruned)", "final_val_acc", _num),
             ("best-epoch test", BEST_EPOCH, _num), ("before hard prune (RSST)", "pre_prune_test_acc", _num),
             ("targets' norm at hard prune (RSST)", "target_norm_ratio", _ratio_cell),
+            ("largest target's norm at hard prune (RSST)", "target_norm_ratio_max", _ratio_cell),
             ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", fmt.count)]
     body = [[title, *("" if s.get(key) is None else show(s[key]) for s in r.states)] for title, key, show in rows
             if any(s.get(key) is not None for s in r.states)]

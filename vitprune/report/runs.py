@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitprune.config import NOT_ZEROED, ConfigError
+from vitprune.config import NOT_ZEROED, ConfigError, configuration
 from vitprune.log import read_metrics, record_from_wandb
 
 # The headline number of a state is its FINAL PRUNED test accuracy (the network after the state's
@@ -30,8 +30,10 @@ class RunRecords:
         return [e[key] for e in self.epochs if e["state"] == state and e.get(key) is not None]
 
     def not_zeroed(self, state) -> bool:
-        """RSST state whose targets were not driven to zero before the hard prune."""
-        ratio = self.states[state].get("target_norm_ratio") if state < len(self.states) else None
+        """RSST state whose targets were not driven to zero before the hard prune: judged on the
+        largest target group's norm ratio (records before it was logged: on the aggregate)."""
+        record = self.states[state] if state < len(self.states) else {}
+        ratio = record.get("target_norm_ratio_max", record.get("target_norm_ratio"))
         return ratio is not None and ratio > NOT_ZEROED
 
 
@@ -80,8 +82,25 @@ def read_runs(run_dirs, wandb_project=None, wandb_entity=None, online=False) -> 
     elif wandb_project:
         print(f"report: cannot read W&B project {wandb_project!r} offline (no credentials or WANDB_MODE); "
               f"using the run folders only")
-    runs = [r for r in runs if r.states]
+    runs = deduplicate([r for r in runs if r.states])
     if not runs:
         raise ConfigError("report: no run with a finished state; give run folders (RUN_DIR...) "
                           "or --wandb_project with W&B online")
     return runs
+
+
+def deduplicate(runs) -> list:
+    """One run per (configuration, seed): the same run read from a folder and from W&B, or two
+    folders of one experiment, count once (the one with the most states); one warning names them."""
+    kept, dropped = {}, []
+    for r in runs:
+        key = (json.dumps(configuration(r.config), sort_keys=True, default=str), str(r.config.get("seed")))
+        if key in kept:
+            keep, drop = (r, kept[key]) if len(r.states) > len(kept[key].states) else (kept[key], r)
+            kept[key] = keep
+            dropped.append(f"{drop.name} (= {keep.name})")
+        else:
+            kept[key] = r
+    if dropped:
+        print(f"report: warning: counted once, same configuration and seed: {', '.join(dropped)}")
+    return [r for r in runs if any(r is k for k in kept.values())]

@@ -1,9 +1,12 @@
 """The report's numbers and its verdict policy: per-run statistics, configurations, the noise
 rules and which comparison may name a winner under which schedule. Imports no torch."""
+import json
 import math
 import statistics
+from collections import namedtuple
+from dataclasses import dataclass
 
-from vitprune.config import configuration
+from vitprune.config import FIELDS, METHODS, configuration
 from vitprune.report.runs import HEADLINE, BEST_EPOCH, RunRecords
 
 VAL_OF = {HEADLINE: "final_val_acc", BEST_EPOCH: "best_val_acc"}  # the val twin that selects states
@@ -60,10 +63,10 @@ def configurations(runs) -> dict:
     return groups
 
 
-def within_run_noise(groups: dict, n: int, schedule: str, key=HEADLINE) -> dict:
+def within_run_noise(groups: dict, n: int, mode: str, key=HEADLINE) -> dict:
     """{label: std over states >= 2, averaged over the label's runs}: the noise of retraining one
-    ticket, under oneshot only (under geometric the states differ in sparsity)."""
-    if schedule != "oneshot":
+    ticket, only where states >= 2 retrain the same ticket (POLICY "oneshot")."""
+    if mode != "oneshot":
         return {label: None for label in groups}
     stds = {label: [run_stats(r, n, key)["std"] for r in runs] for label, runs in groups.items()}
     return {label: mean([s for s in ss if s is not None]) for label, ss in stds.items()}
@@ -71,23 +74,32 @@ def within_run_noise(groups: dict, n: int, schedule: str, key=HEADLINE) -> dict:
 
 # ---- the verdict policy -------------------------------------------------------------------
 # What is compared, and when a winner is named:
-# - runs of one dataset and schedule are compared over their common states 0..n-1;
-# - a configuration = the runs that differ only in seed (and in flags that do not apply to their
-#   method, or only say how to execute): its label names what differs and applies to it;
+# - a *cell* = the runs of one dataset and schedule that agree on every field that applies to
+#   every method (configuration() without method, seed and the method-only flags); execution
+#   flags never split cells. Inside a cell, a configuration = the runs that differ only in seed;
+#   its label is the method and the method's own flags that differ in the cell;
+# - within a cell the structured methods (Refill, RSST, and RSST/Refill variants) are compared
+#   pairwise, Refill vs RSST first; imp and dense are reference columns, never contestants. Cells
+#   are never compared with each other (a ratio sweep compares the methods at each ratio);
+# - a comparison is a PAIRED t-test on the per-seed differences over the seeds both
+#   configurations have (two runs of one seed share State 0, the val split and the data order):
+#   mean Δ with its 95% t-interval. A report makes many tests (pairs × cells × states), so the
+#   p-values are Holm-corrected over all of them, and a winner needs Holm p < 0.05;
 # - any "best state" is chosen by VALIDATION accuracy (over states >= 1) and reported with its test
 #   accuracy: a maximum over noisy test scores would select on the test set;
-# - oneshot: every state >= 2 retrains the same ticket for every method (the selection is monotone:
-#   same keep set, no RSST targets), so only State 1 can tell the methods apart. States >= 2 are
-#   marked "same ticket, retrained", carry no winner, and their spread is the within-run noise;
-# - geometric: every state has its own sparsity, so there is no within-run noise; methods are
-#   compared state by state, over seeds;
-# - winner: with >= 2 seeds per configuration, Welch's t-test on the per-seed values (p < 0.05);
-#   with one seed (oneshot only), a gap beyond 2x the larger within-run std is reported as such,
-#   never as a seed-to-seed result; under geometric one seed gives no verdict;
-# - an RSST state whose targets kept more than NOT_ZEROED of their norm at the hard prune is
-#   flagged: its hard prune was a prune of live weights, not of zeroed ones.
-# POLICY: what each row of the comparison (a run_stats key) may conclude, per schedule:
+# - oneshot with rewinding: every state >= 2 retrains the same ticket for every method (same
+#   keep set, no RSST targets), so only State 1 can tell the methods apart; states >= 2 carry no
+#   winner and their spread is the within-run noise. With --rewind=none each method carries its
+#   own weights into states >= 2, so they are compared one by one, like geometric states;
+# - geometric: every state has its own sparsity: no within-run noise; compared state by state;
+# - one seed in common: no seed-level verdict. Under oneshot (rewinding) a gap beyond 2·√2·σ
+#   (σ the larger within-run std; the difference of two single values has std √2·σ) is named
+#   as "beyond within-run noise", never as a seed-to-seed result; otherwise no verdict;
+# - an RSST state whose targets (the largest group's norm ratio; the aggregate for old records)
+#   kept more than NOT_ZEROED at the hard prune is flagged wherever the report shows that state.
+# POLICY: what each row of the comparison (a run_stats key) may conclude, per mode (see `mode`):
 # "compare" (a winner can be named), or the reason none can.
+_FINE_TUNE = "– (states carry each method's own weights: see state by state)"
 POLICY = {
     "oneshot": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
                 "best": "– (states ≥ 2: same ticket, retrained)", "mean": "– (same ticket, retrained)",
@@ -97,41 +109,132 @@ POLICY = {
                   "best": "– (states differ in sparsity)", "mean": "– (states differ in sparsity)",
                   "std": "– (states differ in sparsity: not noise)", "retention": "– (states differ in sparsity)",
                   "late": "– (states differ in sparsity)", "last": "compare"},
+    "oneshot, no rewind": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
+                           "best": _FINE_TUNE, "mean": _FINE_TUNE, "std": "– (not noise: states differ)",
+                           "retention": _FINE_TUNE, "late": _FINE_TUNE, "last": "compare"},
 }
+ALPHA = 0.05
+CONTESTANTS = ("refill", "rsst")  # imp and dense are reference columns
+
+Paired = namedtuple("Paired", "delta low high p n")
 
 
-def row_verdict(metric, values: dict, noise: dict, schedule="oneshot"):
-    """(Δ, verdict) of one row of the comparison, as POLICY allows for the schedule."""
-    policy = POLICY[schedule][metric]
-    return decide(values, noise, schedule) if policy == "compare" else (None, policy)
+def mode(schedule: str, rewind: str) -> str:
+    """The POLICY that fits: without rewinding, oneshot states >= 2 are not the same experiment."""
+    return "oneshot, no rewind" if schedule == "oneshot" and rewind == "none" else schedule
 
 
-def state_verdict(state, values: dict, noise: dict, schedule="oneshot"):
-    """(Δ, verdict) of one state compared across configurations: none for oneshot states >= 2."""
-    if schedule == "oneshot" and state >= 2:
-        return None, "– (same ticket, retrained)"
-    return decide(values, noise, schedule)
+def paired_test(a: dict, b: dict) -> Paired:
+    """Paired t-test of {seed: value} a against b over the seeds both have: Δ = mean(a − b) with
+    its 95% t-interval, two-sided p (None below 2 seeds or when every difference is the same)."""
+    seeds = sorted(a.keys() & b.keys(), key=str)
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return Paired(None, None, None, None, 0)
+    delta = mean(diffs)
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return Paired(delta, None, None, None, len(diffs))
+    from scipy import stats
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    p = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
+    return Paired(delta, delta - half, delta + half, float(p), len(diffs))
 
 
-def decide(values: dict, noise: dict, schedule="oneshot"):
-    """(Δ best − next, verdict) for {label: per-seed values}; noise = {label: within-run std}."""
-    ranked = sorted((k for k in values if values[k]), key=lambda k: -mean(values[k]))
-    if len(ranked) < 2:
-        return None, "–"
-    a, b = ranked[:2]
-    delta = mean(values[a]) - mean(values[b])
-    if len(values[a]) >= 2 and len(values[b]) >= 2:
-        if statistics.stdev(values[a]) == statistics.stdev(values[b]) == 0:  # Welch is undefined
-            return delta, "n/a (no seed variance)"
-        from scipy.stats import ttest_ind
-        p = ttest_ind(values[a], values[b], equal_var=False).pvalue
-        seeds = f"{min(len(values[a]), len(values[b]))}+ seeds"
-        return delta, f"**{a}** (Welch p={p:.3f}, {seeds})" if p < 0.05 else f"within noise (Welch p={p:.2f}, {seeds})"
-    if schedule != "oneshot":
-        return delta, "no verdict: one seed, and no within-run noise under geometric (run several seeds)"
+def holm(ps: dict) -> dict:
+    """Holm's step-down adjusted p-values for {test: p}: controls the chance of any false winner."""
+    adjusted, running = {}, 0.0
+    for i, k in enumerate(sorted(ps, key=ps.get)):
+        running = max(running, min(1.0, (len(ps) - i) * ps[k]))
+        adjusted[k] = running
+    return adjusted
+
+
+def cell_key(config: dict) -> tuple:
+    """What every method of a cell shares: the configuration without method, seed and the flags
+    that apply to some methods only."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in configuration(config).items()
+                        if k != "method" and "method" not in FIELDS[k].metadata["requires"]))
+
+
+@dataclass(eq=False)
+class Cell:
+    """The runs of one cell, as configurations {label: [runs]}, compared over n common states."""
+    name: str
+    groups: dict
+    n: int
+    mode: str
+
+    def pairs(self) -> list:
+        """(a, b) pairs of contestants, Refill before RSST; Δ is b − a."""
+        order = lambda label: (METHODS.index(self.groups[label][0].config.get("method", "dense")), label)
+        labels = sorted((k for k, runs in self.groups.items() if runs[0].config.get("method") in CONTESTANTS),
+                        key=order)
+        return [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+
+    def tested_states(self) -> list:
+        return list(range(1, min(self.n, 2) if self.mode == "oneshot" else self.n))
+
+    def values(self, label, state, key=HEADLINE) -> dict:
+        return {r.config.get("seed"): r.states[state][key] for r in self.groups[label]}
+
+
+def cells(runs) -> list:
+    """The cells of the runs of one dataset and schedule, named by what sets them apart."""
+    by_key = {}
+    for r in runs:
+        by_key.setdefault(cell_key(r.config), []).append(r)
+    differing = [k for k in dict.fromkeys(f for key in by_key for f, _ in key)
+                 if len({dict(key).get(k) for key in by_key}) > 1]
+    result = []
+    for key, members in by_key.items():
+        fields = dict(key)
+        name = ", ".join(f"{k}={json.loads(fields[k])}" for k in differing if k in fields)
+        rewind = members[0].config.get("rewind", FIELDS["rewind"].default)
+        result.append(Cell(name, configurations(members), min(len(r.states) for r in members),
+                           mode(members[0].config.get("schedule", "oneshot"), rewind)))
+    return result
+
+
+class Verdicts:
+    """Every paired test a report makes, Holm-corrected together before any verdict is written."""
+
+    def __init__(self, all_cells):
+        self.tests = {(cell, a, b, s): paired_test(cell.values(b, s), cell.values(a, s))
+                      for cell in all_cells for a, b in cell.pairs() for s in cell.tested_states()}
+        self.holm = holm({k: t.p for k, t in self.tests.items() if t.p is not None})
+        self.noise = {cell: within_run_noise(cell.groups, cell.n, cell.mode) for cell in all_cells}
+
+    def __len__(self):
+        return len(self.holm)
+
+    def verdict(self, cell, a, b, state):
+        """(Δ b − a or None, its text with the interval, the verdict) at one state."""
+        key = (cell, a, b, state)
+        if key not in self.tests:
+            return None, "n/a", "–"
+        t = self.tests[key]
+        text = "n/a" if t.delta is None else f"{t.delta:+.2f}" + (
+            "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]")
+        return t.delta, text, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b)
+
+
+def decide(t: Paired, p_holm, noise: dict, mode: str, a: str, b: str) -> str:
+    """The verdict of the paired test t of b against a (Δ = b − a), as the policy above says."""
+    winner = b if (t.delta or 0) > 0 else a
+    if t.n == 0:
+        return "no verdict: no seed in common"
+    if t.n >= 2:
+        if t.p is None:
+            return "n/a (no seed variance)"
+        seeds = f"paired over {t.n} seeds"
+        if p_holm < ALPHA:
+            return f"**{winner}** (Holm p={p_holm:.3f}, p={t.p:.3f}; {seeds})"
+        return f"within noise (Holm p={p_holm:.2f}, p={t.p:.2f}; {seeds})"
+    if mode != "oneshot":
+        return f"no verdict: one seed, and no within-run noise under {mode} (run several seeds)"
     if noise.get(a) is None or noise.get(b) is None:
-        return delta, "no verdict: one seed, and within-run noise needs >= 4 states"
-    bar = 2 * max(noise[a], noise[b])
-    if delta > bar:
-        return delta, f"**{a}** beyond within-run noise (2σ = {bar:.2f}; one seed: not a seed-to-seed result)"
-    return delta, f"within noise (2σ = {bar:.2f}, within-run; one seed)"
+        return "no verdict: one seed, and within-run noise needs >= 4 states"
+    bar = 2 * math.sqrt(2) * max(noise[a], noise[b])
+    if abs(t.delta) > bar:
+        return f"**{winner}** beyond within-run noise (2√2σ = {bar:.2f}; one seed: not a seed-to-seed result)"
+    return f"within noise (2√2σ = {bar:.2f}, within-run; one seed)"
