@@ -83,11 +83,11 @@ def crash_in(monkeypatch, state: int, epoch: int):
     monkeypatch.setattr(train, "train_epoch", train_epoch)
 
 
-def crashed_run(monkeypatch, out, method="refill", state=1, epoch=1):
+def crashed_run(monkeypatch, out, method="refill", state=1, epoch=1, *more):
     with monkeypatch.context() as mp:
         crash_in(mp, state, epoch)
         with pytest.raises(Crash):
-            vitprune_run(mp, out, "r", f"--method={method}")
+            vitprune_run(mp, out, "r", f"--method={method}", *more)
     return out / "r"
 
 
@@ -170,6 +170,25 @@ def test_a_checkpoint_is_verified_before_it_replaces_the_previous_one(tmp_path, 
     with pytest.raises(OSError, match="read back differ"):
         checkpoint.save({"a": torch.arange(5)}, path)
     assert torch.equal(checkpoint.load(path)["a"], torch.arange(4)) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_crash_between_sidecar_and_rename_leaves_a_file_that_verifies(tmp_path, monkeypatch):
+    """The sidecar is written before the rename: it accepts the previous file as well."""
+    path = tmp_path / "last.pt"
+    checkpoint.save({"a": torch.arange(4)}, path)
+    with monkeypatch.context() as mp:
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name == "last.pt":  # the sidecar is renamed; the checkpoint is not
+                raise Crash()
+            real_replace(src, dst)
+        mp.setattr(log.os, "replace", replace)
+        with pytest.raises(Crash):
+            checkpoint.save({"a": torch.arange(5)}, path)
+    assert torch.equal(checkpoint.load(path)["a"], torch.arange(4))  # the old file, the new sidecar
+    checkpoint.save({"a": torch.arange(6)}, path)
+    assert torch.equal(checkpoint.load(path)["a"], torch.arange(6))
 
 
 # ---- a full disk --------------------------------------------------------------------------
@@ -310,9 +329,9 @@ def test_wandb_failing_never_stops_training(reference, tmp_path, monkeypatch, fa
 def test_resumed_online_run_logs_each_epoch_once(reference, tmp_path, monkeypatch):
     wandb = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    run_dir = crashed_run(monkeypatch, tmp_path, state=1, epoch=1)
-    (run_dir / "checkpoints" / "last.pt").unlink()  # state 1's epoch 0 is redone
-    run_cli(monkeypatch, "run", *FLAGS, f"--out_dir={tmp_path}", "--name=r", "--resume", "--wandb=online")
+    run_dir = crashed_run(monkeypatch, tmp_path, "refill", 1, 1, "--wandb=online")
+    (run_dir / "checkpoints" / "last.pt").unlink()  # state 1's epoch 0 is redone: W&B has it already
+    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume", "--wandb=online") == 0
     run_id = (run_dir / "wandb_id.txt").read_text()
     assert wandb.init_ids == [None, run_id] and list(wandb.server) == [run_id]  # the same W&B run
     epochs = [(row["global_epoch"]) for row in wandb.server[run_id] if "global_epoch" in row]
