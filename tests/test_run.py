@@ -57,7 +57,8 @@ def test_demo_run_folder(demo):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["states_done"] == 3
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["last.pt", "rewind.pt", "state_00.pt", "state_01.pt", "state_02.pt"]
+    pts = ["last.pt", "rewind.pt", "start_02.pt", "state_00.pt", "state_01.pt", "state_02.pt"]
+    assert ckpts == sorted(pts + [p + ".json" for p in pts])  # each with its checksum; the last state's start
 
 
 def test_pruned_states_count_and_zeros(demo):

@@ -14,6 +14,7 @@ import fire
 
 from vitprune.config import (EXECUTION_FLAGS, FIELDS, NUMERICS_FLAGS, ConfigError, base_type, check_run_folder,
                              from_flags)
+from vitprune.log import DiskFull
 
 # --help and the README's flag table, both from the fields' metadata
 GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
@@ -188,6 +189,9 @@ def main():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(DiskFull.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ class Config:
                       choices=("auto", "online", "offline", "disabled"), kind="execution")
     wandb_project: str = flag("vitprune", "W&B project", "logging", kind="execution")
     wandb_entity: Optional[str] = flag(None, "W&B entity (team or user)", "logging", kind="execution")
-    resume: bool = flag(False, "continue the run folder from checkpoints/last.pt", "logging", kind="execution")
+    resume: bool = flag(False, "continue the run folder from its newest checkpoint that verifies (last.pt, else "
+                                "the state's start or end)", "logging", kind="execution")
     overwrite: bool = flag(False, "replace an existing run folder", "logging", kind="execution")
 
     @property

@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from vitprune.config import ConfigError
+from vitprune.log import write_atomic, write_json
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
 
@@ -41,7 +42,9 @@ def masked_model(ck: dict):
     """(model, structure): the checkpoint's network as training evaluated it (dense shapes,
     dead groups zero and skipped), on the CPU in eval mode."""
     weights = ck["model"]
-    model = build_model(ck["config"]["model"], num_classes=weights["head.weight"].shape[0])
+    cfg = ck["config"]  # the run's input size too (a run at --img_size=16 has 17 positions)
+    model = build_model(cfg["model"], num_classes=weights["head.weight"].shape[0], img_size=cfg.get("img_size", 32),
+                        patch_size=cfg.get("patch_size", 4))
     model.load_state_dict(weights)
     structure = Structure.from_state_dict(ck["structure"])
     apply_structure(model, structure)
@@ -136,8 +139,9 @@ def export(checkpoint, out):
         "model": cfg.get("model"), "dataset": cfg.get("dataset"), "ratio": cfg.get("ratio"),
         "params_alive": record.get("params_alive"), "final_test_acc": record.get("final_test_acc")}}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(compact.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # through temp files (log.DiskFull on a full disk): an earlier export stays whole until replaced
+    write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
+    write_json(out / "config.json", config)
     if structure.elements is not None:
         print(f"note: {checkpoint} is unstructured ({cfg.get('method')}): no whole head or neuron is pruned, "
               f"so the export keeps the dense shapes with the pruned weights stored as zeros")

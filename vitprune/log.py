@@ -10,9 +10,12 @@ W&B mirrors every record under the same names (see `wandb_names`):
   names (time_s, target_norm_ratio) exist in both kinds, and are plotted against `state`.
 W&B is a mirror only: any failure there warns once and training goes on.
 """
+import errno
+import hashlib
 import json
 import netrc
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -25,20 +28,106 @@ STATE_STEP = "state"
 STATE_PREFIX = "state/"
 
 
-def write_atomic(path, content):
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left, quota exceeded
+
+
+class DiskFull(Exception):
+    """A write found the disk full. The file it was writing is left as it was (a rename
+    never happened; an append is cut back), so the run resumes once space is freed."""
+    EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: try again later
+
+    def __init__(self, path, needed: int):
+        self.path, self.needed = Path(path), needed
+        try:
+            free = f", {shutil.disk_usage(self.path.parent).free:,} free"
+        except OSError:
+            free = ""
+        super().__init__(f"disk full: writing {path} needs {needed:,} bytes{free}; free some space and "
+                         f"run the command again (a run: with --resume; every earlier file is intact)")
+
+
+class Writer:
+    """A binary file open for writing, counting and hashing what goes through it. Every file
+    of a run folder is written through one, so a full disk is caught in one place."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < view.nbytes:  # an unbuffered file may take part of it
+            done += self.f.write(view[done:])
+        self.sha.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self):
+        self.f.flush()
+
+
+class _Counter:
+    """A sink that only counts: the size a write would have had (to say how much a full disk lacked)."""
+    size = 0
+
+    def write(self, data) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self):
+        pass
+
+
+def _size_of(content) -> int:
+    if callable(content):
+        counter = _Counter()
+        content(counter)
+        return counter.size
+    return len(content.encode() if isinstance(content, str) else content)
+
+
+def write_atomic(path, content, before_replace=None):
     """Write a file through a temp file, fsync and rename, so that a crash never leaves it
     torn. content: str, bytes, or a callable that writes into the open binary file (e.g.
-    `lambda f: torch.save(obj, f)`)."""
+    `lambda f: torch.save(obj, f)`). before_replace(tmp, size, sha256) runs between the fsync
+    and the rename (to verify the new file while the old one stands). Returns (size, sha256);
+    raises DiskFull, the old file untouched, when the disk is full."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if callable(content):
-            content(f)
-        else:
-            f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            w = Writer(f)
+            if callable(content):
+                content(w)
+            else:
+                w.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace:
+            before_replace(tmp, w.size, w.sha.hexdigest())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in FULL_ERRNOS:
+            tmp.unlink(missing_ok=True)
+            raise DiskFull(path, _size_of(content)) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # only there when the write failed
+    return w.size, w.sha.hexdigest()
+
+
+def append_line(path, line: str):
+    """Append one line; on a full disk cut the file back to what it was and raise DiskFull."""
+    data = line.encode()
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        size = f.tell()
+        try:
+            Writer(f).write(data)
+        except OSError as e:
+            if e.errno not in FULL_ERRNOS:
+                raise
+            f.truncate(size)
+            raise DiskFull(path, len(data)) from None
 
 
 def write_json(path, obj):
@@ -130,11 +219,13 @@ class RunLog:
         self.chosen_offline = wandb_mode == "offline" or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         self._warned = False
         self._defined = set()  # W&B metrics whose step metric is already declared
+        self.records = len(read_metrics(self.run_dir))  # in metrics.jsonl; record i is W&B step i
+        self.wandb_has = 0  # records the W&B run holds already (a resumed run): not logged again
         self.wandb_run = self._start_wandb() if self.wandb_mode != "disabled" else None
 
     def _warn(self, message: str):
-        if not self._warned:
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if not self._warned:  # one line: a filename linecache cannot read shows no source line
+            warnings.warn_explicit(message, RuntimeWarning, "vitprune.log", 0)
             self._warned = True
 
     def _start_wandb(self):
@@ -161,7 +252,9 @@ class RunLog:
             except Exception as e:  # bad key, no network, service crash: fall back, never stop
                 error = error or e
                 continue
-            id_file.write_text(run.id)
+            write_atomic(id_file, run.id)
+            if run_id is not None:  # resumed: W&B has its steps 0 .. step-1 already
+                self.wandb_has = int(getattr(run, "step", 0) or 0)
             if error is not None:
                 self._warn(f"W&B online failed ({type(error).__name__}: {error}); logging offline, "
                            f"upload later with `wandb sync {run.settings.sync_dir}`")
@@ -170,7 +263,8 @@ class RunLog:
                     " (no credentials: set WANDB_API_KEY or run `wandb login`)"
                 print(f"W&B offline{why}; upload later with `wandb sync {run.settings.sync_dir}`", file=sys.stderr)
             return run
-        self._warn(f"W&B failed ({type(error).__name__}: {error}); logging to metrics.jsonl only")
+        self._warn(f"W&B stopped mirroring: init failed ({type(error).__name__}: {error}); "
+                   f"metrics.jsonl holds every record")
         return None
 
     def _wandb_log(self, record: dict):
@@ -187,21 +281,27 @@ class RunLog:
                 self._defined.add(key)
             self.wandb_run.log(row)
         except Exception as e:
-            self._warn(f"W&B logging failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            self._warn(f"W&B stopped mirroring: log failed ({type(e).__name__}: {e}); "
+                       f"metrics.jsonl holds every record")
             self.wandb_run = None
 
     def truncate(self, state: int, next_epoch: int):
         """Keep only the records of the run before (state, next_epoch): used on resume, so the
         records of work after the last checkpoint, which is redone, are not duplicated.
-        (W&B keeps its rows: the redone epochs are logged again at the same global_epoch.)"""
-        kept = [r for r in read_metrics(self.run_dir)
+        W&B keeps its rows, and the redone records it has already are not logged again.
+        Returns the number of epoch records dropped."""
+        records = read_metrics(self.run_dir)
+        kept = [r for r in records
                 if r["state"] < state or (r["state"] == state and r["kind"] == "epoch" and r["epoch"] < next_epoch)]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.records = len(kept)
+        return sum(r["kind"] == "epoch" for r in records) - sum(r["kind"] == "epoch" for r in kept)
 
     def _append(self, record: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._wandb_log(record)
+        append_line(self.path, json.dumps(record) + "\n")
+        self.records += 1
+        if self.records > self.wandb_has:
+            self._wandb_log(record)
 
     def epoch(self, record: dict):
         self._append({"kind": "epoch", **record})
@@ -218,7 +318,8 @@ class RunLog:
                 self.wandb_run.summary.update({k: summary[k] for k in ("status", "states_done", *self.runtime)
                                                if k in summary})
             except Exception as e:
-                self._warn(f"W&B summary failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+                self._warn(f"W&B stopped mirroring: summary failed ({type(e).__name__}: {e}); "
+                           f"metrics.jsonl holds every record")
                 self.wandb_run = None
 
     def close(self, exit_code: int = 0):
@@ -227,5 +328,6 @@ class RunLog:
             try:
                 self.wandb_run.finish(exit_code=exit_code)
             except Exception as e:
-                self._warn(f"W&B finish failed ({type(e).__name__}: {e})")
+                self._warn(f"W&B stopped mirroring: finish failed ({type(e).__name__}: {e}); "
+                           f"metrics.jsonl holds every record")
             self.wandb_run = None

@@ -123,7 +123,8 @@ def _status(run_dir: Path) -> str:
             return "finished"
     except (OSError, json.JSONDecodeError):
         pass
-    return "resume" if (run_dir / "checkpoints" / "last.pt").is_file() else "restart"
+    # any checkpoint: --resume falls back from a missing or damaged last.pt to the others
+    return "resume" if any((run_dir / "checkpoints").glob("*.pt")) else "restart"
 
 
 def main(path, dry_run=False, out_dir="runs"):

@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from vitprune import fmt, kernels
+from vitprune import checkpoint, fmt, kernels
 from vitprune.config import NOT_ZEROED, Config, ConfigError, check_run_folder
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
-from vitprune.log import RunLog, write_atomic, write_json
+from vitprune.log import RunLog, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
@@ -138,7 +138,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     """The run folder: refuse to touch an existing one unless --resume or --overwrite."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
     if cfg.resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        if not any((run_dir / "checkpoints").glob("*.pt")):
             raise ConfigError(f"--resume: no checkpoint at {run_dir}/checkpoints/last.pt; "
                               f"start the run without --resume")
         return run_dir
@@ -153,7 +153,7 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def save_torch(obj, path: Path):
-    write_atomic(path, lambda f: torch.save(obj, f))
+    checkpoint.save(obj, path)  # verified, with its checksum beside it
 
 
 # ---- what a run holds, and where its loop stands ---------------------------------------------
@@ -233,7 +233,11 @@ class Position:
     @classmethod
     def load(cls, path: Path, model, device):
         """The saved position; loads the model and the RNG. Returns (position, checkpoint)."""
-        ck = torch.load(path, map_location=device, weights_only=False)
+        return cls.from_checkpoint(torch.load(path, map_location=device, weights_only=False), model)
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict, model):
+        """The position a loaded last.pt (or start_XX.pt) holds; loads the model and the RNG."""
         ck = {cls.OLD_KEYS.get(k, k): v for k, v in ck.items()}
         model.load_state_dict(ck["model"])
         torch.set_rng_state(ck["rng"].cpu())
@@ -261,6 +265,8 @@ def run(cfg: Config) -> Path:
             for state in range(first, cfg.states):
                 if state > first:  # begin or resume started the first one
                     pos, tools = start_state(r, pos, state, rewind)
+                    if stop.requested(0, r.world, r.device):  # arrived during the finish: stop at step 0
+                        raise Interrupted()
                 for epoch in range(pos.next_epoch, cfg.epochs):
                     record = train_epoch(r, pos, tools, epoch, stop)
                     if state == 0 and cfg.rewind_epoch == epoch + 1:  # late rewinding rewinds to here
@@ -272,6 +278,9 @@ def run(cfg: Config) -> Path:
     if r.main:
         r.log.close()
     r.say(f"done in {fmt.clock(time.time() - run_start)}; results in {r.run_dir} (metrics.jsonl, summary.json)")
+    if stop.signum is not None:  # arrived after the last step: honoured, though nothing is left to do
+        r.say(f"{signal.Signals(stop.signum).name} after the last step: the run had finished; nothing to resume")
+        raise SystemExit(128 + stop.signum)
     return r.run_dir
 
 
@@ -396,25 +405,85 @@ def begin(r: Run):
 
 
 def resume(r: Run):
-    """Continue from checkpoints/last.pt: the position, model, optimizer, schedule and RNG;
-    and the rewind point from rewind.pt once reached. Returns (position, tools, rewind)."""
+    """Continue from the newest checkpoint that verifies (last.pt, else the current state's
+    start, else the end of the latest state): the position, model, optimizer, schedule and
+    RNG; and the rewind point from rewind.pt once reached. Returns (position, tools, rewind)."""
     cfg = r.cfg
-    pos, ck = Position.load(r.ckpt_dir / "last.pt", r.model, r.device)
-    apply_structure(r.model, pos.alive)  # the forward skips what was dead when the run stopped
+    path, ck, damaged = newest_good_checkpoint(r)
     rewind = None
     if (r.ckpt_dir / "rewind.pt").is_file():
-        rewind = torch.load(r.ckpt_dir / "rewind.pt", map_location="cpu", weights_only=False)
-    opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    rsst = regularizer(cfg, r.model, pos.alive, pos.keep, r.steps_in_state(pos.state), r.group_reg,
-                       pos.rsst_start_norms)
+        try:
+            rewind = checkpoint.load(r.ckpt_dir / "rewind.pt")
+        except checkpoint.Damaged as e:
+            raise ConfigError(f"--resume: {r.ckpt_dir / 'rewind.pt'} is damaged ({e}): the rewind point is lost; "
+                              f"start the run again with --overwrite") from None
+    if path.name.startswith("state_"):
+        pos, tools = after_state(r, ck, rewind)
+    else:
+        pos, ck = Position.from_checkpoint(ck, r.model)
+        apply_structure(r.model, pos.alive)  # the forward skips what was dead when the run stopped
+        opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        rsst = regularizer(cfg, r.model, pos.alive, pos.keep, r.steps_in_state(pos.state), r.group_reg,
+                           pos.rsst_start_norms)
+        tools = StepTools(opt, sched, rsst)
+    dropped = 0
     if r.main:
-        r.log.truncate(pos.state, pos.next_epoch)
-        write_summary(r, "running", pos.state)
+        dropped = r.log.truncate(pos.state, pos.next_epoch)
+        if pos.state == cfg.states:
+            write_summary(r, "finished", cfg.states, last_state=ck["record"])
+        else:
+            write_summary(r, "running", pos.state)
+    if damaged:
+        r.say(f"{'; '.join(damaged)}; resuming from {path.name}, {where(path, pos)}: "
+              f"{dropped} epoch record{'s' * (dropped != 1)} after it dropped from metrics.jsonl and redone")
     r.say(f"resuming {r.run_dir} at state {pos.state}, epoch {pos.next_epoch}"
           + (f", step {pos.step}" if pos.step else "") + " (counted from 0)")
-    return pos, StepTools(opt, sched, rsst), rewind
+    return pos, tools, rewind
+
+
+def checkpoint_candidates(ckpt_dir: Path) -> list:
+    """last.pt, then the start and end checkpoints of the states, newest first."""
+    order = {"start": 0, "state": 1}  # a state's start comes before its end
+    found = [p for p in ckpt_dir.glob("*_*.pt") if p.stem.split("_")[0] in order and p.stem.split("_")[1].isdigit()]
+    found.sort(key=lambda p: (int(p.stem.split("_")[1]), order[p.stem.split("_")[0]]), reverse=True)
+    return [ckpt_dir / "last.pt", *found]
+
+
+def newest_good_checkpoint(r: Run):
+    """(path, loaded checkpoint, what was skipped and why); ConfigError when none is usable."""
+    damaged = []
+    for path in checkpoint_candidates(r.ckpt_dir):
+        try:
+            return path, checkpoint.load(path, r.device), damaged
+        except checkpoint.Damaged as e:
+            damaged.append(f"{path.name} {e}" if str(e) == "missing" else f"{path.name} damaged ({e})")
+    raise ConfigError(f"--resume: no usable checkpoint in {r.ckpt_dir} ({'; '.join(damaged)}); "
+                      f"start the run again with --overwrite")
+
+
+def where(path: Path, pos: Position) -> str:
+    """Where a checkpoint puts the loop, in words."""
+    if path.name.startswith("state_"):
+        return f"the end of state {pos.state - 1}"
+    if path.name.startswith("start_"):
+        return f"the start of state {pos.state} (epoch {pos.next_epoch})"
+    return f"state {pos.state}, epoch {pos.next_epoch}, step {pos.step}"
+
+
+def after_state(r: Run, ck: dict, rewind: Optional[dict]):
+    """Resume from state_XX.pt (the end of state XX): the next state starts from its model,
+    structure and RNG. With no state left, the position past the last one and no tools."""
+    r.model.load_state_dict(ck["model"])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"].cpu())
+    done = Structure.from_state_dict(ck["structure"])
+    apply_structure(r.model, done)
+    prev = Position(ck["state"], r.cfg.epochs, done, done)
+    if ck["state"] + 1 == r.cfg.states:
+        return Position(r.cfg.states, 0, done, done), None
+    return start_state(r, prev, ck["state"] + 1, rewind)
 
 
 def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
@@ -440,6 +509,9 @@ def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
     tools = StepTools(opt, sched, t.regularizer)
     if r.main:
         report_structure(r.model, state, pos.keep)
+        # the state's start survives a damaged last.pt; only the current state's is kept
+        pos.save(r.ckpt_dir / f"start_{state:02d}.pt", r.model, opt, sched, cfg)
+        checkpoint.remove(r.ckpt_dir / f"start_{state - 1:02d}.pt")
         pos.save(r.ckpt_dir / "last.pt", r.model, opt, sched, cfg)
     return pos, tools
 
@@ -531,7 +603,8 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
     if r.main:
         r.log.state(record)
         save_torch({"state": state, "model": r.model.state_dict(), "structure": pos.alive.state_dict(),
-                    "record": record, "config": cfg.to_dict()}, r.ckpt_dir / f"state_{state:02d}.pt")
+                    "record": record, "config": cfg.to_dict(), "rng": torch.get_rng_state()},
+                   r.ckpt_dir / f"state_{state:02d}.pt")
         write_summary(r, "finished" if state == cfg.states - 1 else "running", state + 1, last_state=record)
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
           f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "

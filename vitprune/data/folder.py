@@ -26,7 +26,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from vitprune import fmt
 from vitprune.config import Config, ConfigError
 from vitprune.data.core import Data
-from vitprune.data.images import EXTENSIONS, decode_all
+from vitprune.data.images import EXTENSIONS, check_headers, decode_all
 from vitprune.data.split import check_split, seeded_split
 from vitprune.data.stream import StreamData
 from vitprune.log import write_atomic
@@ -188,6 +188,7 @@ def load_folder(cfg: Config, device, world: int = 1):
     if cfg.data_loader == "stream" or size > budget:
         if cfg.data_loader == "auto":
             say(f"streaming: {fmt.size(size)} decoded would exceed the memory budget of {fmt.size(budget)} ({rule})")
+        check_headers([f for files, _ in layout.sources.values() for f in files])
         return StreamData.from_layout(layout, parts, cfg.img_size, world).to(device)
     images = decoded(layout, cfg.img_size, cfg.data_dir)
     tensors = []

@@ -41,3 +41,29 @@ def decode_all(files: list, size: int) -> torch.Tensor:
     finally:
         pool.shutdown(cancel_futures=True)
     return out
+
+
+def _header_error(path: str):
+    """Why `path` is not an image torchvision can decode, from its header (PIL reads the
+    header and checks the file's structure, e.g. PNG chunk checksums, without decoding
+    pixels); None when it looks fine."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            if img.format not in ("JPEG", "PNG", "WEBP"):
+                return f"{img.format} data, not JPEG, PNG or WebP"
+            if min(img.size) < 1:
+                return f"{img.size[0]}x{img.size[1]} pixels"
+            img.verify()
+    except Exception as e:  # PIL.UnidentifiedImageError, truncated header, bad chunk
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    return None
+
+
+def check_headers(files: list):
+    """ConfigError naming the first file whose header is not a decodable image: the streaming
+    path decodes a file only when a batch needs it, so it checks every file before training."""
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for path, error in zip(files, pool.map(_header_error, files)):
+            if error:
+                raise ConfigError(f"--dataset: cannot decode {path} ({error}); remove or replace it")
