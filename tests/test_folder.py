@@ -184,7 +184,7 @@ def vitprune(*args):
 
 
 def comparable(run_dir):
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
