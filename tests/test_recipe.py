@@ -256,10 +256,11 @@ def test_distilled_run_reports_the_students_accuracy(tiny_runs):
 # ---- exact resume with the recipe ----------------------------------------------------------
 
 WRAPPER = ("import sys; sys.path.insert(0, 'tests'); from conftest import small_data; from vitprune import train; "
-           "train.load_data = small_data((1024, 64, 64)); from vitprune.__main__ import main; "
+           "train.load_data = small_data((256, 32, 32)); from vitprune.__main__ import main; "
            "sys.argv = ['vitprune'] + sys.argv[1:]; main()")
 RECIPE = ["run", "--method=rsst", "--dataset=synthetic", "--model=vit_micro", "--optimizer=adamw", "--lr=1e-3",
-          "--states=2", "--epochs=2", "--batch_size=32", "--aug=finetune", "--distill=state0", "--wandb=disabled"]
+          "--states=2", "--epochs=1", "--batch_size=16", "--img_size=16", "--aug=finetune", "--distill=state0",
+          "--wandb=disabled"]
 
 
 def comparable(run_dir):
@@ -277,17 +278,17 @@ def test_sigint_mid_epoch_with_the_finetune_recipe_resumes_exactly(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline:  # last.pt is written by rename: never torn
         ck = torch.load(last, weights_only=False) if last.exists() else {}
-        if (ck.get("state"), ck.get("next_epoch")) == (1, 1):
+        if (ck.get("state"), ck.get("next_epoch")) == (1, 0):  # state 1 begins: the teacher is loaded next
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # in the middle of state 1's second epoch
+    proc.send_signal(signal.SIGINT)  # in the middle of state 1's (distilled) epoch
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr[-2000:]
     ck = torch.load(last, weights_only=False)
-    assert (ck["state"], ck["next_epoch"]) == (1, 1) and 0 < ck["step"] < 32
+    assert (ck["state"], ck["next_epoch"]) == (1, 0) and 0 < ck["step"] < 16
     r = subprocess.run([*cmd, "--name=stopped", "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"at state 1, epoch 1, step {ck['step']}" in r.stdout
+    assert f"at state 1, epoch 0, step {ck['step']}" in r.stdout
     assert comparable(tmp_path / "stopped") == comparable(tmp_path / "whole")
     whole = records(tmp_path / "whole", "state")
     assert whole[1]["train_flops"] > whole[0]["train_flops"] > 0
