@@ -61,10 +61,10 @@ class Data:
         """The epoch's augmented, normalised training batches from `start_step` on (see train_batches)."""
         device = self.train_x.device
         if self.crop is not None:
-            perm, boxes, flips = finetune_epoch(len(self.train_y), self.train_x.shape[-1], seed, state, epoch,
-                                                self.crop)
+            perm, boxes, flips = (t.to(device) for t in finetune_epoch(len(self.train_y), self.train_x.shape[-1],
+                                                                       seed, state, epoch, self.crop))
             for sl in global_batches(len(self.train_y), batch_size, rank, world, start_step):
-                idx = perm[sl].to(device)
+                idx = perm[sl]
                 yield finetune_input(self.train_x[idx], boxes[sl], flips[sl], self.img_size), self.train_y[idx]
             return
         perm, shifts, flips = (t.to(device) for t in epoch_draws(len(self.train_y), self.train_x.shape[-1],
