@@ -103,6 +103,14 @@ def test_mixup_cutmix_soft_targets_sum_to_one_and_depend_only_on_the_step():
         assert torch.equal(x, x2) and torch.equal(t, t2)  # the same step mixes the same way
         targets[step] = t
     assert len({tuple(t[0].tolist()) for t in targets.values()}) > 10  # steps mix differently
+    # Images are mixed in pairs (2k, 2k + 1): each half of a batch (a process's share under
+    # torchrun) mixes as the whole batch does.
+    for step in range(20):
+        whole = mixer(x0.clone(), y, 0, 1, 2, step)
+        halves = [mixer(x0[h].clone(), y[h], 0, 1, 2, step) for h in (slice(0, 4), slice(4, 8))]
+        assert torch.allclose(whole[0], torch.cat([halves[0][0], halves[1][0]]))
+        assert torch.equal(whole[1], torch.cat([halves[0][1], halves[1][1]]))
+        assert set((whole[1][0] > 0.0101).nonzero().flatten().tolist()) <= {0, 1}  # image 0 with image 1
     assert (np.random.get_state()[1] == outer).all()  # numpy's global stream is left as it was
     _, smooth = Mixer(0.0, 0.0, 0.1, 10)(x0, y, 0, 0, 0, 0)
     assert torch.allclose(smooth.sum(1), torch.ones(8)) and smooth.max() == pytest.approx(0.91)

@@ -98,7 +98,13 @@ class Mixer:
             return x, mixup_target(y, self.num_classes, 1.0, self.smoothing)
         saved = np.random.get_state()
         np.random.seed((((seed * 1009 + state) * 100003 + epoch) * 1000003 + step) % 2 ** 32)
+        # timm pairs image i with B−1−i (flip); this order makes that pair 2k with 2k + 1, so a
+        # process's share of the global batch (even: config checks) mixes as one process would.
+        n = len(x)
+        order = torch.cat([torch.arange(0, n, 2), torch.arange(n - 1, 0, -2)]).to(x.device)
         try:
-            return self.mix(x, y)
+            mixed, target = self.mix(x[order], y[order])
         finally:
             np.random.set_state(saved)
+        back = torch.argsort(order)
+        return mixed[back], target[back]
