@@ -25,6 +25,11 @@ def test_bench_train_has_the_compacted_twin_row(capsys):
     t = result["step_s"]
     assert set(t) == {"dense", "pruned", "twin", "dense_eval", "pruned_eval", "twin_eval"}
     assert result["pruned_vs_twin"] == pytest.approx(t["pruned"] / t["twin"])
+    # --aug=finetune's data path against timm's DataLoader pipeline, both measured
+    assert "| DataLoader + timm create_transform(is_training=True) + Mixup (0 workers) |" in out
+    rates = result["finetune_img_s"]
+    assert rates["tensor"] > 0 and rates["timm"] > 0
+    assert f"| tensor loader on cpu | {rates['tensor']:.0f} | {rates['tensor'] / rates['timm']:.1f}× |" in out
 
 
 def test_twin_is_the_pruned_network_with_parameters_of_its_own():

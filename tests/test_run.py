@@ -30,7 +30,7 @@ def records(run_dir, kind):
 
 def comparable(run_dir):
     """Every metric except wall-clock times."""
-    return [{k: v for k, v in r.items() if k != "time_s"}
+    return [{k: v for k, v in r.items() if not k.endswith("time_s")}
             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 

@@ -221,11 +221,14 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     # The data paths, on the CPU copy of the same images (DataLoader + PIL never sees a GPU).
     tensor_imgs_s = _tensor_loader_rate(data, batch)
     pil_imgs_s = _pil_loader_rate(data, batch, workers)
+    finetune = _finetune_loader_rates(data, batch, workers)
     setting = (f"{model} ({img_size} px, patch {patch_size}), batch {batch}, {'bf16' if bf16 else 'fp32'}, "
                f"{optimizer}, ratio {ratio:g}, kernels={backend}{', torch.compile' if compile else ''}")
     lines, total_h = _train_table(t, batch, ratio, setting, device, (pil_imgs_s, tensor_imgs_s), workers)
+    lines += _finetune_rows(finetune, device, workers)
     print("\n".join(lines), flush=True)
     return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
+            "finetune_img_s": finetune,
             "projected_h": total_h, "pruned_vs_twin": t["pruned"] / t["twin"], "kernels": backend}
 
 
@@ -315,6 +318,63 @@ def _tensor_loader_rate(data, batch):
         n += len(xb)
     sync()
     return n / (time.perf_counter() - t0)
+
+
+FINETUNE_PX, FINETUNE_IMAGES = 224, 1024
+
+
+def _finetune_loader_rates(data, batch, workers):
+    """--aug=finetune at 224 px from the 32-px images (random-resized crop, flip, mixup/cutmix,
+    normalisation) against timm's pipeline for it: DataLoader + create_transform(is_training=True)
+    per PIL image (colour jitter off: both do the same work), timm's Mixup on each batch.
+    Returns {"tensor": images/s, "timm": images/s} over the first 8 batches (at most
+    FINETUNE_IMAGES images): 224-px augmentation on a CPU is slow."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import Mixup, create_transform
+
+    from .data.augment import Mixer
+
+    n = min(FINETUNE_IMAGES, 8 * batch)
+    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], img_size=FINETUNE_PX,
+                              crop=((0.08, 1.0), (3 / 4, 4 / 3)))
+    mixer = Mixer(0.8, 1.0, 0.1, data.num_classes)
+    sync = torch.cuda.synchronize if data.train_x.is_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for step, (xb, yb) in enumerate(sub.train_batches(batch, 0, 0, 1)):
+        mixer(xb, yb, 0, 0, 1, step)
+    sync()
+    tensor_rate = n / (time.perf_counter() - t0)
+    images = sub.train_x.cpu().permute(0, 2, 3, 1).numpy()
+    labels = sub.train_y.cpu().tolist()
+    tf = create_transform(FINETUNE_PX, is_training=True, color_jitter=None)
+
+    class PilSet(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(np.ascontiguousarray(images[i]))), labels[i]
+
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=data.num_classes)
+    loader = torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers)
+    t0, n = time.perf_counter(), 0
+    for xb, yb in loader:
+        mix(xb.to(data.train_x.device), yb.to(data.train_x.device))
+        n += len(xb)
+    sync()
+    return {"tensor": tensor_rate, "timm": n / (time.perf_counter() - t0)}
+
+
+def _finetune_rows(rates, device, workers):
+    return ["", f"| --aug=finetune at {FINETUNE_PX} px (resized crop, flip, mixup/cutmix) | images/s | ratio |",
+            "|---|---|---|",
+            f"| DataLoader + timm create_transform(is_training=True) + Mixup ({workers} workers) | "
+            f"{rates['timm']:.0f} | 1.00 |",
+            f"| tensor loader on {device.type} | {rates['tensor']:.0f} | {rates['tensor'] / rates['timm']:.1f}× |"]
 
 
 def _pil_loader_rate(data, batch, workers):

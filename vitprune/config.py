@@ -21,6 +21,7 @@ from typing import Optional, get_args
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
+FINETUNE = {"aug": ("finetune",)}
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
 NOT_ZEROED = 0.1
@@ -151,6 +152,25 @@ class Config:
                               range="[0, inf)")
     label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy loss", "optimisation", range="[0, 1)")
     batch_size: int = flag(128, "images per step (over all processes)", "optimisation", range="[1, inf)")
+    aug: str = flag("crop_flip", "training augmentation: crop_flip (the seed's: pad S/8, crop, flip); finetune: "
+                    "timm's fine-tuning recipe on the device (random-resized crop, flip, mixup/cutmix with soft "
+                    "targets; --label_smoothing goes into the mixed targets)", "optimisation",
+                    choices=("crop_flip", "finetune"))
+    crop_scale_min: float = flag(0.08, "random-resized crop: smallest share of the image's area a crop covers "
+                                 "(timm: 0.08; the largest is 1)", "optimisation", range="(0, 1]", requires=FINETUNE)
+    crop_ratio_max: float = flag(4 / 3, "random-resized crop: aspect ratios are drawn log-uniformly in [1/r, r] "
+                                 "(timm: 3/4 to 4/3)", "optimisation", range="[1, inf)", requires=FINETUNE)
+    mixup_alpha: float = flag(0.8, "mixup's Beta(α, α) (0: off; timm's fine-tuning recipe: 0.8)", "optimisation",
+                              range="[0, inf)", requires=FINETUNE)
+    cutmix_alpha: float = flag(1.0, "cutmix's Beta(α, α) (0: off; timm: 1.0); with both on, each batch takes "
+                               "one of them at random", "optimisation", range="[0, inf)", requires=FINETUNE)
+    distill: str = flag("none", "states >= 1 learn from a frozen teacher too: state0: the final State-0 network "
+                        "of this run; PATH: a timm state dict of --model (or a vitprune state_NN.pt) with this "
+                        "data's classes; none", "optimisation")
+    distill_temp: float = flag(1.0, "temperature T of the soft distillation (KL × T², DeiT's τ = 1)",
+                               "optimisation", range="(0, inf)")
+    distill_alpha: float = flag(0.5, "loss = α · KL(teacher ‖ student) + (1 − α) · the label loss (DeiT: 0.5)",
+                                "optimisation", range="[0, 1]")
     # system
     kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch; triton: fail if it cannot run; torch: the "
                         "reference", "system", choices=("auto", "triton", "torch"),
@@ -336,6 +356,7 @@ def validate(cfg: Config) -> Config:
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
     _check_data(cfg)
+    _check_recipe(cfg)
     return cfg
 
 
@@ -380,6 +401,25 @@ def _check_data(cfg: Config):
     if folder is None and cfg.data_loader == "stream":
         raise ConfigError(f"--data_loader: stream reads image folders (--dataset=folder:PATH); {cfg.dataset} is "
                           f"held in memory: choose auto or tensor")
+
+
+def _check_recipe(cfg: Config):
+    """The fine-tuning recipe's flags together: mixup pairs images, distillation needs a teacher."""
+    if cfg.aug == "finetune" and (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.batch_size % 2:
+        raise ConfigError(f"--batch_size: {cfg.batch_size} is odd; mixup/cutmix pair the images of a batch: "
+                          f"give an even size or --mixup_alpha=0 --cutmix_alpha=0")
+    if cfg.distill not in ("none", "state0"):
+        if not os.path.isfile(cfg.distill) or not os.access(cfg.distill, os.R_OK):
+            raise ConfigError(f"--distill: {cfg.distill!r} is not a readable file; choose from none, state0, "
+                              f"PATH (a .pth/.pt/.safetensors state dict of --model={cfg.model})")
+    elif cfg.distill == "state0" and cfg.states < 2:
+        raise ConfigError(f"--distill: state0 teaches states >= 1, and --states={cfg.states} has none; "
+                          f"choose --states >= 2 or --distill=none")
+    if cfg.distill == "none":
+        for name in ("distill_temp", "distill_alpha"):
+            if getattr(cfg, name) != FIELDS[name].default:
+                raise ConfigError(f"--{name}: applies only with --distill=state0|PATH, not with --distill=none; "
+                                  f"drop it")
 
 
 def _check_pretrained(spec: str):

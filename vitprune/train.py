@@ -33,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from vitprune import checkpoint, fmt, kernels
 from vitprune.config import NOT_ZEROED, Config, ConfigError, check_run_folder
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
+from vitprune.data.augment import Mixer
+from vitprune.distill import Teacher, load_teacher, training_loss
 from vitprune.log import RunLog, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
@@ -100,11 +102,12 @@ def evaluate(model, data: LoopData, split: str, autocast, rank: int = 0, world: 
     return 100.0 * correct.item() / len(getattr(data, f"{split}_y"))
 
 
-def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0.0, rsst=None):
-    """One optimisation step; returns (loss, logits) as device tensors (no host sync)."""
+def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0.0, rsst=None, loss_fn=None):
+    """One optimisation step; returns (loss, logits) as device tensors (no host sync).
+    loss_fn(logits, x, y): the loss (distill.training_loss); default: cross-entropy."""
     with autocast():
         logits = forward(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        loss = loss_fn(logits, x, y) if loss_fn else F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if rsst:
@@ -173,6 +176,9 @@ class Run:
     group_reg: Callable          # RSST's kernel
     run_dir: Path
     log: Optional[RunLog]        # only the first process writes
+    masked_linear: Callable = None
+    mixer: Optional[Mixer] = None       # --aug=finetune: mixup/cutmix and soft targets
+    teacher: Optional[Teacher] = None   # --distill: loaded when the first state >= 1 trains
 
     @property
     def main(self) -> bool:
@@ -221,6 +227,8 @@ class Position:
     history: list = dataclasses.field(default_factory=list)  # the state's epoch records
     step: int = 0                 # steps done in epoch `next_epoch` (an interrupted epoch)
     partial: Optional[tuple] = None  # its (loss · n, correct, images, seconds, lr) so far, all processes
+    train_flops: float = 0.0      # training FLOPs of the run up to next_epoch (all processes)
+    train_time: float = 0.0       # seconds spent in training steps up to next_epoch, across resumes
 
     OLD_KEYS = {"epochs_done": "next_epoch", "structure": "alive"}  # last.pt written before the renames
 
@@ -242,7 +250,7 @@ class Position:
         model.load_state_dict(ck["model"])
         torch.set_rng_state(ck["rng"].cpu())
         fields = {f.name: Structure.from_state_dict(ck[f.name]) if f.type is Structure else ck[f.name]
-                  for f in dataclasses.fields(cls)}
+                  for f in dataclasses.fields(cls) if f.name in ck}  # newer fields: their defaults
         return cls(**fields), ck
 
 
@@ -384,13 +392,26 @@ def setup(cfg: Config) -> Run:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
     run_dir = Path(cfg.out_dir) / cfg.run_name
     log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend}) if rank == 0 else None
-    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log)
+    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log, masked_linear)
+    set_recipe(r)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
           f"{cfg.epochs} epochs, {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
           f"{device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
           + (f", {world} processes" if world > 1 else ""))
     return r
+
+
+def set_recipe(r: Run):
+    """--aug=finetune: the data's random-resized crop and the mixer of soft targets."""
+    cfg = r.cfg
+    if cfg.aug != "finetune":
+        return
+    r.data.crop = ((cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max))
+    r.mixer = Mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing, r.data.num_classes)
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and (cfg.batch_size // r.world) % 2:
+        raise ConfigError(f"--batch_size: {cfg.batch_size} over {r.world} processes leaves an odd share; "
+                          f"mixup/cutmix pair the images of a batch: give a multiple of {2 * r.world}")
 
 
 def begin(r: Run):
@@ -480,7 +501,9 @@ def after_state(r: Run, ck: dict, rewind: Optional[dict]):
         torch.set_rng_state(ck["rng"].cpu())
     done = Structure.from_state_dict(ck["structure"])
     apply_structure(r.model, done)
-    prev = Position(ck["state"], r.cfg.epochs, done, done)
+    spent = ck.get("record", {})  # the compute spent up to this state's end carries on
+    prev = Position(ck["state"], r.cfg.epochs, done, done, train_flops=spent.get("train_flops", 0.0),
+                    train_time=spent.get("train_time_s", 0.0))
     if ck["state"] + 1 == r.cfg.states:
         return Position(r.cfg.states, 0, done, done), None
     return start_state(r, prev, ck["state"] + 1, rewind)
@@ -498,7 +521,8 @@ def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
         t = transition(cfg, r.model, prev.keep, r.data, state, rewind.get("model"), r.steps_in_state(state),
                        r.group_reg)
     pos = Position(state, r.first_epoch(state), t.alive, t.keep,
-                   rsst_start_norms=t.regularizer.start_norms if t.regularizer else None)
+                   rsst_start_norms=t.regularizer.start_norms if t.regularizer else None,
+                   train_flops=prev.train_flops, train_time=prev.train_time)
     with r.live(pos.keep, restore=pos.alive):
         pos.start_acc = r.evaluate("val"), r.evaluate("test")
     opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
@@ -528,12 +552,14 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
     sums = torch.tensor([loss_sum, correct] if r.main else [0.0, 0.0], device=r.device)  # loss · n, correct
     heartbeat = time.time()
     r.model.train()
+    loss_fn = training_loss(cfg, state_teacher(r, state))
     batches = train_batches(r.data, cfg.batch_size, cfg.seed, state, epoch, r.rank, r.world, start_step=start)
     for i, (x, y) in enumerate(batches, start=start):
         step = (epoch - r.first_epoch(state)) * r.steps + i + 1  # 1-based step within the state
         lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (the last one is logged)
-        loss, logits = train_step(r.forward, tools.opt, tools.sched, x, y, step, r.autocast, cfg.label_smoothing,
-                                  tools.rsst)
+        x, target = r.mixer(x, y, cfg.seed, state, epoch, i) if r.mixer else (x, y)
+        loss, logits = train_step(r.forward, tools.opt, tools.sched, x, target, step, r.autocast,
+                                  rsst=tools.rsst, loss_fn=loss_fn)
         sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y) * r.world
         if stop.requested(i + 1, r.world, r.device):
@@ -548,6 +574,7 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
     if r.world > 1:
         dist.all_reduce(sums)
     loss_sum, correct = sums.tolist()
+    train_time = pos.train_time + time.time() - t0  # before the evaluation: not training
     with r.live(pos.keep, restore=pos.alive):  # RSST evaluates the network it will become
         val_acc, test_acc = r.evaluate("val"), r.evaluate("test")
     return {
@@ -557,6 +584,8 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
         "reg_lambda": tools.rsst.coef((epoch + 1 - r.first_epoch(state)) * r.steps) if tools.rsst else 0.0,
         "target_norm_ratio": tools.rsst.norm_ratio() if tools.rsst else None,
         "time_s": time.time() - t0,
+        "train_flops": pos.train_flops + r.steps * cfg.batch_size * step_flops(r, pos.alive, state),
+        "train_time_s": train_time,
     }
 
 
@@ -564,6 +593,7 @@ def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times
     """Record the epoch: console, metrics.jsonl, last.pt."""
     cfg, state, epoch = r.cfg, pos.state, record["epoch"]
     pos.next_epoch, pos.step, pos.partial = epoch + 1, 0, None
+    pos.train_flops, pos.train_time = record["train_flops"], record["train_time_s"]
     pos.state_time += record["time_s"]
     pos.history.append(record)
     epoch_times.append(record["time_s"])
@@ -599,6 +629,7 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
         "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
         "start_val_acc": pos.start_acc[0], "start_test_acc": pos.start_acc[1],
         **count(r.model, pos.alive), "time_s": pos.state_time,
+        "train_flops": pos.train_flops, "train_time_s": pos.train_time,
     })
     if r.main:
         r.log.state(record)
@@ -609,6 +640,24 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
           f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
           f"{record['params_total'] / 1e6:.3f}M params alive", flush=True)
+
+
+def state_teacher(r: Run, state: int) -> Optional[Teacher]:
+    """The teacher of a state (--distill; states >= 1 only), loaded once."""
+    if r.cfg.distill == "none" or state == 0:
+        return None
+    if r.teacher is None:
+        r.teacher = load_teacher(r.cfg, r.run_dir, r.data.num_classes, r.device, r.masked_linear)
+    return r.teacher
+
+
+def step_flops(r: Run, alive: Structure, state: int) -> float:
+    """Training FLOPs per image of one step: forward + backward (2× the forward) of the
+    structure the step computes (RSST: with its targets; imp: the dense shape, as its element
+    masks save no FLOPs here), plus the teacher's forward when distilling."""
+    dense_shape = Structure(alive.heads, alive.neurons)
+    teacher = state_teacher(r, state)
+    return 3 * count(r.model, dense_shape)["flops_alive"] + (teacher.flops if teacher else 0)
 
 
 def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:

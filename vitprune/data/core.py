@@ -9,10 +9,12 @@ another size than S. The order and the augmentation of every batch depend only o
 state, epoch), so a run is reproducible and resumes at any epoch, or at any step of one.
 """
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 from torchvision.transforms.v2 import functional as TF
+
+from vitprune.data.augment import finetune_draws, resized_crop
 
 MEAN, STD = 0.5, 0.5  # the normalisation of timm's augreg ViTs; fine from scratch too
 EVAL_BATCH = 1000
@@ -48,15 +50,23 @@ class Data:
     num_classes: int
     img_size: int = 32     # the side the model sees; batches are resized to it when S differs
     classes: tuple = ()    # class names, by label (image folders)
+    crop: Optional[tuple] = None  # --aug=finetune: ((scale min, max), (ratio min, max)) of the resized crop
 
     def to(self, device) -> "Data":
         return Data(*(t.to(device) for t in (self.train_x, self.train_y, self.val_x, self.val_y,
                                              self.test_x, self.test_y)), self.num_classes, self.img_size,
-                    self.classes)
+                    self.classes, self.crop)
 
     def train_batches(self, batch_size, seed, state, epoch, rank=0, world=1, start_step=0):
         """The epoch's augmented, normalised training batches from `start_step` on (see train_batches)."""
         device = self.train_x.device
+        if self.crop is not None:
+            perm, boxes, flips = (t.to(device) for t in finetune_epoch(len(self.train_y), self.train_x.shape[-1],
+                                                                       seed, state, epoch, self.crop))
+            for sl in global_batches(len(self.train_y), batch_size, rank, world, start_step):
+                idx = perm[sl]
+                yield finetune_input(self.train_x[idx], boxes[sl], flips[sl], self.img_size), self.train_y[idx]
+            return
         perm, shifts, flips = (t.to(device) for t in epoch_draws(len(self.train_y), self.train_x.shape[-1],
                                                                  seed, state, epoch))
         for sl in global_batches(len(self.train_y), batch_size, rank, world, start_step):
@@ -98,6 +108,18 @@ def epoch_draws(n: int, size: int, seed: int, state: int, epoch: int):
     pad = size // 8
     return (torch.randperm(n, generator=g), torch.randint(0, 2 * pad + 1, (n, 2), generator=g),
             torch.rand(n, generator=g) < 0.5)
+
+
+def finetune_epoch(n: int, size: int, seed: int, state: int, epoch: int, crop: tuple):
+    """The epoch's order and --aug=finetune draws (permutation, crop boxes [n, 4], flips [n]),
+    from its own stream as epoch_draws."""
+    g = epoch_generator(seed, state, epoch)
+    return (torch.randperm(n, generator=g), *finetune_draws(n, size, g, *crop))
+
+
+def finetune_input(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, img_size: int) -> torch.Tensor:
+    """uint8 images -> random-resized crops at img_size, flipped where `flips`, normalised."""
+    return (resized_crop(x, boxes, flips, img_size) / 255 - MEAN) / STD
 
 
 def global_batches(n: int, batch_size: int, rank: int = 0, world: int = 1, start_step: int = 0):

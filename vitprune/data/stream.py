@@ -12,11 +12,13 @@ the shared global order.
 """
 import os
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitprune.data.core import EVAL_BATCH, augment, epoch_draws, global_batches, model_input
+from vitprune.data.core import (EVAL_BATCH, augment, epoch_draws, finetune_epoch, finetune_input, global_batches,
+                                model_input)
 from vitprune.data.images import decode
 
 
@@ -47,6 +49,7 @@ class StreamData:
     classes: tuple = ()
     workers: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    crop: Optional[tuple] = None  # --aug=finetune (core.Data.crop)
 
     @classmethod
     def from_layout(cls, layout, parts: dict, size: int, world: int = 1) -> "StreamData":
@@ -83,6 +86,12 @@ class StreamData:
 
     def train_batches(self, batch_size, seed, state, epoch, rank=0, world=1, start_step=0):
         """The tensor path's batches (core.Data.train_batches), decoded from the files."""
+        if self.crop is not None:
+            perm, boxes, flips = finetune_epoch(len(self.train), self.img_size, seed, state, epoch, self.crop)
+            slices = list(global_batches(len(self.train), batch_size, rank, world, start_step))
+            for sl, (x, y) in zip(slices, self._load("train", [perm[sl].tolist() for sl in slices])):
+                yield finetune_input(x, boxes[sl], flips[sl], self.img_size), y
+            return
         perm, shifts, flips = epoch_draws(len(self.train), self.img_size, seed, state, epoch)
         slices = list(global_batches(len(self.train), batch_size, rank, world, start_step))
         batches = self._load("train", [perm[sl].tolist() for sl in slices])
