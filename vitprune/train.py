@@ -463,7 +463,7 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
         rsst = tools.rsst if pos.pruned is None else None  # after RSST's hard prune: no penalty
         loss, logits = train_step(r.forward, tools.opt, tools.sched, x, y, step, r.autocast, cfg.label_smoothing,
                                   rsst)
-        if rsst and step == rsst.steps:  # the targets reached the residual: remove them now
+        if rsst and step == rsst.steps < r.steps_in_state(state):  # --reg_reach < 1: remove the targets now
             hard_prune(r, pos, tools, step)
         sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y) * r.world
@@ -547,7 +547,9 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
     """RSST hard-prunes its targets; the final, pruned network is evaluated and saved."""
     cfg, state = r.cfg, pos.state
     record = {"state": state}
-    if pos.pruned:  # RSST removed its targets (at the end of the state, or --reg_reach of it)
+    if tools.rsst and pos.pruned is None:  # RSST's targets reach the residual at the end of the state
+        hard_prune(r, pos, tools, r.steps_in_state(state))
+    if pos.pruned:
         record.update({k: v for k, v in pos.pruned.items() if k not in ("step", "reg_lambda")},
                       pruned_at=pos.pruned["step"] / r.steps_in_state(state))
     pos.alive = pos.keep

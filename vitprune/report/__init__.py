@@ -31,6 +31,7 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
         png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
         lines += markdown.dataset_section(title, subset, schedule, png)
         plots.plot(title, subset, {k: out.parent / v for k, v in png.items()})
+        lines += rsst_figures(title, subset, out, stem)
         tables[title] = markdown.comparison_table(configurations(subset), min(len(r.states) for r in subset), schedule)
     out.write_text("\n".join(lines) + "\n")
     print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
@@ -39,3 +40,15 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     elif wandb_report:
         print("report: cannot create a W&B Report offline (no credentials or WANDB_MODE); the Markdown is written")
 
+
+
+def rsst_figures(title, runs, out: Path, stem: str) -> list:
+    """RSST's diagnostics figure per RSST configuration of a section, and its Markdown."""
+    lines = []
+    rsst = {label: group for label, group in configurations(runs).items()
+            if any(e.get("target_norm_ratio") is not None for r in group for e in r.epochs)}
+    for i, (label, group) in enumerate(rsst.items()):
+        png = f"{out.stem}_{stem}_rsst{i}.png"
+        plots.rsst_diagnostics(f"{title} — {label}", group, out.parent / png)
+        lines += markdown.rsst_diagnostics(label, png)
+    return lines
