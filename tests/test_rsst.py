@@ -292,17 +292,24 @@ def test_a_target_group_the_gradient_holds_up_is_warned_though_the_aggregate_is_
     """One target neuron is put back to its weights at the start of the state after every step
     (as if the gradient held it up): all targets together fall below 0.1 of their norm, the
     largest group keeps all of its own; the state record says so and the run warns."""
-    original, held = RsstRegularizer.after_step, {}
+    init, after, held = RsstRegularizer.__init__, RsstRegularizer.after_step, {}
 
-    def after_step(self, step, lr):
-        original(self, step, lr)
-        layer, neuron = (int(i) for i in self.neurons.nonzero()[0])  # the first target neuron
-        tensors = (self.params.fc1_w[layer][neuron], self.params.fc1_b[layer][neuron:neuron + 1],
-                   self.params.fc2_w[layer][:, neuron])
-        start = held.setdefault(id(self), [t.clone() for t in tensors])
-        for t, s in zip(tensors, start):
+    def group(self):  # the weights of the first target neuron
+        layer, neuron = (int(i) for i in self.neurons.nonzero()[0])
+        return (self.params.fc1_w[layer][neuron], self.params.fc1_b[layer][neuron:neuron + 1],
+                self.params.fc2_w[layer][:, neuron])
+
+    def init_and_hold(self, *args, **kwargs):  # its weights at the start of the state
+        init(self, *args, **kwargs)
+        held[id(self)] = [t.detach().clone() for t in group(self)]
+
+    @torch.no_grad()
+    def after_step_and_restore(self, step, lr):
+        after(self, step, lr)
+        for t, s in zip(group(self), held[id(self)]):
             t.copy_(s)
-    monkeypatch.setattr(RsstRegularizer, "after_step", after_step)
+    monkeypatch.setattr(RsstRegularizer, "__init__", init_and_hold)
+    monkeypatch.setattr(RsstRegularizer, "after_step", after_step_and_restore)
     run_dir = run(from_flags(dict(RUNS["sgd"], out_dir=str(tmp_path), name="held")))
     state1 = metrics(run_dir, "state")[1]
     assert state1["target_norm_ratio"] < 0.1
@@ -331,3 +338,29 @@ def test_report_of_an_rsst_run_draws_its_diagnostics(runs, tmp_path, monkeypatch
     for path, _, labels in drawn:
         assert path.is_file() and path.stat().st_size > 1000 and f"]({path.name})" in md
         assert labels == [*plots.RSST_SERIES, "hard prune"]
+
+
+@torch.no_grad()
+def test_norm_ratios_give_all_targets_and_the_largest_group():
+    """A head shrunk to 1% and ten neurons to 1%, one of them only to 60%: the aggregate ratio
+    (recomputed from the weights' slices) is small, the largest group's ratio is 0.6."""
+    from vitprune.kernels import reference
+    torch.manual_seed(0)
+    model = build_model("vit_micro", 10)
+    heads, neurons = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 128, dtype=torch.bool)
+    heads[1, 2], neurons[0, :10] = True, True
+    reg = RsstRegularizer(model, heads, neurons, 10, reference.group_reg, formula="residual", schedule="x",
+                          k=4.0, kind="l2", residual=1e-3, g=1.0, optimizer="sgd", lr=0.01)
+    attn, mlp = model.blocks[1].attn, model.blocks[0].mlp
+    head = [attn.qkv.weight[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + \
+           [attn.qkv.bias[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + [attn.proj.weight[:, 32:48]]
+    groups = [(head, 0.01)] + [([mlp.fc1.weight[n], mlp.fc1.bias[n:n + 1], mlp.fc2.weight[:, n]], 0.6 if n == 3
+                                else 0.01) for n in range(10)]
+    start = [sum(float(t.square().sum()) for t in ts) for ts, _ in groups]
+    for ts, f in groups:
+        for t in ts:
+            t.mul_(f)
+    ratio, largest = reg.norm_ratios()
+    expected = (sum(s * f ** 2 for s, (_, f) in zip(start, groups)) / sum(start)) ** 0.5
+    assert ratio == pytest.approx(expected, rel=1e-5) and ratio < 0.1
+    assert largest == pytest.approx(0.6, rel=1e-5)

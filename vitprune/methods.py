@@ -177,10 +177,6 @@ class RsstRegularizer:
         heads, neurons = self.group_norms() if norms is None else norms
         return ((heads.square() * self.heads).sum() + (neurons.square() * self.neurons).sum()).sqrt()
 
-    def norm_ratio(self) -> float:
-        """‖w_T‖ now / ‖w_T‖ at the start of the state."""
-        return self.norm_ratios()[0]
-
     def norm_ratios(self) -> tuple:
         """(‖w_T‖ now / at the start of the state, the largest ‖w_g‖ now / at the start over the
         target groups g): a few groups the gradient holds up hide in the aggregate. One host sync."""

@@ -107,7 +107,8 @@ def rsst_diagnostics(title, runs, path, state=1) -> list:
             bottom.axvline(start["pruned_at"], color="red", lw=0.8, ls="--")
             drawn["hard prune"] = True
     top.axhline(NOT_ZEROED, color="grey", lw=0.5, ls=":")  # the ratio above which a state is flagged
-    top.set(ylabel="ratio", title=f"{title}: RSST state {state} (one line per run)")
+    top.set_title(f"{title}\nRSST state {state}, one line per run", fontsize=9)
+    top.set(ylabel="ratio")
     bottom.set(xlabel=f"progress of state {state}", ylabel="val acc (%)", xlim=(0, 1))
     top.legend(fontsize=7)
     fig.tight_layout()
