@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from conftest import kill_mid_state
 from vitprune.config import ConfigError, from_flags
 from vitprune.data import synthetic
-from vitprune.methods import reg_lambda, residual_coefficient
+from vitprune.methods import RsstRegularizer, reg_lambda, residual_coefficient
 from vitprune.model import build_model
 from vitprune.structure import PRUNABLE_WEIGHTS, Structure, apply_structure, set_live
 from vitprune.train import run
@@ -55,6 +55,7 @@ RUNS = {
     "sgd_off": dict(COMMON, **SGD, method="rsst", reg_residual=1.0),    # the same, penalty off
     "adamw_off": dict(COMMON, **ADAMW, method="rsst", reg_residual=1.0),
     "seed": dict(COMMON, method="rsst", reg_formula="seed", reg_granularity_prune=20.0, reg_schedule="x"),
+    "reach": dict(COMMON, **SGD, method="rsst", reg_reach=0.25),  # targets pruned a quarter into the state
     "refill": dict(COMMON, **SGD, method="refill"),
     "imp": dict(COMMON, **SGD, method="imp"),
 }
@@ -149,7 +150,7 @@ def zero_outside(state_dict, keep: Structure, heads=4, head_dim=16):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["refill", "sgd_off", "imp"])
+@pytest.mark.parametrize("name", ["refill", "sgd_off", "imp", "reach"])
 def test_reported_final_accuracy_is_the_saved_pruned_network(runs, name):
     """state_01.pt in a plain timm ViT gives the state record's final_val_acc exactly. For RSST
     the run without penalty is used, so the hard prune visibly changes the accuracy."""
@@ -245,3 +246,121 @@ def test_evaluation_as_structure_equals_zeroed_weights():
         live = model(x)
         apply_structure(model, keep)
         torch.testing.assert_close(model(x), live)
+
+
+@pytest.mark.slow
+def test_reg_reach_prunes_the_targets_early_then_trains_the_pruned_network(runs):
+    """--reg_reach=0.25: the targets reach the residual a quarter into state 1 and are removed
+    there; the rest of the state trains (the LR goes on) with no penalty and no targets."""
+    state1 = metrics(runs["reach"], "state")[1]
+    assert state1["pruned_at"] == pytest.approx(0.25, abs=0.02)
+    assert state1["target_norm_ratio"] <= 0.05 and state1["target_norm_ratio_max"] <= 0.1
+    e0, e1 = [r for r in metrics(runs["reach"], "epoch") if r["state"] == 1]
+    assert e0["reg_lambda"] > 0 and e0["target_norm_ratio"] == state1["target_norm_ratio"]  # pruned in epoch 0
+    assert e1["reg_lambda"] == e1["target_norm_ratio"] == e1["target_norm_ratio_max"] == 0.0 and e1["lr"] > 0
+    # the state's second half trained the pruned network: its targets are zero in last.pt and the
+    # network the epoch evaluated is the saved one (a plain timm ViT, no vitprune code)
+    ck = torch.load(runs["reach"] / "checkpoints" / "last.pt", weights_only=False)
+    assert (ck["state"], ck["next_epoch"]) == (1, 2)
+    alive, keep = Structure.from_state_dict(ck["alive"]), Structure.from_state_dict(ck["keep"])
+    assert torch.equal(alive.heads, keep.heads) and torch.equal(alive.neurons, keep.neurons)
+    assert val_accuracy(plain_vit(ck["model"])) == e1["val_acc"]
+    dead = ~keep.neurons[0]
+    assert dead.any() and ck["model"]["blocks.0.mlp.fc1.weight"][dead].abs().sum() == 0
+    # the default (reach 1) prunes at the end
+    assert metrics(runs["sgd"], "state")[1]["pruned_at"] == 1.0
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_early_prune_then_resume(runs, tmp_path):
+    """Killed in epoch 1 of state 1, after --reg_reach=0.25 removed the targets in epoch 0: the
+    resumed run gives the uninterrupted run's records."""
+    flags = [f"--{k}={v}" for k, v in RUNS["reach"].items()] + [f"--out_dir={tmp_path}", "--name=reach"]
+    cmd = [sys.executable, "-m", "vitprune", "run", *flags]
+    kill_mid_state(cmd, tmp_path / "reach", state=1, next_epoch=1)
+    ck = torch.load(tmp_path / "reach" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["pruned"] is not None and torch.equal(ck["alive"]["heads"], ck["keep"]["heads"])  # after the prune
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "time_s"} for x in rows]
+    assert strip(metrics(tmp_path / "reach")) == strip(metrics(runs["reach"]))
+
+
+@pytest.mark.slow
+def test_a_target_group_the_gradient_holds_up_is_warned_though_the_aggregate_is_small(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """One target neuron is put back to its weights at the start of the state after every step
+    (as if the gradient held it up): all targets together fall below 0.1 of their norm, the
+    largest group keeps all of its own; the state record says so and the run warns."""
+    init, after, held = RsstRegularizer.__init__, RsstRegularizer.after_step, {}
+
+    def group(self):  # the weights of the first target neuron
+        layer, neuron = (int(i) for i in self.neurons.nonzero()[0])
+        return (self.params.fc1_w[layer][neuron], self.params.fc1_b[layer][neuron:neuron + 1],
+                self.params.fc2_w[layer][:, neuron])
+
+    def init_and_hold(self, *args, **kwargs):  # its weights at the start of the state
+        init(self, *args, **kwargs)
+        held[id(self)] = [t.detach().clone() for t in group(self)]
+
+    @torch.no_grad()
+    def after_step_and_restore(self, step, lr):
+        after(self, step, lr)
+        for t, s in zip(group(self), held[id(self)]):
+            t.copy_(s)
+    monkeypatch.setattr(RsstRegularizer, "__init__", init_and_hold)
+    monkeypatch.setattr(RsstRegularizer, "after_step", after_step_and_restore)
+    run_dir = run(from_flags(dict(RUNS["sgd"], out_dir=str(tmp_path), name="held")))
+    state1 = metrics(run_dir, "state")[1]
+    assert state1["target_norm_ratio"] < 0.1
+    assert state1["target_norm_ratio_max"] == pytest.approx(1.0, abs=1e-6)  # put back exactly: all its norm
+    assert "warning: RSST targets not driven to zero" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_of_an_rsst_run_draws_its_diagnostics(runs, tmp_path, monkeypatch):
+    """The report of RSST runs (and a Refill run, which gets no such figure) holds one
+    diagnostics figure per RSST configuration, with the LR, the coefficient, both norm ratios,
+    the val accuracy without the targets and the hard prune drawn."""
+    from vitprune import report
+    from vitprune.report import plots
+    drawn, draw = [], plots.rsst_diagnostics
+
+    def record(title, group, path, **kwargs):
+        labels = draw(title, group, path, **kwargs)
+        drawn.append((path, {r.name for r in group}, labels))
+        return labels
+    monkeypatch.setattr(plots, "rsst_diagnostics", record)
+    out = tmp_path / "report.md"
+    report.main(str(runs["reach"]), str(runs["sgd"]), str(runs["refill"]), out=str(out))
+    assert sorted(names for _, names, _ in drawn) == [{"reach"}, {"sgd"}]  # one per RSST configuration
+    md = out.read_text()
+    for path, _, labels in drawn:
+        assert path.is_file() and path.stat().st_size > 1000 and f"]({path.name})" in md
+        assert labels == [*plots.RSST_SERIES, "hard prune"]
+
+
+@torch.no_grad()
+def test_norm_ratios_give_all_targets_and_the_largest_group():
+    """A head shrunk to 1% and ten neurons to 1%, one of them only to 60%: the aggregate ratio
+    (recomputed from the weights' slices) is small, the largest group's ratio is 0.6."""
+    from vitprune.kernels import reference
+    torch.manual_seed(0)
+    model = build_model("vit_micro", 10)
+    heads, neurons = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 128, dtype=torch.bool)
+    heads[1, 2], neurons[0, :10] = True, True
+    reg = RsstRegularizer(model, heads, neurons, 10, reference.group_reg, formula="residual", schedule="x",
+                          k=4.0, kind="l2", residual=1e-3, g=1.0, optimizer="sgd", lr=0.01)
+    attn, mlp = model.blocks[1].attn, model.blocks[0].mlp
+    head = [attn.qkv.weight[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + \
+           [attn.qkv.bias[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + [attn.proj.weight[:, 32:48]]
+    groups = [(head, 0.01)] + [([mlp.fc1.weight[n], mlp.fc1.bias[n:n + 1], mlp.fc2.weight[:, n]], 0.6 if n == 3
+                                else 0.01) for n in range(10)]
+    start = [sum(float(t.square().sum()) for t in ts) for ts, _ in groups]
+    for ts, f in groups:
+        for t in ts:
+            t.mul_(f)
+    ratio, largest = reg.norm_ratios()
+    expected = (sum(s * f ** 2 for s, (_, f) in zip(start, groups)) / sum(start)) ** 0.5
+    assert ratio == pytest.approx(expected, rel=1e-5) and ratio < 0.1
+    assert largest == pytest.approx(0.6, rel=1e-5)

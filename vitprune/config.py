@@ -139,6 +139,10 @@ class Config:
                          "RSST", choices=("l2", "group_lasso"), requires=RSST)
     reg_granularity_prune: float = flag(1.0, "g of the seed formula: λ at the end of the state", "RSST",
                                         range="[0, inf)", requires={**RSST, "reg_formula": ("seed",)})
+    reg_reach: float = flag(1.0, "when the targets reach --reg_residual, as a fraction of the state: they are "
+                            "hard-pruned there and the rest of the state trains the pruned network (1 = at the end, "
+                            "the seed's timing)", "RSST", range="(0, 1]",
+                            requires={**RSST, "reg_formula": ("residual",)})
     # optimisation (the seed's recipe; AdamW + cosine is the from-scratch recipe)
     optimizer: str = flag("sgd", "the optimizer of every state", "optimisation", choices=("sgd", "adamw"))
     lr: float = flag(0.01, "base learning rate of every state", "optimisation", range="(0, inf)")

@@ -229,6 +229,7 @@ class Position:
     partial: Optional[tuple] = None  # its (loss · n, correct, images, seconds, lr) so far, all processes
     train_flops: float = 0.0      # training FLOPs of the run up to next_epoch (all processes)
     train_time: float = 0.0       # seconds spent in training steps up to next_epoch, across resumes
+    pruned: Optional[dict] = None  # RSST: its hard prune happened (step, accuracy before, targets' norms)
 
     OLD_KEYS = {"epochs_done": "next_epoch", "structure": "alive"}  # last.pt written before the renames
 
@@ -557,9 +558,12 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
     for i, (x, y) in enumerate(batches, start=start):
         step = (epoch - r.first_epoch(state)) * r.steps + i + 1  # 1-based step within the state
         lr = tools.opt.param_groups[0]["lr"]  # the lr this step uses (the last one is logged)
+        rsst = tools.rsst if pos.pruned is None else None  # after RSST's hard prune: no penalty
         x, target = r.mixer(x, y, cfg.seed, state, epoch, i) if r.mixer else (x, y)
         loss, logits = train_step(r.forward, tools.opt, tools.sched, x, target, step, r.autocast,
-                                  rsst=tools.rsst, loss_fn=loss_fn)
+                                  rsst=rsst, loss_fn=loss_fn)
+        if rsst and step == rsst.steps < r.steps_in_state(state):  # --reg_reach < 1: remove the targets now
+            hard_prune(r, pos, tools, step)
         sums += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y) * r.world
         if stop.requested(i + 1, r.world, r.device):
@@ -581,12 +585,50 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
         "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
         "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
         "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
-        "reg_lambda": tools.rsst.coef((epoch + 1 - r.first_epoch(state)) * r.steps) if tools.rsst else 0.0,
-        "target_norm_ratio": tools.rsst.norm_ratio() if tools.rsst else None,
+        **rsst_fields(pos, tools, (epoch + 1 - r.first_epoch(state)) * r.steps, r.steps),
+        "state_progress": (epoch + 1 - r.first_epoch(state)) / (cfg.epochs - r.first_epoch(state)),
         "time_s": time.time() - t0,
         "train_flops": pos.train_flops + r.steps * cfg.batch_size * step_flops(r, pos.alive, state),
         "train_time_s": train_time,
     }
+
+
+def rsst_fields(pos: Position, tools: StepTools, last: int, steps: int) -> dict:
+    """RSST's penalty coefficient and the targets' norm ratios (all of them; the largest group)
+    at the epoch's last step `last`: at the hard prune in the epoch where it happened, 0 after
+    it (the targets are gone), None for the other methods."""
+    if pos.pruned is not None:
+        now = pos.pruned["step"] > last - steps  # the prune happened in this epoch
+        return {k: pos.pruned[k] if now else 0.0 for k in ("reg_lambda", "target_norm_ratio", "target_norm_ratio_max")}
+    if tools.rsst is None:
+        return {"reg_lambda": 0.0, "target_norm_ratio": None, "target_norm_ratio_max": None}
+    ratio, largest = tools.rsst.norm_ratios()
+    return {"reg_lambda": tools.rsst.coef(last), "target_norm_ratio": ratio, "target_norm_ratio_max": largest}
+
+
+def hard_prune(r: Run, pos: Position, tools: StepTools, step: int):
+    """RSST removes its targets after step `step` of the state (its last, or --reg_reach of
+    the state): the accuracy with them and how far they were driven go to pos.pruned, a
+    warning when a target group kept more than NOT_ZEROED of its norm; the optimizer forgets
+    them, and the rest of the state trains the pruned network."""
+    cfg, rsst = r.cfg, tools.rsst
+    ratio, largest = rsst.norm_ratios()
+    pos.pruned = {"step": step, "reg_lambda": rsst.coef(step), "target_norm_ratio": ratio,
+                  "target_norm_ratio_max": largest, "pre_prune_val_acc": r.evaluate("val"),
+                  "pre_prune_test_acc": r.evaluate("test")}
+    if largest > NOT_ZEROED:
+        fix = (f"lower --reg_residual (now {cfg.reg_residual:g})" if cfg.reg_formula == "residual" else
+               f"raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
+        r.say(f"warning: RSST targets not driven to zero at the hard prune: the largest target group kept "
+              f"{largest:.0%} of its norm (all targets together {ratio:.0%}); {fix}")
+    # The epoch's record counts all its steps at the pruned size: the steps of this epoch that
+    # still computed the targets cost the difference.
+    steps_with_targets = step - (pos.next_epoch - r.first_epoch(pos.state)) * r.steps
+    pos.train_flops += steps_with_targets * cfg.batch_size * (step_flops(r, pos.alive, pos.state)
+                                                              - step_flops(r, pos.keep, pos.state))
+    pos.alive = pos.keep
+    apply_structure(r.model, pos.alive)
+    zero_dead_moments(r.model, pos.alive, tools.opt)
 
 
 def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times: list):
@@ -611,16 +653,13 @@ def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times
 
 def finish_state(r: Run, pos: Position, tools: StepTools):
     """RSST hard-prunes its targets; the final, pruned network is evaluated and saved."""
-    cfg, state, rsst = r.cfg, pos.state, tools.rsst
+    cfg, state = r.cfg, pos.state
     record = {"state": state}
-    if rsst:
-        record["pre_prune_val_acc"], record["pre_prune_test_acc"] = r.evaluate("val"), r.evaluate("test")
-        record["target_norm_ratio"] = rsst.norm_ratio()
-        if record["target_norm_ratio"] > NOT_ZEROED:
-            fix = (f"lower --reg_residual (now {cfg.reg_residual:g})" if cfg.reg_formula == "residual" else
-                   f"raise --reg_granularity_prune (now {cfg.reg_granularity_prune:g})")
-            r.say(f"warning: RSST targets kept {record['target_norm_ratio']:.0%} of their norm at the hard "
-                  f"prune (not driven to zero); {fix}")
+    if tools.rsst and pos.pruned is None:  # RSST's targets reach the residual at the end of the state
+        hard_prune(r, pos, tools, r.steps_in_state(state))
+    if pos.pruned:
+        record.update({k: v for k, v in pos.pruned.items() if k not in ("step", "reg_lambda")},
+                      pruned_at=pos.pruned["step"] / r.steps_in_state(state))
     pos.alive = pos.keep
     apply_structure(r.model, pos.alive)
     best = max(pos.history, key=lambda e: e["val_acc"])

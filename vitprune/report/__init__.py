@@ -27,7 +27,7 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     sections = {key: [r for r in runs if section_of(r) == key] for key in dict.fromkeys(map(section_of, runs))}
     section_cells = {key: cells(subset) for key, subset in sections.items()}
     verdicts = Verdicts([c for cs in section_cells.values() for c in cs])  # Holm over the whole report
-    tables = {}  # section title -> headline tables, for the W&B Report
+    tables, figures = {}, 0  # section title -> headline tables, for the W&B Report; PNGs written
     for (dataset, schedule), subset in sections.items():
         several = sum(d == dataset for d, _ in sections) > 1
         title = f"{dataset} — {schedule}" if several else dataset
@@ -35,10 +35,13 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
         png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
         lines += markdown.dataset_section(title, subset, section_cells[(dataset, schedule)], verdicts, png)
         plots.plot(title, subset, {k: out.parent / v for k, v in png.items()})
+        diagnostics = rsst_figures(title, subset, out, stem)
+        lines += diagnostics
+        figures += len(png) + sum(line.startswith("![") for line in diagnostics)
         tables[title] = [line for c in section_cells[(dataset, schedule)]
                          for line in [f"**{c.name or dataset}**", ""] + markdown.comparison_table(c, verdicts) + [""]]
     out.write_text("\n".join(lines) + "\n")
-    print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
+    print(f"report: wrote {out} and {figures} plots beside it")
     if wandb_report and online:
         print(f"report: W&B report at {plots.create_wandb_report(wandb_report, tables, title)}")
     elif wandb_report:
@@ -48,3 +51,15 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
 def file_stem(dataset) -> str:
     """A file-name-safe name of the data set: folder:/data/flowers -> flowers."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset_name(str(dataset))).strip("-.") or "data"
+
+
+def rsst_figures(title, runs, out: Path, stem: str) -> list:
+    """RSST's diagnostics figure per RSST configuration of a section, and its Markdown."""
+    lines = []
+    rsst = {label: group for label, group in configurations(runs).items()
+            if any(e.get("target_norm_ratio") is not None for r in group for e in r.epochs)}
+    for i, (label, group) in enumerate(rsst.items()):
+        png = f"{out.stem}_{stem}_rsst{i}.png"
+        plots.rsst_diagnostics(f"{title} — {label}", group, out.parent / png)
+        lines += markdown.rsst_diagnostics(label, png)
+    return lines

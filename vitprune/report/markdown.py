@@ -185,7 +185,7 @@ def per_state(r: RunRecords) -> list:
     rows = [("final test (pruned)", HEADLINE, _num), ("final val (pruned)", "final_val_acc", _num),
             ("best-epoch test", BEST_EPOCH, _num), ("before hard prune (RSST)", "pre_prune_test_acc", _num),
             ("targets' norm at hard prune (RSST)", "target_norm_ratio", _ratio_cell),
-            ("largest target's norm at hard prune (RSST)", "target_norm_ratio_max", _ratio_cell),
+            ("largest target group's norm at hard prune (RSST)", "target_norm_ratio_max", _ratio_cell),
             ("start (rewound + pruned)", "start_test_acc", _num), ("params alive", "params_alive", fmt.count)]
     body = [[title, *("" if s.get(key) is None else show(s[key]) for s in r.states)] for title, key, show in rows
             if any(s.get(key) is not None for s in r.states)]
@@ -280,3 +280,13 @@ def timing(runs) -> list:
     return ["### Training time", ""] + fmt.table(
         ["Run", "State 0", "State 1", "States 2+ (mean per state)", "Total", "Per epoch"], rows) + [""]
 
+
+
+def rsst_diagnostics(label, png) -> list:
+    """The section of one RSST configuration's diagnostics figure."""
+    return [f"### RSST diagnostics: {label}", "",
+            "Over state 1 (x: its progress; one line per run): the LR and the penalty coefficient (each ÷ its "
+            "largest), the targets' norm ratio (all targets; the largest single group) and the val accuracy of "
+            "the network without its targets; the dashed line is the hard prune. It shows whether the pull "
+            f"comes while the LR can still let the surviving groups take over. Dotted: {NOT_ZEROED:g}.", "",
+            f"![RSST diagnostics]({png})", ""]

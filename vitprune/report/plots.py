@@ -65,3 +65,53 @@ def create_wandb_report(target, tables: dict, title):
     report.save()
     return report.url
 
+
+
+# ---- RSST's diagnostics over a state ------------------------------------------------------------
+
+RSST_SERIES = ("LR ÷ base LR", "penalty coefficient ÷ its largest", "‖w_T‖ ratio (all targets)",
+               "largest target group's ratio", "val acc without the targets (%)")
+
+
+def rsst_diagnostics(title, runs, path, state=1) -> list:
+    """One figure over RSST's state `state` (x: its progress 0..1; one line per run): above, the
+    LR, the penalty coefficient and the targets' norm ratios (all of them, the largest group),
+    with the hard prune; below, the val accuracy of the network without its targets. Shows
+    when the pull happens relative to the LR. Returns the labels of the series drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    drawn = {}
+    for r in runs:
+        rows = [e for e in r.epochs if e["state"] == state]
+        start = r.states[state] if state < len(r.states) else {}
+        if not rows or rows[0].get("target_norm_ratio") is None:
+            continue
+        x = [e.get("state_progress", (i + 1) / len(rows)) for i, e in enumerate(rows)]
+        top_k = max(e["reg_lambda"] for e in rows) or 1.0
+        base_lr = r.config.get("lr") or max(e["lr"] for e in rows)
+        series = [(top, RSST_SERIES[0], x, [e["lr"] / base_lr for e in rows], "C0"),
+                  (top, RSST_SERIES[1], x, [e["reg_lambda"] / top_k for e in rows], "C1"),
+                  (top, RSST_SERIES[2], [0, *x], [1.0, *(e["target_norm_ratio"] for e in rows)], "C2"),
+                  (top, RSST_SERIES[3], [0, *x], [1.0, *(e.get("target_norm_ratio_max") for e in rows)], "C3"),
+                  (bottom, RSST_SERIES[4], [0, *x], [start.get("start_val_acc"), *(e["val_acc"] for e in rows)], "C4")]
+        for ax, label, xs, ys, color in series:
+            points = [(a, b) for a, b in zip(xs, ys) if b is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", ms=3, lw=1, color=color, label=None if label in drawn else label)
+                drawn[label] = True
+        if start.get("pruned_at") is not None:
+            top.axvline(start["pruned_at"], color="red", lw=0.8, ls="--", label=None if "hard prune" in drawn
+                        else "hard prune")
+            bottom.axvline(start["pruned_at"], color="red", lw=0.8, ls="--")
+            drawn["hard prune"] = True
+    top.axhline(NOT_ZEROED, color="grey", lw=0.5, ls=":")  # the ratio above which a state is flagged
+    top.set_title(f"{title}\nRSST state {state}, one line per run", fontsize=9)
+    top.set(ylabel="ratio")
+    bottom.set(xlabel=f"progress of state {state}", ylabel="val acc (%)", xlim=(0, 1))
+    top.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return list(drawn)
