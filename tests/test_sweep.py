@@ -36,8 +36,10 @@ def command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch):
 
 
 def test_all_sweeps_found():
-    assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml", "iterative.yaml"}
-    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3  # seed, ratio and iterative over three seeds
+    assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml", "iterative.yaml", "budget.yaml",
+                                        "budget_finetune.yaml", "budget_cpu.yaml", "budget_finetune_cpu.yaml"}
+    # seed, ratio and iterative over three seeds; smoke; the budget loops and fine-tunes (3 and 2 seeds)
+    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3 + 2 * (2 * 3 + 2 * 2)
 
 
 def wandb_engine_points(sweep_yaml) -> list:

@@ -8,9 +8,9 @@ from vitprune.log import resolve_wandb_mode
 from vitprune.report import markdown, plots
 from vitprune.report.markdown import comparison
 from vitprune.report.runs import RunRecords, load_run, read_runs
-from vitprune.report.stats import configurations, decide, run_stats
+from vitprune.report.stats import cell_groups, compute_cells, configurations, decide, paired_test, run_stats
 
-__all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "decide", "comparison"]
+__all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "decide", "comparison", "paired_test"]
 
 
 def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wandb_report=None):
@@ -32,8 +32,13 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
         lines += markdown.dataset_section(title, subset, schedule, png)
         plots.plot(title, subset, {k: out.parent / v for k, v in png.items()})
         tables[title] = markdown.comparison_table(configurations(subset), min(len(r.states) for r in subset), schedule)
+    cells = compute_cells(runs)
+    pngs = [f"{out.stem}_compute{'' if len(cells) == 1 else i + 1}.png" for i in range(len(cells))]
+    lines += markdown.compute_section(cells, pngs)
+    drawn = [plots.compute_plot(title, cell_groups(with_), out.parent / png)
+             for (title, with_, _), png in zip(cells, pngs) if with_]
     out.write_text("\n".join(lines) + "\n")
-    print(f"report: wrote {out} and {2 * len(tables)} plots beside it")
+    print(f"report: wrote {out} and {2 * len(tables) + len(drawn)} plots beside it")
     if wandb_report and online:
         print(f"report: W&B report at {plots.create_wandb_report(wandb_report, tables, title)}")
     elif wandb_report:

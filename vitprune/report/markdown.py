@@ -3,11 +3,13 @@ runs' states, findings, parameter efficiency and training time."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
-from vitprune.report.stats import (RISING, configurations, late_start, mean, row_verdict, run_stats, state_verdict,
-                                   std, within_run_noise)
+from vitprune.report.stats import (EQUAL_COMPUTE, RISING, cell_groups, compute_to_reach, configurations,
+                                   equal_compute, equal_compute_verdicts, has_compute, late_start, mean, row_verdict,
+                                   run_result, run_stats, state_verdict, std, within_run_noise)
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
 DELTA = "Δ (best − next)"
+COMPUTE_COLUMN = "Compute to reach this state"
 # The rows of the comparison table: (run_stats key, title); what each may conclude is stats.POLICY.
 ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
         ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
@@ -70,8 +72,14 @@ def _pct(x, signed=False):
 
 def comparison_table(groups, n, schedule="oneshot", key=HEADLINE) -> list:
     rows = comparison(groups, n, schedule, key)
-    return fmt.table(["Metric", *groups, DELTA, "Winner"],
-                  [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
+    if not all(has_compute(r) for runs in groups.values() for r in runs):  # records before compute accounting
+        return fmt.table(["Metric", *groups, DELTA, "Winner"],
+                         [[t, *cells.values(), _pct(d, signed=True), v] for _, t, cells, d, v in rows])
+    def reach(metric, cells):  # per configuration, in the columns' order; n/a where its cell is
+        return " / ".join("n/a" if cells[label].startswith("n/a") else
+                          fmt.flops(compute_to_reach(runs, metric, n, key)) for label, runs in groups.items())
+    return fmt.table(["Metric", *groups, DELTA, "Winner", COMPUTE_COLUMN],
+                     [[t, *cells.values(), _pct(d, signed=True), v, reach(m, cells)] for m, t, cells, d, v in rows])
 
 
 def heading(title, runs) -> list:
@@ -234,3 +242,67 @@ def timing(runs) -> list:
     return ["### Training time", ""] + fmt.table(
         ["Run", "State 0", "State 1", "States 2+ (mean per state)", "Total", "Per epoch"], rows) + [""]
 
+
+
+# ---- compute ---------------------------------------------------------------------------------
+
+COMPUTE_NOTE = (
+    "Training compute: the FLOPs of every training step a run took (forward and backward of the network "
+    "as it trains, plus a teacher's forward), from `train_flops` in its records; evaluation is not counted. "
+    "**Prune-and-fine-tune**: refill with 2 states and `--rewind=none`: prune once after State 0, then train "
+    "the ticket one long state from State 0's weights. A run's result is its best pruned state by validation "
+    "accuracy (its test accuracy), charged with the compute of the whole run. **Equal compute**: a fine-tune "
+    f"run and a loop run of the same seed whose training FLOPs differ by at most {EQUAL_COMPUTE:.0%} of the "
+    "loop's; the verdict is a paired t-test over those seeds (Holm-corrected over the report's equal-compute "
+    "comparisons), a winner named at p < 0.05.")
+
+
+def compute_section(cells, pngs) -> list:
+    """Per cell (same model, data, ratio): the accuracy-vs-compute figure, each configuration's
+    compute and result, and the equal-compute verdicts. cells: stats.compute_cells."""
+    lines = ["## Compute: accuracy vs training compute", ""]
+    if not any(with_ for _, with_, _ in cells):
+        return lines + ["No compute figure and no equal-compute verdict: no run has `train_flops` in its "
+                        "records (written before compute accounting).", ""]
+    lines += [COMPUTE_NOTE, ""]
+    rows = [equal_compute(with_) for _, with_, _ in cells]
+    verdicts = iter(equal_compute_verdicts([row for cell in rows for row in cell]))
+    for (title, with_, without), png, cell_rows in zip(cells, pngs, rows):
+        lines += [f"### {title}", ""]
+        if without:
+            lines += ["No compute figure or verdict for " + ", ".join(r.name for r in without) +
+                      ": no `train_flops` in their records (written before compute accounting).", ""]
+        if not with_:
+            continue
+        lines += [f"![test accuracy vs cumulative training compute]({png})", ""] + compute_table(with_) + [""]
+        if not cell_rows:
+            lines += ["No equal-compute verdict: the cell needs a ticket loop (refill or rsst) and a "
+                      "prune-and-fine-tune configuration.", ""]
+            continue
+        lines += fmt.table(["Ticket loop", "Prune-and-fine-tune", "Compute, fine-tune / loop", "Seeds at equal compute",
+                            "Loop", "Fine-tune", "Δ loop − fine-tune [95% CI]", "Winner at equal compute"],
+                           [_equal_row(next(verdicts)) for _ in cell_rows]) + [""]
+    return lines
+
+
+def compute_table(runs) -> list:
+    rows = []
+    for label, group in cell_groups(runs).items():
+        results = [run_result(r) for r in group]
+        accs, flops = [x[0] for x in results if x], [x[1] for x in results if x]
+        total = mean([r.states[-1]["train_flops"] for r in group])
+        seconds = mean([r.states[-1].get("train_time_s") for r in group if r.states[-1].get("train_time_s")])
+        rows.append([label, len(group), fmt.flops(total), fmt.duration(seconds) if seconds else "n/a",
+                     _cell(accs, None, "state") if accs else "n/a"])
+    return fmt.table(["Configuration", "Runs", "Training compute (mean)", "Training time (mean)",
+                      "Best pruned test accuracy (by val)"], rows)
+
+
+def _equal_row(row) -> list:
+    t = row.test
+    ci = "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]"
+    return [row.loop, row.finetune, "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            f"{t.n} ({', '.join(map(str, sorted(row.loop_acc)))})" if t.n else "0",
+            _cell(list(row.loop_acc.values()), None, "state") if t.n else "n/a",
+            _cell(list(row.finetune_acc.values()), None, "state") if t.n else "n/a",
+            "n/a" if t.delta is None else f"{t.delta:+.2f}{ci}", row.verdict]
