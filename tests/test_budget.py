@@ -44,6 +44,8 @@ def test_prune_and_fine_tune_is_a_configuration_of_the_loop():
     cfg = from_flags({"method": "refill", "states": 2, "rewind": "none", "pruned_epochs": 900})
     assert stats.is_finetune(cfg.to_dict()) and cfg.rewind_epoch is None
     assert not stats.is_finetune(Config().to_dict())
+    assert not stats.is_finetune(Config(states=2).to_dict())  # one round of the lottery ticket: rewinds
+    assert not stats.is_finetune(Config(method="rsst", states=2, rewind="none").to_dict())
 
 
 # ---- the paired test --------------------------------------------------------------------------
@@ -190,6 +192,8 @@ def test_report_shows_the_compute_figure_column_and_verdict(tmp_path, monkeypatc
     assert "| Winner | Compute to reach this state |" in md
     assert "| State 0 (dense) |" in md and "| 10 PFLOP / 10 PFLOP / 10 PFLOP / 10 PFLOP |" in md
     assert "| 13 PFLOP / 20 PFLOP / 19 PFLOP / 26.5 PFLOP |" in md  # state 1
+    assert "| Mean, states 2+ (none) | n/a | n/a | n/a | n/a | n/a | – (same ticket, retrained) | n/a / n/a / n/a / n/a |" \
+        in md  # no state 2 in common (the fine-tunes have 2 states): nothing reached
 
 
 def test_old_records_get_no_compute_figure_and_say_why(tmp_path):
