@@ -181,7 +181,10 @@ def test_report_shows_the_compute_figure_column_and_verdict(tmp_path, monkeypatc
     assert curves["refill loop, 4 × 2 epochs"] == [f * P for f in REFILL_LOOP]  # state points at cumulative FLOPs
     assert curves["rsst loop, 4 × 2 epochs"] == [f * P for f in RSST_LOOP]
     assert curves["prune-and-fine-tune, 2 + 11 epochs"] == [10 * P, 26.5 * P]
-    assert "| refill loop, 4 × 2 epochs | 3 | 19 PFLOP | 40.0 s | 62.03% ± 0.35 (3 seeds) |" in md
+    # the fine-tune each loop needs: what it spent after State 0 in epochs of its last state (1.5 P each)
+    assert "| refill loop, 4 × 2 epochs | 3 | 19 PFLOP | 40.0 s | 62.03% ± 0.35 (3 seeds) | `--pruned_epochs=6` |" in md
+    assert "| rsst loop, 4 × 2 epochs | 3 | 26 PFLOP | 40.0 s | 60.03% ± 0.35 (3 seeds) | `--pruned_epochs=11` |" in md
+    assert "| prune-and-fine-tune, 2 + 6 epochs | 3 | 19 PFLOP | 20.0 s | 60.10% ± 0.10 (3 seeds) | – |" in md
     p = ttest_rel([acc["refill"][s] for s in range(3)], [acc["ft6"][s] for s in range(3)])
     ci = p.confidence_interval(0.95)
     assert (f"| refill loop, 4 × 2 epochs | prune-and-fine-tune, 2 + 6 epochs | 1.00 | 3 (0, 1, 2) | "
@@ -313,4 +316,5 @@ def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
     assert len(verdicts) == 2, verdicts
     assert "| refill loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 2 epochs | 1.00 | 2 (0, 1) |" in md
     assert "| rsst loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 4 epochs |" in md
+    assert "| `--pruned_epochs=2` |" in md and "| `--pruned_epochs=4` |" in md  # what the sweeps run
     assert all(v.rstrip(" |").endswith(("2 seeds)", "(no seed variance)")) for v in verdicts), verdicts

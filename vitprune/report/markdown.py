@@ -4,8 +4,9 @@ from vitprune import fmt
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
 from vitprune.report.stats import (EQUAL_COMPUTE, RISING, cell_groups, compute_to_reach, configurations,
-                                   equal_compute, equal_compute_verdicts, has_compute, late_start, mean, row_verdict,
-                                   run_result, run_stats, state_verdict, std, within_run_noise)
+                                   equal_compute, equal_compute_verdicts, has_compute, late_start,
+                                   matching_pruned_epochs, mean, row_verdict, run_result, run_stats, state_verdict,
+                                   std, within_run_noise)
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
 DELTA = "Δ (best − next)"
@@ -292,10 +293,12 @@ def compute_table(runs) -> list:
         accs, flops = [x[0] for x in results if x], [x[1] for x in results if x]
         total = mean([r.states[-1]["train_flops"] for r in group])
         seconds = mean([r.states[-1].get("train_time_s") for r in group if r.states[-1].get("train_time_s")])
+        matching = [m for m in map(matching_pruned_epochs, group) if m is not None]
         rows.append([label, len(group), fmt.flops(total), fmt.duration(seconds) if seconds else "n/a",
-                     _cell(accs, None, "state") if accs else "n/a"])
+                     _cell(accs, None, "state") if accs else "n/a",
+                     f"`--pruned_epochs={round(mean(matching))}`" if matching else "–"])
     return fmt.table(["Configuration", "Runs", "Training compute (mean)", "Training time (mean)",
-                      "Best pruned test accuracy (by val)"], rows)
+                      "Best pruned test accuracy (by val)", "Prune-and-fine-tune of equal compute"], rows)
 
 
 def _equal_row(row) -> list:
