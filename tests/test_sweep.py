@@ -193,4 +193,6 @@ def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     text = md.read_text()
     assert "## synthetic" in text and "**Key result**" in text
     assert all(f"**{d.name}**" in text for d in run_dirs)
-    assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png"}
+    compute = "train_flops" in (run_dirs[0] / "metrics.jsonl").read_text()  # records with compute: its figure too
+    assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png",
+                                                         *["smoke_compute.png"] * compute}
