@@ -220,6 +220,20 @@ def run_result(run: RunRecords):
     return None if best is None or not has_compute(run) else (best, run.states[-1][COMPUTE])
 
 
+def matching_pruned_epochs(run: RunRecords) -> Optional[float]:
+    """--pruned_epochs of the prune-and-fine-tune whose training compute equals this loop's: what
+    the loop spent after State 0, in epochs of its last state (the final ticket, trained as the
+    fine-tune trains it, teacher included), from its records. None without compute or pruned state."""
+    if not has_compute(run) or len(run.states) < 2 or is_finetune(run.config):
+        return None
+    c = run.config
+    rewind = str(c.get("rewind", "init"))
+    epochs = (c.get("pruned_epochs") or c.get("epochs")) - (int(rewind[6:]) if rewind.startswith("epoch:") else 0)
+    flops = [s[COMPUTE] for s in run.states]
+    per_epoch = (flops[-1] - flops[-2]) / epochs
+    return (flops[-1] - flops[0]) / per_epoch if per_epoch > 0 else None
+
+
 class EqualCompute(NamedTuple):
     """A ticket-loop configuration against prune-and-fine-tune in one cell, at equal compute."""
     loop: str
