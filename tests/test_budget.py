@@ -255,21 +255,44 @@ def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
 SIZES = (96, 32, 32)  # train, val, test images of the synthetic set
 
 
+FINETUNE_RUN = dict(method="refill", dataset="synthetic", model="vit_micro", ratio=0.5, states=2, epochs=1,
+                    pruned_epochs=3, rewind="none", batch_size=32, wandb="disabled")
+
+
+def finetune(out, name, stop_at_step=None, **flags):
+    """A prune-and-fine-tune run of FINETUNE_RUN on SIZES, in this process; stop_at_step: SIGINT
+    arrives at that step of the run (counted over all states) and the run stops there."""
+    import signal
+    from conftest import small_data
+    from vitprune import train
+    steps = []
+
+    def requested(self, step, world, device):
+        steps.append(step)
+        if len(steps) == stop_at_step:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", small_data(SIZES))
+        mp.setattr(train.StopRequest, "requested", requested)
+        return train.run(from_flags(dict(FINETUNE_RUN, out_dir=str(out), name=name, **flags)))
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    return finetune(tmp_path_factory.mktemp("ft"), "ft")
+
+
 @pytest.mark.slow
-def test_prune_and_fine_tune_run(tmp_path, monkeypatch):
+def test_prune_and_fine_tune_run(finetune_run):
     """--states=2 --rewind=none --pruned_epochs=3: State 0 trains --epochs, State 1 starts from
     State 0's trained weights with the ticket pruned (no rewind point) and trains 3 epochs on an LR
     schedule of 3 epochs."""
     import torch
-    from conftest import small_data
     from test_rsst import plain_vit, zero_outside
-    from vitprune import train
     from vitprune.data import synthetic
     from vitprune.structure import Structure
-    monkeypatch.setattr(train, "load_data", small_data(SIZES))
-    run_dir = train.run(from_flags(dict(method="refill", dataset="synthetic", model="vit_micro", ratio=0.5, states=2,
-                                        epochs=1, pruned_epochs=3, rewind="none", batch_size=32, wandb="disabled",
-                                        out_dir=str(tmp_path), name="ft")))
+    run_dir = finetune_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [(r["state"], r["epoch"], r["global_epoch"]) for r in epochs] == [(0, 0, 0), (1, 0, 1), (1, 1, 2), (1, 2, 3)]
@@ -318,3 +341,19 @@ def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
     assert "| rsst loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 4 epochs |" in md
     assert "| `--pruned_epochs=2` |" in md and "| `--pruned_epochs=4` |" in md  # what the sweeps run
     assert all(v.rstrip(" |").endswith(("2 seeds)", "(no seed variance)")) for v in verdicts), verdicts
+
+
+@pytest.mark.slow
+def test_prune_and_fine_tune_resumes_exactly(finetune_run, tmp_path):
+    """Stopped in the middle of the fine-tune's second epoch (3 steps per epoch: step 8 of the run),
+    resumed: the same records as the uninterrupted run."""
+    import torch
+    with pytest.raises(SystemExit) as stopped:
+        finetune(tmp_path, "ft", stop_at_step=8)
+    assert stopped.value.code == 130
+    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    assert (ck["state"], ck["next_epoch"], ck["step"]) == (1, 1, 2)  # inside the fine-tune's second epoch
+    finetune(tmp_path, "ft", resume=True)
+    strip = lambda run_dir: [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_time_s")}
+                             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "ft") == strip(finetune_run)
