@@ -37,9 +37,11 @@ def command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch):
 
 def test_all_sweeps_found():
     assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml", "iterative.yaml",
-                                        "rsst_timing.yaml", "rsst_timing_cpu.yaml"}
-    # seed, ratio and iterative over three seeds; RSST timing (3 reach × 2 shapes × 3 seeds, twice)
-    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3 + 2 * 18
+                                        "rsst_timing.yaml", "rsst_timing_cpu.yaml", "budget.yaml",
+                                        "budget_finetune.yaml", "budget_cpu.yaml", "budget_finetune_cpu.yaml"}
+    # seed, ratio and iterative over three seeds; smoke; RSST timing (3 reach × 2 shapes × 3 seeds,
+    # twice); the budget loops and fine-tunes (3 and 2 seeds)
+    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3 + 2 * 18 + 2 * (2 * 3 + 2 * 2)
 
 
 def wandb_engine_points(sweep_yaml) -> list:
@@ -222,7 +224,9 @@ def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     text = md.read_text()
     assert "## synthetic" in text and "**Key result**" in text
     assert all(f"**{d.name}**" in text for d in run_dirs)
-    assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png"}
+    compute = "train_flops" in (run_dirs[0] / "metrics.jsonl").read_text()  # records with compute: its figure too
+    assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png",
+                                                         *["smoke_compute.png"] * compute}
 
 
 TWO_SCHEDULES = """

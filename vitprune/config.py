@@ -108,6 +108,9 @@ class Config:
                          requires=STRUCTURED)
     states: int = flag(16, "states of the loop (state 0 trains the dense model)", "pruning", range="[1, inf)")
     epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
+    pruned_epochs: Optional[int] = flag(None, "epochs of every state >= 1 (default: --epochs); with --states=2 "
+                                        "--rewind=none it is prune-and-fine-tune's one long fine-tune",
+                                        "pruning", range="[1, inf)", requires={"rewind": ("init", "none")})
     schedule: str = flag("oneshot", "oneshot: every state >= 1 keeps 1 - ratio; geometric: state s keeps "
                          "(1 - ratio)^(s/(states-1))", "pruning", choices=("oneshot", "geometric"))
     rewind: str = flag("init", "the rewind point: init: θ0; epoch:K: weights, optimizer and LR schedule after "
@@ -348,6 +351,9 @@ def validate(cfg: Config) -> Config:
         if not k.isdigit() or int(k) >= cfg.epochs:  # K = epochs would leave later states no epoch
             raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, "
                               f"epoch:K with 0 <= K < --epochs ({cfg.epochs})")
+    if cfg.pruned_epochs is not None and cfg.states < 2:
+        raise ConfigError(f"--pruned_epochs: sets the epochs of states >= 1, and --states={cfg.states} has none; "
+                          f"choose --states >= 2 or drop it")
     if cfg.device.startswith("cuda:") and not cfg.device[5:].isdigit():
         raise ConfigError(f"--device: unknown value {cfg.device!r}; choose from auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:

@@ -21,6 +21,16 @@ def count(x) -> str:
     return str(x)
 
 
+def flops(x) -> str:
+    """A FLOP count with an SI prefix and three significant digits: 1.23 PFLOP, n/a for None."""
+    if x is None:
+        return "n/a"
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}FLOP"
+    return f"{x:.3g} FLOP"
+
+
 def size(n: float) -> str:
     """Bytes, in the largest binary unit that keeps the number at least 1."""
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):

@@ -61,8 +61,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def make_optimizer(cfg: Config, model, steps: int, device):
-    """Optimizer and per-step LR schedule of one state (every state starts them afresh)."""
+def make_optimizer(cfg: Config, model, steps: int, device, epochs: int = None):
+    """Optimizer and per-step LR schedule of one state (every state starts them afresh) of
+    `epochs` epochs (default --epochs) and `steps` steps."""
+    epochs = epochs or cfg.epochs
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else no_decay).append(p)
@@ -72,7 +74,7 @@ def make_optimizer(cfg: Config, model, steps: int, device):
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, **fused)
-    per_epoch = steps // cfg.epochs
+    per_epoch = steps // epochs
     warmup = cfg.warmup_epochs * per_epoch
 
     def factor(step):
@@ -80,7 +82,7 @@ def make_optimizer(cfg: Config, model, steps: int, device):
             return (step + 1) / warmup
         if cfg.lr_schedule == "multistep":  # x0.1 at 50% and 75% of the state's epochs
             epoch = step // per_epoch
-            return 0.1 ** ((epoch >= cfg.epochs * 0.5) + (epoch >= cfg.epochs * 0.75))
+            return 0.1 ** ((epoch >= epochs * 0.5) + (epoch >= epochs * 0.75))
         if cfg.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         return 1.0
@@ -193,8 +195,16 @@ class Run:
         schedule of state 0 from epoch K), else 0."""
         return (self.cfg.rewind_epoch or 0) if state > 0 else 0
 
+    def epochs_of(self, state: int) -> int:
+        """The epochs of a state's schedule: --epochs, or --pruned_epochs for states >= 1."""
+        return (self.cfg.pruned_epochs or self.cfg.epochs) if state > 0 else self.cfg.epochs
+
+    def epochs_before(self, state: int) -> int:
+        """global_epoch of the state's epoch 0."""
+        return sum(self.epochs_of(s) for s in range(state))
+
     def steps_in_state(self, state: int) -> int:
-        return (self.cfg.epochs - self.first_epoch(state)) * self.steps
+        return (self.epochs_of(state) - self.first_epoch(state)) * self.steps
 
     def say(self, *args, **kwargs):
         if self.main:
@@ -276,7 +286,7 @@ def run(cfg: Config) -> Path:
                     pos, tools = start_state(r, pos, state, rewind)
                     if stop.requested(0, r.world, r.device):  # arrived during the finish: stop at step 0
                         raise Interrupted()
-                for epoch in range(pos.next_epoch, cfg.epochs):
+                for epoch in range(pos.next_epoch, r.epochs_of(state)):
                     record = train_epoch(r, pos, tools, epoch, stop)
                     if state == 0 and cfg.rewind_epoch == epoch + 1:  # late rewinding rewinds to here
                         rewind = save_rewind_point(r, epoch + 1, tools)
@@ -397,7 +407,8 @@ def setup(cfg: Config) -> Run:
     set_recipe(r)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
-          f"{cfg.epochs} epochs, {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
+          f"{cfg.epochs} epochs" + (f" (states >= 1: {cfg.pruned_epochs})" if cfg.pruned_epochs else "") +
+          f", {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
           f"{device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
           + (f", {world} processes" if world > 1 else ""))
     return r
@@ -444,7 +455,8 @@ def resume(r: Run):
     else:
         pos, ck = Position.from_checkpoint(ck, r.model)
         apply_structure(r.model, pos.alive)  # the forward skips what was dead when the run stopped
-        opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
+        epochs = r.epochs_of(pos.state)
+        opt, sched = make_optimizer(cfg, r.model, r.steps * epochs, r.device, epochs)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         rsst = regularizer(cfg, r.model, pos.alive, pos.keep, r.steps_in_state(pos.state), r.group_reg,
@@ -503,7 +515,7 @@ def after_state(r: Run, ck: dict, rewind: Optional[dict]):
     done = Structure.from_state_dict(ck["structure"])
     apply_structure(r.model, done)
     spent = ck.get("record", {})  # the compute spent up to this state's end carries on
-    prev = Position(ck["state"], r.cfg.epochs, done, done, train_flops=spent.get("train_flops", 0.0),
+    prev = Position(ck["state"], r.epochs_of(ck["state"]), done, done, train_flops=spent.get("train_flops", 0.0),
                     train_time=spent.get("train_time_s", 0.0))
     if ck["state"] + 1 == r.cfg.states:
         return Position(r.cfg.states, 0, done, done), None
@@ -526,7 +538,7 @@ def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
                    train_flops=prev.train_flops, train_time=prev.train_time)
     with r.live(pos.keep, restore=pos.alive):
         pos.start_acc = r.evaluate("val"), r.evaluate("test")
-    opt, sched = make_optimizer(cfg, r.model, r.steps * cfg.epochs, r.device)
+    opt, sched = make_optimizer(cfg, r.model, r.steps * r.epochs_of(state), r.device, r.epochs_of(state))
     if state > 0 and rewind.get("optimizer"):  # late rewinding: the optimizer and schedule of epoch K too
         opt.load_state_dict(copy.deepcopy(rewind["optimizer"]))  # a copy: steps update it in place
         sched.load_state_dict(rewind["scheduler"])
@@ -582,11 +594,11 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
     with r.live(pos.keep, restore=pos.alive):  # RSST evaluates the network it will become
         val_acc, test_acc = r.evaluate("val"), r.evaluate("test")
     return {
-        "state": state, "epoch": epoch, "global_epoch": state * cfg.epochs + epoch,
+        "state": state, "epoch": epoch, "global_epoch": r.epochs_before(state) + epoch,
         "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
         "val_acc": val_acc, "test_acc": test_acc, "lr": lr,
         **rsst_fields(pos, tools, (epoch + 1 - r.first_epoch(state)) * r.steps, r.steps),
-        "state_progress": (epoch + 1 - r.first_epoch(state)) / (cfg.epochs - r.first_epoch(state)),
+        "state_progress": (epoch + 1 - r.first_epoch(state)) / (r.epochs_of(state) - r.first_epoch(state)),
         "time_s": time.time() - t0,
         "train_flops": pos.train_flops + r.steps * cfg.batch_size * step_flops(r, pos.alive, state),
         "train_time_s": train_time,
@@ -639,8 +651,8 @@ def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times
     pos.state_time += record["time_s"]
     pos.history.append(record)
     epoch_times.append(record["time_s"])
-    total = cfg.epochs + (cfg.states - 1) * (cfg.epochs - r.first_epoch(1))  # epochs in the run
-    done = (epoch + 1 if state == 0 else cfg.epochs + (state - 1) * (cfg.epochs - r.first_epoch(1))
+    total = cfg.epochs + (cfg.states - 1) * (r.epochs_of(1) - r.first_epoch(1))  # epochs in the run
+    done = (epoch + 1 if state == 0 else cfg.epochs + (state - 1) * (r.epochs_of(1) - r.first_epoch(1))
             + epoch + 1 - r.first_epoch(state))
     reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if tools.rsst else ""
     r.say(f"state {state} epoch {epoch} | loss {record['train_loss']:.3f} train {record['train_acc']:.1f}% "

@@ -8,7 +8,8 @@ from vitprune.log import resolve_wandb_mode
 from vitprune.report import markdown, plots
 from vitprune.report.markdown import comparison
 from vitprune.report.runs import RunRecords, load_run, read_runs
-from vitprune.report.stats import Verdicts, cells, configurations, decide, paired_test, run_stats
+from vitprune.report.stats import (Verdicts, cell_groups, cells, compute_cells, configurations, decide,
+                                   equal_compute, equal_compute_keys, paired_test, run_stats)
 
 __all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "cells", "decide", "paired_test",
            "Verdicts", "comparison"]
@@ -26,7 +27,10 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     section_of = lambda r: (r.config.get("dataset"), r.config.get("schedule", "oneshot"))
     sections = {key: [r for r in runs if section_of(r) == key] for key in dict.fromkeys(map(section_of, runs))}
     section_cells = {key: cells(subset) for key, subset in sections.items()}
-    verdicts = Verdicts([c for cs in section_cells.values() for c in cs])  # Holm over the whole report
+    compute = compute_cells(runs)  # the equal-compute view: cells whatever the loop's shape
+    equal_rows = [equal_compute(with_) for _, with_, _ in compute]
+    verdicts = Verdicts([c for cs in section_cells.values() for c in cs],  # Holm over the whole report
+                        equal_compute_keys([row for rows in equal_rows for row in rows]))
     tables, figures = {}, 0  # section title -> headline tables, for the W&B Report; PNGs written
     for (dataset, schedule), subset in sections.items():
         several = sum(d == dataset for d, _ in sections) > 1
@@ -40,6 +44,12 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
         figures += len(png) + sum(line.startswith("![") for line in diagnostics)
         tables[title] = [line for c in section_cells[(dataset, schedule)]
                          for line in [f"**{c.name or dataset}**", ""] + markdown.comparison_table(c, verdicts) + [""]]
+    pngs = [f"{out.stem}_compute{'' if len(compute) == 1 else i + 1}.png" for i in range(len(compute))]
+    lines += markdown.compute_section(compute, equal_rows, verdicts, pngs)
+    for (cell_title, with_, _), png in zip(compute, pngs):
+        if with_:
+            plots.compute_plot(cell_title, cell_groups(with_), out.parent / png)
+            figures += 1
     out.write_text("\n".join(lines) + "\n")
     print(f"report: wrote {out} and {figures} plots beside it")
     if wandb_report and online:

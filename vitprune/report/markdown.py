@@ -3,9 +3,12 @@ runs' states, findings, parameter efficiency and training time."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
-from vitprune.report.stats import ALPHA, POLICY, RISING, Cell, Verdicts, late_start, mean, run_stats, std
+from vitprune.report.stats import (ALPHA, EQUAL_COMPUTE, POLICY, RISING, Cell, Verdicts, cell_groups,
+                                   compute_to_reach, equal_compute_verdicts, has_compute, late_start,
+                                   matching_pruned_epochs, mean, run_result, run_stats, std)
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
+COMPUTE_COLUMN = "Compute to reach this state"
 # The rows of the comparison table: (run_stats key, title); what each may conclude is stats.POLICY.
 ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
         ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
@@ -86,10 +89,19 @@ def pair_header(cell: Cell, verdicts: Verdicts) -> list:
 
 def comparison_table(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
     rows = comparison(cell, verdicts, key)
-    if key != HEADLINE:  # the verdicts are the headline's: this table describes
-        return fmt.table(["Metric", *cell.groups], [[t, *cells.values()] for _, t, cells, _ in rows])
-    return fmt.table(["Metric", *cell.groups, *pair_header(cell, verdicts)],
-                     [[t, *cells.values(), *(x for pair in pairs for x in pair)] for _, t, cells, pairs in rows])
+    headline = key == HEADLINE  # the verdicts are the headline's: the other table describes
+    compute = all(has_compute(r) for runs in cell.groups.values() for r in runs)  # newer records only
+    header = ["Metric", *cell.groups, *(pair_header(cell, verdicts) if headline else []),
+              *([COMPUTE_COLUMN] if compute else [])]
+    return fmt.table(header, [[t, *cells.values(), *(x for pair in pairs for x in pair if headline),
+                               *([_reach(cell, m, cells, key)] if compute else [])]
+                              for m, t, cells, pairs in rows])
+
+
+def _reach(cell: Cell, metric, cells, key) -> str:
+    """The compute column: per configuration, in the columns' order; n/a where its cell is."""
+    return " / ".join("n/a" if cells[label].startswith("n/a") else
+                      fmt.flops(compute_to_reach(runs, metric, cell.n, key)) for label, runs in cell.groups.items())
 
 
 def verdict_note(verdicts: Verdicts) -> list:
@@ -290,3 +302,69 @@ def rsst_diagnostics(label, png) -> list:
             "the network without its targets; the dashed line is the hard prune. It shows whether the pull "
             f"comes while the LR can still let the surviving groups take over. Dotted: {NOT_ZEROED:g}.", "",
             f"![RSST diagnostics]({png})", ""]
+
+
+# ---- compute ---------------------------------------------------------------------------------
+
+COMPUTE_NOTE = (
+    "Training compute: the FLOPs of every training step a run took (forward and backward of the network "
+    "as it trains, plus a teacher's forward), from `train_flops` in its records; evaluation is not counted. "
+    "**Prune-and-fine-tune**: refill with 2 states and `--rewind=none`: prune once after State 0, then train "
+    "the ticket one long state from State 0's weights. A run's result is its best pruned state by validation "
+    "accuracy (its test accuracy), charged with the compute of the whole run. **Equal compute**: a fine-tune "
+    f"run and a loop run of the same seed whose training FLOPs differ by at most {EQUAL_COMPUTE:.0%} of the "
+    "loop's; the verdict is a paired t-test over those seeds (Holm-corrected together with every other test of "
+    "the report), a winner named at p < 0.05.")
+
+
+def compute_section(cells, rows, verdicts: Verdicts, pngs) -> list:
+    """Per cell (same model, data, ratio): the accuracy-vs-compute figure, each configuration's
+    compute and result, and the equal-compute verdicts. cells: stats.compute_cells; rows: their
+    stats.equal_compute rows, whose tests are in `verdicts`' Holm family."""
+    lines = ["## Compute: accuracy vs training compute", ""]
+    if not any(with_ for _, with_, _ in cells):
+        return lines + ["No compute figure and no equal-compute verdict: no run has `train_flops` in its "
+                        "records (written before compute accounting).", ""]
+    lines += [COMPUTE_NOTE, ""]
+    judged = iter(equal_compute_verdicts([row for cell in rows for row in cell], verdicts.holm))
+    for (title, with_, without), png, cell_rows in zip(cells, pngs, rows):
+        lines += [f"### {title}", ""]
+        if without:
+            lines += ["No compute figure or verdict for " + ", ".join(r.name for r in without) +
+                      ": no `train_flops` in their records (written before compute accounting).", ""]
+        if not with_:
+            continue
+        lines += [f"![test accuracy vs cumulative training compute]({png})", ""] + compute_table(with_) + [""]
+        if not cell_rows:
+            lines += ["No equal-compute verdict: the cell needs a ticket loop (refill or rsst) and a "
+                      "prune-and-fine-tune configuration.", ""]
+            continue
+        lines += fmt.table(["Ticket loop", "Prune-and-fine-tune", "Compute, fine-tune / loop", "Seeds at equal compute",
+                            "Loop", "Fine-tune", "Δ loop − fine-tune [95% CI]", "Winner at equal compute"],
+                           [_equal_row(next(judged)) for _ in cell_rows]) + [""]
+    return lines
+
+
+def compute_table(runs) -> list:
+    rows = []
+    for label, group in cell_groups(runs).items():
+        results = [run_result(r) for r in group]
+        accs = [x[0] for x in results if x]
+        total = mean([r.states[-1]["train_flops"] for r in group])
+        seconds = mean([r.states[-1].get("train_time_s") for r in group if r.states[-1].get("train_time_s")])
+        matching = [m for m in map(matching_pruned_epochs, group) if m is not None]
+        rows.append([label, len(group), fmt.flops(total), fmt.duration(seconds) if seconds else "n/a",
+                     _cell(accs, None, "state") if accs else "n/a",
+                     f"`--pruned_epochs={round(mean(matching))}`" if matching else "–"])
+    return fmt.table(["Configuration", "Runs", "Training compute (mean)", "Training time (mean)",
+                      "Best pruned test accuracy (by val)", "Prune-and-fine-tune of equal compute"], rows)
+
+
+def _equal_row(row) -> list:
+    t = row.test
+    ci = "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]"
+    return [row.loop, row.finetune, "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            f"{t.n} ({', '.join(map(str, sorted(row.loop_acc)))})" if t.n else "0",
+            _cell(list(row.loop_acc.values()), None, "state") if t.n else "n/a",
+            _cell(list(row.finetune_acc.values()), None, "state") if t.n else "n/a",
+            "n/a" if t.delta is None else f"{t.delta:+.2f}{ci}", row.verdict]

@@ -34,6 +34,29 @@ def plot(dataset, runs, paths):
           title=f"{dataset}: val accuracy per epoch")
 
 
+def compute_plot(title, groups: dict, path):
+    """Test accuracy (final pruned) against the cumulative training FLOPs at the end of each state,
+    one curve per configuration ({label: [runs]}, mean over its seeds, std as error bars)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from vitprune.report.stats import COMPUTE, mean, std
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, runs) in enumerate(groups.items()):
+        n = min(len(r.states) for r in runs)
+        x = [mean([r.states[s][COMPUTE] for r in runs]) for s in range(n)]
+        y = [mean([r.states[s]["final_test_acc"] for r in runs]) for s in range(n)]
+        err = [std([r.states[s]["final_test_acc"] for r in runs]) or 0.0 for s in range(n)]
+        ax.errorbar(x, y, yerr=err, fmt="s--" if label.startswith("prune-and-fine-tune") else "o-", color=f"C{i}",
+                    capsize=3, label=f"{label} ({len(runs)} run{'s' * (len(runs) > 1)})")
+    ax.set(xlabel="cumulative training compute (FLOPs)", ylabel="test accuracy (%), final pruned",
+           title=f"{title}: accuracy vs training compute")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _save(fig, ax, path, **labels):
     """Integer ticks (states and epochs are counted), labels, legend; write the PNG."""
     import matplotlib.pyplot as plt
@@ -59,7 +82,9 @@ def create_wandb_report(target, tables: dict, title):
         panels = [wr.LinePlot(title="final pruned test acc", x="state", y=["state/final_test_acc"]),
                   wr.LinePlot(title="best-epoch test acc", x="state", y=["state/best_test_acc"]),
                   wr.LinePlot(title="val acc", x="global_epoch", y=["val_acc"]),
-                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"])]
+                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"]),
+                  wr.LinePlot(title="final pruned test acc vs training FLOPs", x="state/train_flops",
+                              y=["state/final_test_acc"])]
         blocks += [wr.H2(dataset), wr.MarkdownBlock("\n".join(table)), wr.PanelGrid(runsets=[runs], panels=panels)]
     report = wr.Report(project=project, entity=entity, title=title, blocks=blocks)
     report.save()

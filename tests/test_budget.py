@@ -1,0 +1,359 @@
+"""The equal-compute question: prune-and-fine-tune as a configuration of the loop
+(--pruned_epochs), the budget sweeps, and the report's compute figure, "compute to reach this
+state" column and equal-compute verdict, on fixture records with planted effects."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy.stats import ttest_rel
+
+from vitprune import report
+from vitprune.config import Config, from_flags
+from vitprune.report import stats
+
+from conftest import run_cli
+
+SWEEPS = Path(__file__).parent.parent / "sweeps"
+FIXTURES = Path(__file__).parent / "fixtures" / "report_runs"
+P = 1e15  # the fixtures' compute unit
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_online(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+# ---- the flag ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--states=1", "--pruned_epochs=5"], "--pruned_epochs: sets the epochs of states >= 1, and --states=1 has none"),
+    (["--rewind=epoch:1", "--epochs=3", "--pruned_epochs=5"],
+     "--pruned_epochs: applies only with --rewind=init|none, not with --rewind=epoch:1; drop it"),
+    (["--pruned_epochs=0"], "--pruned_epochs: 0 is not at least 1"),
+])
+def test_pruned_epochs_refused_where_it_cannot_apply(tmp_path, monkeypatch, capsys, flags, expect):
+    out = tmp_path / "runs"
+    assert run_cli(monkeypatch, "run", "--dataset=synthetic", *flags, f"--out_dir={out}", "--wandb=disabled") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --pruned_epochs") and expect in err, err
+    assert not out.exists()
+
+
+def test_prune_and_fine_tune_is_a_configuration_of_the_loop():
+    cfg = from_flags({"method": "refill", "states": 2, "rewind": "none", "pruned_epochs": 900})
+    assert stats.is_finetune(cfg.to_dict()) and cfg.rewind_epoch is None
+    assert not stats.is_finetune(Config().to_dict())
+    assert not stats.is_finetune(Config(states=2).to_dict())  # one round of the lottery ticket: rewinds
+    assert not stats.is_finetune(Config(method="rsst", states=2, rewind="none").to_dict())
+
+
+# ---- the paired test --------------------------------------------------------------------------
+
+def test_paired_test_pairs_by_seed_and_matches_scipy():
+    a = {2: 61.0, 0: 60.0, 1: 62.5, 7: 99.0}  # seed 7 has no partner: left out
+    b = {0: 58.0, 1: 59.0, 2: 60.5, 5: 10.0}
+    t = stats.paired_test(a, b)
+    ref = ttest_rel([60.0, 62.5, 61.0], [58.0, 59.0, 60.5])
+    ci = ref.confidence_interval(0.95)
+    assert t.n == 3 and t.delta == pytest.approx((2.0 + 3.5 + 0.5) / 3)
+    assert (t.low, t.high, t.p) == (pytest.approx(ci.low), pytest.approx(ci.high), pytest.approx(ref.pvalue))
+    assert stats.paired_test(b, a).delta == pytest.approx(-t.delta)  # a − b
+    one = stats.paired_test({0: 5.0}, {0: 3.0, 1: 1.0})
+    assert (one.delta, one.low, one.high, one.p, one.n) == (2.0, None, None, None, 1)
+    flat = stats.paired_test({0: 5.0, 1: 6.0}, {0: 4.0, 1: 5.0})  # every difference 1.0: no spread
+    assert (flat.delta, flat.low, flat.high, flat.p, flat.n) == (1.0, 1.0, 1.0, None, 2)
+    assert stats.paired_test({}, {0: 1.0}).n == 0
+
+
+# ---- fixtures: runs whose records carry train_flops --------------------------------------------
+
+def budget_run(root, method, finals, flops, seed, vals=None, epochs=2, **flags):
+    """A run folder: final test accuracy and cumulative training FLOPs (in P) per state, val =
+    test unless `vals`; train_flops/train_time_s in every epoch and state record (None: left out,
+    as in records written before compute accounting)."""
+    cfg = Config(method=method, dataset="cifar100", seed=seed, states=len(finals), epochs=epochs, **flags).to_dict()
+    run_dir = root / f"{method}_{len(finals)}x{flags.get('pruned_epochs')}_s{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    vals, records = vals or finals, []
+    for s, (acc, f) in enumerate(zip(finals, flops)):
+        compute = {} if f is None else {"train_flops": f * P, "train_time_s": 10.0 * (s + 1)}
+        records.append({"kind": "epoch", "state": s, "epoch": 0, "global_epoch": s, "val_acc": vals[s],
+                        "test_acc": acc, "time_s": 1.0, **compute})
+        records.append({"kind": "state", "state": s, "final_test_acc": acc, "final_val_acc": vals[s],
+                        "best_test_acc": acc, "best_val_acc": vals[s], "params_alive": 100 if s == 0 else 30,
+                        "params_total": 100, "time_s": 2.0, **compute})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+FINETUNE = dict(rewind="none")
+REFILL_LOOP = [10, 13, 16, 19]  # state 0 dense: 10; each ticket state: 3
+RSST_LOOP = [10, 20, 23, 26]    # state 1 trains its targets too: dense again
+
+
+def planted(root, shift=2.0):
+    """3 seeds of: the refill loop, better than its fine-tune match by `shift` points (+ noise);
+    the rsst loop, equal to its match (the null); fine-tunes matched to each loop's compute.
+    Returns (run folders, {name: {seed: best pruned test acc}})."""
+    runs, acc = [], {k: {} for k in ("refill", "rsst", "ft6", "ft11")}
+    for seed, (e, f6, f11) in enumerate([(0.0, 0.1, 0.2), (0.4, -0.2, 0.1), (-0.3, 0.3, -0.4)]):
+        # the loops' best state by val is state 2 (its test acc counts); state 3's test acc is higher
+        runs.append(budget_run(root, "refill", [70, 55, 60 + shift + e, 66], REFILL_LOOP, seed,
+                               vals=[70, 55, 63, 61]))
+        runs.append(budget_run(root, "rsst", [70, 55, 60 + e, 66], RSST_LOOP, seed, vals=[70, 55, 63, 61]))
+        runs.append(budget_run(root, "refill", [70, 60 + e + f6], [10, 19], seed, pruned_epochs=6, **FINETUNE))
+        runs.append(budget_run(root, "refill", [70, 60 + e + f11], [10, 26.5], seed, pruned_epochs=11, **FINETUNE))
+        acc["refill"][seed], acc["rsst"][seed] = 60 + shift + e, 60 + e
+        acc["ft6"][seed], acc["ft11"][seed] = 60 + e + f6, 60 + e + f11
+    return runs, acc
+
+
+def holm(ps):
+    """Holm's step-down adjusted p-values, written out for two tests."""
+    lo, hi = sorted(ps)
+    first = min(1.0, 2 * lo)
+    return {lo: first, hi: max(first, hi)}
+
+
+def test_planted_winner_and_null_at_equal_compute(tmp_path):
+    runs, acc = planted(tmp_path)
+    rows = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    by_loop = {row.loop: row for row in rows}
+    refill, rsst = by_loop["refill loop, 4 × 2 epochs"], by_loop["rsst loop, 4 × 2 epochs"]
+    # each loop meets the fine-tune of its own compute: refill 19 vs 19, rsst 26 vs 26.5
+    assert refill.finetune == "prune-and-fine-tune, 2 + 6 epochs" and refill.ratio == pytest.approx(1.0)
+    assert rsst.finetune == "prune-and-fine-tune, 2 + 11 epochs" and rsst.ratio == pytest.approx(26.5 / 26)
+    assert refill.loop_acc == acc["refill"] and refill.finetune_acc == acc["ft6"]  # state 2: best by val
+    p_refill = ttest_rel([acc["refill"][s] for s in range(3)], [acc["ft6"][s] for s in range(3)]).pvalue
+    p_rsst = ttest_rel([acc["rsst"][s] for s in range(3)], [acc["ft11"][s] for s in range(3)]).pvalue
+    adjusted = holm([p_refill, p_rsst])
+    assert refill.test.p == pytest.approx(p_refill) and refill.test.n == 3
+    assert refill.verdict == f"**refill loop, 4 × 2 epochs** (paired t, Holm p={adjusted[p_refill]:.3f}, 3 seeds)"
+    assert adjusted[p_refill] < 0.05 < adjusted[p_rsst]
+    assert rsst.verdict == f"within noise (paired t, Holm p={adjusted[p_rsst]:.2f}, 3 seeds)"
+
+
+def test_fine_tune_wins_when_the_loop_is_worse(tmp_path):
+    runs, _ = planted(tmp_path, shift=-2.0)
+    rows = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    refill = next(r for r in rows if r.loop.startswith("refill"))
+    assert refill.test.delta < 0 and refill.verdict.startswith("**prune-and-fine-tune, 2 + 6 epochs** (paired t")
+
+
+@pytest.mark.parametrize("ft_flops, seeds", [(19 * 1.09, 3), (19 * 1.11, 0), (19 * 0.91, 3), (19 * 0.89, 0)])
+def test_equal_compute_is_within_ten_percent(tmp_path, ft_flops, seeds):
+    runs = []
+    for seed, e in enumerate([0.0, 0.5, -0.5]):
+        runs.append(budget_run(tmp_path, "refill", [70, 60, 62 + e, 61], REFILL_LOOP, seed))
+        runs.append(budget_run(tmp_path, "refill", [70, 60 - e], [10, ft_flops], seed, pruned_epochs=6, **FINETUNE))
+    (row,) = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    assert row.test.n == seeds and row.ratio == pytest.approx(ft_flops / 19)
+    if not seeds:
+        assert row.verdict == ("no verdict: no seed with the fine-tune's compute within ±10% of the loop's "
+                               f"(fine-tune / loop = {ft_flops / 19:.2f})")
+
+
+def test_one_seed_gives_no_verdict(tmp_path):
+    runs = [budget_run(tmp_path, "refill", [70, 60, 62, 61], REFILL_LOOP, 0),
+            budget_run(tmp_path, "refill", [70, 58], [10, 19], 0, pruned_epochs=6, **FINETUNE)]
+    (row,) = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    assert row.test.delta == pytest.approx(4.0) and row.verdict == "no verdict: one seed at equal compute (run several seeds)"
+
+
+def test_report_shows_the_compute_figure_column_and_verdict(tmp_path, monkeypatch):
+    import matplotlib.figure
+    plotted, save = {}, matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, **kwargs):  # what each figure draws
+        plotted[Path(path).name] = {c.get_label(): list(c.lines[0].get_xdata()) for c in fig.axes[0].containers}
+        return save(fig, path, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    runs, acc = planted(tmp_path / "runs")
+    out = tmp_path / "report" / "budget.md"
+    report.main(*map(str, runs), out=str(out))
+    md = out.read_text()
+    assert "## Compute: accuracy vs training compute" in md and "### cifar100, vit_small, ratio=0.7" in md
+    assert "![test accuracy vs cumulative training compute](budget_compute.png)" in md
+    assert (out.parent / "budget_compute.png").stat().st_size > 1000
+    curves = {label.split(" (")[0]: x for label, x in plotted["budget_compute.png"].items()}
+    assert curves["refill loop, 4 × 2 epochs"] == [f * P for f in REFILL_LOOP]  # state points at cumulative FLOPs
+    assert curves["rsst loop, 4 × 2 epochs"] == [f * P for f in RSST_LOOP]
+    assert curves["prune-and-fine-tune, 2 + 11 epochs"] == [10 * P, 26.5 * P]
+    # the fine-tune each loop needs: what it spent after State 0 in epochs of its last state (1.5 P each)
+    assert "| refill loop, 4 × 2 epochs | 3 | 19 PFLOP | 40.0 s | 62.03% ± 0.35 (3 seeds) | `--pruned_epochs=6` |" in md
+    assert "| rsst loop, 4 × 2 epochs | 3 | 26 PFLOP | 40.0 s | 60.03% ± 0.35 (3 seeds) | `--pruned_epochs=11` |" in md
+    assert "| prune-and-fine-tune, 2 + 6 epochs | 3 | 19 PFLOP | 20.0 s | 60.10% ± 0.10 (3 seeds) | – |" in md
+    p = ttest_rel([acc["refill"][s] for s in range(3)], [acc["ft6"][s] for s in range(3)])
+    ci = p.confidence_interval(0.95)
+    assert (f"| refill loop, 4 × 2 epochs | prune-and-fine-tune, 2 + 6 epochs | 1.00 | 3 (0, 1, 2) | "
+            f"62.03% ± 0.35 (3 seeds) | 60.10% ± 0.10 (3 seeds) | +1.93 [{ci.low:+.2f}, {ci.high:+.2f}] | "
+            f"**refill loop, 4 × 2 epochs** (paired t") in md
+    assert "differ by at most 10% of the loop's" in md  # the definition of equal compute, stated
+    # the comparison tables: compute to reach each state, per configuration in the columns' order
+    assert "| Winner | Compute to reach this state |" in md
+    assert "| State 0 (dense) |" in md and "| 10 PFLOP / 10 PFLOP / 10 PFLOP / 10 PFLOP |" in md
+    assert "| 13 PFLOP / 20 PFLOP / 19 PFLOP / 26.5 PFLOP |" in md  # state 1
+    assert "| Mean, states 2+ (none) | n/a | n/a | n/a | n/a | n/a | – (same ticket, retrained) | n/a / n/a / n/a / n/a |" \
+        in md  # no state 2 in common (the fine-tunes have 2 states): nothing reached
+
+
+def test_old_records_get_no_compute_figure_and_say_why(tmp_path):
+    out = tmp_path / "r.md"
+    report.main(str(FIXTURES / "cifar10_refill_vit_small_r0.7_s0"), str(FIXTURES / "cifar10_rsst_vit_small_r0.7_s0"),
+                out=str(out))
+    md = out.read_text()
+    assert ("No compute figure and no equal-compute verdict: no run has `train_flops` in its records "
+            "(written before compute accounting).") in md
+    assert "Compute to reach this state" not in md and not list(tmp_path.glob("*compute*.png"))
+    # a cell with one old run: the others are compared, the old one is named
+    runs, _ = planted(tmp_path / "runs")
+    old = budget_run(tmp_path / "old", "refill", [70, 60, 61, 62], [None] * 4, 5)
+    report.main(*map(str, runs), str(old), out=str(out))
+    md = out.read_text()
+    assert f"No compute figure or verdict for {old.name}: no `train_flops` in their records" in md
+    assert "**refill loop, 4 × 2 epochs** (paired t" in md
+    assert "Compute to reach this state" not in md  # the section mixes runs with and without
+
+
+# ---- the sweeps -------------------------------------------------------------------------------
+
+def points(name):
+    from vitprune import sweep
+    return [from_flags(p) for p in sweep.grid(yaml.safe_load((SWEEPS / name).read_text()))]
+
+
+@pytest.mark.parametrize("loops, finetunes", [("budget.yaml", "budget_finetune.yaml"),
+                                              ("budget_cpu.yaml", "budget_finetune_cpu.yaml")])
+def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
+    """Every loop of the budget sweep has a fine-tune of its cell, seeds and compute (within 2%,
+    from the models' FLOPs), and only one within the report's 10%."""
+    import torch
+    from vitprune.model import build_model
+    from vitprune.structure import Structure, count, dims
+    loop, ft = points(loops), points(finetunes)
+    assert {c.method for c in loop} == {"refill", "rsst"} and all(stats.is_finetune(c.to_dict()) for c in ft)
+    assert {stats.cell_key(c.to_dict()) for c in loop + ft} == {stats.cell_key(loop[0].to_dict())}
+    assert {c.seed for c in loop} == {c.seed for c in ft} and len({c.seed for c in loop}) >= 2
+    c = loop[0]
+    model = build_model(c.model, 100 if c.dataset == "cifar100" else 10, c.img_size, c.patch_size)
+    L, H, _, _, M = dims(model)
+    keep = Structure(torch.arange(L * H).view(L, H) < round((1 - c.ratio) * L * H),
+                     torch.arange(L * M).view(L, M) < round((1 - c.ratio) * L * M))
+    dense = count(model, keep)["flops_total"]
+    ticket = count(model, keep)["flops_alive"]
+    for c in loop:  # FLOPs per image and epoch; state 0 dense; RSST's state 1 trains its targets too
+        cost = c.epochs * dense + (c.states - 1) * c.epochs * ticket + (c.method == "rsst") * c.epochs * (dense - ticket)
+        ratios = sorted({(f.epochs * dense + f.pruned_epochs * ticket) / cost for f in ft})
+        assert sum(abs(r - 1) <= stats.EQUAL_COMPUTE for r in ratios) == 1, (c.method, ratios)
+        assert min(abs(r - 1) for r in ratios) < 0.02, (c.method, ratios)
+
+
+# ---- real runs ----------------------------------------------------------------------------------
+
+SIZES = (96, 32, 32)  # train, val, test images of the synthetic set
+
+
+FINETUNE_RUN = dict(method="refill", dataset="synthetic", model="vit_micro", ratio=0.5, states=2, epochs=1,
+                    pruned_epochs=3, rewind="none", batch_size=32, wandb="disabled")
+
+
+def finetune(out, name, stop_at_step=None, **flags):
+    """A prune-and-fine-tune run of FINETUNE_RUN on SIZES, in this process; stop_at_step: SIGINT
+    arrives at that step of the run (counted over all states) and the run stops there."""
+    import signal
+    from conftest import small_data
+    from vitprune import train
+    steps = []
+
+    def requested(self, step, world, device):
+        steps.append(step)
+        if len(steps) == stop_at_step:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", small_data(SIZES))
+        mp.setattr(train.StopRequest, "requested", requested)
+        return train.run(from_flags(dict(FINETUNE_RUN, out_dir=str(out), name=name, **flags)))
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    return finetune(tmp_path_factory.mktemp("ft"), "ft")
+
+
+@pytest.mark.slow
+def test_prune_and_fine_tune_run(finetune_run):
+    """--states=2 --rewind=none --pruned_epochs=3: State 0 trains --epochs, State 1 starts from
+    State 0's trained weights with the ticket pruned (no rewind point) and trains 3 epochs on an LR
+    schedule of 3 epochs."""
+    import torch
+    from test_rsst import plain_vit, zero_outside
+    from vitprune.data import synthetic
+    from vitprune.structure import Structure
+    run_dir = finetune_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [(r["state"], r["epoch"], r["global_epoch"]) for r in epochs] == [(0, 0, 0), (1, 0, 1), (1, 1, 2), (1, 2, 3)]
+    # multistep over the state's 3 epochs: x0.1 from epoch 1.5 on (the default lr is 0.01)
+    assert [r["lr"] for r in epochs[1:]] == pytest.approx([0.01, 0.01, 0.001])
+    assert not (run_dir / "checkpoints" / "rewind.pt").exists()
+    state0 = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=False)
+    state1 = torch.load(run_dir / "checkpoints" / "state_01.pt", weights_only=False)
+    keep = Structure.from_state_dict(state1["structure"])
+    assert int(keep.heads.sum()) == 8 and int(keep.neurons.sum()) == 256  # ratio 0.5 of 16 heads, 512 neurons
+    data = synthetic(0, sizes=SIZES)
+    with torch.no_grad():  # State 1's start: State 0's trained weights, pruned; a plain timm ViT
+        model = plain_vit(zero_outside(state0["model"], keep))
+        x = (data.val_x.float() / 255 - 0.5) / 0.5
+        start = 100.0 * int((model(x).argmax(1) == data.val_y).sum()) / len(data.val_y)
+    assert records[-1]["kind"] == "state" and records[-1]["start_val_acc"] == start
+
+
+@pytest.mark.slow
+def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
+    """sweeps/budget_cpu.yaml and budget_finetune_cpu.yaml: every grid point's command runs through
+    the CLI (in this process, on a small split of the synthetic set, W&B off), then the report shows
+    the compute figure and the equal-compute verdict. Needs the runs' train_flops records."""
+    from conftest import small_data
+    from vitprune import sweep, train
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(train, "load_data", small_data((256, 64, 64)))  # 2 steps of the YAML's batch of 128
+    monkeypatch.setattr(sweep.subprocess, "run", lambda command: type("Done", (), {
+        "returncode": run_cli(monkeypatch, *command[command.index("run"):])}))
+    for name, part in (("budget_cpu.yaml", "loop"), ("budget_finetune_cpu.yaml", "finetune")):
+        sweep.main(str(SWEEPS / name), out_dir=str(tmp_path / "runs" / part))
+    run_dirs = sorted((tmp_path / "runs").glob("*/*"))
+    assert len(run_dirs) == 8 and all(
+        json.loads((d / "summary.json").read_text())["status"] == "finished" for d in run_dirs)
+    out = tmp_path / "report" / "budget_cpu.md"
+    report.main(*map(str, run_dirs), out=str(out))
+    md = out.read_text()
+    assert "![test accuracy vs cumulative training compute](budget_cpu_compute.png)" in md, \
+        md[md.index("## Compute"):][:600]
+    assert (out.parent / "budget_cpu_compute.png").stat().st_size > 1000
+    assert "| Winner | Compute to reach this state |" in md
+    verdicts = [line for line in md.splitlines() if line.startswith(("| refill loop, 3 × 1 epochs | prune",
+                                                                     "| rsst loop, 3 × 1 epochs | prune"))]
+    assert len(verdicts) == 2, verdicts
+    assert "| refill loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 2 epochs | 1.00 | 2 (0, 1) |" in md
+    assert "| rsst loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 4 epochs |" in md
+    assert "| `--pruned_epochs=2` |" in md and "| `--pruned_epochs=4` |" in md  # what the sweeps run
+    assert all(v.rstrip(" |").endswith(("2 seeds)", "(no seed variance)")) for v in verdicts), verdicts
+
+
+@pytest.mark.slow
+def test_prune_and_fine_tune_resumes_exactly(finetune_run, tmp_path):
+    """Stopped in the middle of the fine-tune's second epoch (3 steps per epoch: step 8 of the run),
+    resumed: the same records as the uninterrupted run."""
+    import torch
+    with pytest.raises(SystemExit) as stopped:
+        finetune(tmp_path, "ft", stop_at_step=8)
+    assert stopped.value.code == 130
+    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    assert (ck["state"], ck["next_epoch"], ck["step"]) == (1, 1, 2)  # inside the fine-tune's second epoch
+    finetune(tmp_path, "ft", resume=True)
+    strip = lambda run_dir: [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_time_s")}
+                             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "ft") == strip(finetune_run)
