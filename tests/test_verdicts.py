@@ -170,5 +170,5 @@ def test_largest_target_flags_every_shown_state(tmp_path):
     assert "| State 1 (the methods' tickets) | 60.00% | 61.00% |" in md  # state 1: fine
     assert "| Last common state (2) | 55.00% | 56.00% ⚠ |" in md and "| Mean, state 2 | 55.00% | 56.00% ⚠ |" in md
     assert "| 1 | 60.00% | 61.00% |" in md and "| 2 | 55.00% | 56.00% ⚠ |" in md
-    assert "| largest target's norm at hard prune (RSST) |  | 0.050 | 0.300 ⚠ |" in md
+    assert "| largest target group's norm at hard prune (RSST) |  | 0.050 | 0.300 ⚠ |" in md
     assert "| targets' norm at hard prune (RSST) |  | 0.020 | 0.040 |" in md

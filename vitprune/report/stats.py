@@ -133,8 +133,10 @@ def paired_test(a: dict, b: dict) -> Paired:
     if not diffs:
         return Paired(None, None, None, None, 0)
     delta = mean(diffs)
-    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+    if len(diffs) < 2:
         return Paired(delta, None, None, None, len(diffs))
+    if statistics.stdev(diffs) == 0:  # every seed moved by the same amount: the interval is the point
+        return Paired(delta, delta, delta, None, len(diffs))
     from scipy import stats
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     p = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue
@@ -217,7 +219,7 @@ class Verdicts:
             return None, "n/a", "–"
         t = self.tests[key]
         text = "n/a" if t.delta is None else f"{t.delta:+.2f}" + (
-            "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]")
+            "" if t.p is None else f" [{t.low:+.2f}, {t.high:+.2f}]")  # no spread: no interval to show
         return t.delta, text, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b)
 
 
@@ -385,9 +387,10 @@ def equal_compute_keys(rows: list) -> dict:
     return {("equal compute", i): row.test.p for i, row in enumerate(rows)}
 
 
-def equal_compute_verdicts(rows: list, adjusted: dict) -> list:
+def equal_compute_verdicts(rows: list, adjusted: dict = None) -> list:
     """The rows with their verdicts, Holm-adjusted p from `adjusted` (Verdicts.holm: every test
-    of the report)."""
+    of the report; default: the rows' own tests as the family)."""
+    adjusted = holm({k: p for k, p in equal_compute_keys(rows).items() if p is not None}) if adjusted is None else adjusted
     return [row._replace(verdict=_equal_verdict(row, adjusted.get(("equal compute", i))))
             for i, row in enumerate(rows)]
 
