@@ -35,7 +35,7 @@ from vitprune.config import NOT_ZEROED, Config, ConfigError
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
-from vitprune.model import build_model, set_kernels
+from vitprune.model import build_model, preprocessing, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
 
 
@@ -61,9 +61,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def make_optimizer(cfg: Config, model, steps: int, device):
     """Optimizer and per-step LR schedule of one state (every state starts them afresh)."""
-    decay, no_decay = [], []
+    decay, no_decay, skip = [], [], model.no_weight_decay()  # timm's: embeddings and tokens
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else no_decay).append(p)
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
@@ -172,6 +172,7 @@ class Run:
     group_reg: Callable          # RSST's kernel
     run_dir: Path
     log: Optional[RunLog]        # only the first process writes
+    preprocessing: dict = None   # what the model is fed: img_size, mean, std, interpolation
 
     @property
     def main(self) -> bool:
@@ -347,18 +348,19 @@ def setup(cfg: Config) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     masked_linear, group_reg = kernels.get_ops(backend)
+    prep = {"img_size": cfg.img_size, **preprocessing(cfg.model, cfg.pretrained)}
     data = load_data(cfg, device, world)
+    data.mean, data.std, data.interpolation = prep["mean"], prep["std"], prep["interpolation"]
     steps = steps_per_epoch(data, cfg.batch_size)
     if steps == 0:
         raise ConfigError(f"--batch_size: {cfg.batch_size} is larger than the training set "
                           f"({len(data.train_y)} images)")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, cfg.img_size, cfg.patch_size)
-    if cfg.pretrained:
-        from vitprune.model import load_pretrained
-        message = load_pretrained(model, cfg.pretrained)
-        if rank == 0:
-            print(message)
+    model = build_model(cfg.model, data.num_classes, cfg.img_size, cfg.patch_size, cfg.pretrained)
+    if cfg.pretrained and rank == 0:
+        print(f"--pretrained {cfg.pretrained}: loaded by timm into {model.pretrained_cfg.get('architecture')} "
+              f"({cfg.img_size} px, patch {cfg.patch_size}, {data.num_classes} classes), input mean "
+              f"{prep['mean']} std {prep['std']}")
     model.to(device)
     set_kernels(model, masked_linear)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -373,8 +375,8 @@ def setup(cfg: Config) -> Run:
     if world > 1:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend}) if rank == 0 else None
-    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log)
+    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend, "preprocessing": prep}) if rank == 0 else None
+    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log, prep)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
           f"{cfg.epochs} epochs, {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
@@ -530,7 +532,8 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
     if r.main:
         r.log.state(record)
         save_torch({"state": state, "model": r.model.state_dict(), "structure": pos.alive.state_dict(),
-                    "record": record, "config": cfg.to_dict()}, r.ckpt_dir / f"state_{state:02d}.pt")
+                    "record": record, "config": cfg.to_dict(), "preprocessing": r.preprocessing},
+                   r.ckpt_dir / f"state_{state:02d}.pt")
         write_summary(r, "finished" if state == cfg.states - 1 else "running", state + 1, last_state=record)
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "
           f"{record['final_test_acc']:.2f}%, {record['params_alive'] / 1e6:.3f}M of "
