@@ -18,6 +18,7 @@ from typing import Optional, get_args
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
+WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")  # --pretrained: a file, not a timm name
 MODEL_ALIASES = ("vit_small", "vit_tiny", "vit_base", "vit_micro")  # short --model names (model.ALIASES)
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
@@ -346,12 +347,17 @@ def _check_data(cfg: Config):
 def _check_pretrained(spec: str):
     """A path must be a readable file; anything else a timm name with pretrained weights that are
     in the Hugging Face cache or can be fetched (no network: fail now, not after retries)."""
-    from vitprune.model import cached, hub_reachable, is_weights_file
-    if is_weights_file(spec):
+    from vitprune.hub import cache_holds_models, cached, hub_reachable
+    if os.sep in spec or spec.endswith(WEIGHT_FILES):
         if not os.path.isfile(spec) or not os.access(spec, os.R_OK):
             raise ConfigError(f"--pretrained: cannot read file {spec!r}; give a readable .safetensors/.pth/"
                               f".pt/.bin file or a timm model name")
         return
+    offline = not hub_reachable()
+    if offline and not cache_holds_models():  # said before timm loads: a few seconds at most
+        raise ConfigError(f"--pretrained: {spec!r} is not a file, and timm weights cannot be had: the Hugging Face "
+                          f"cache is empty and the Hub cannot be reached; download the weights once online (or set HF_HOME to a cache "
+                          f"holding them) or pass a local .safetensors/.pth file")
     import timm
     from timm.models import get_pretrained_cfg
     if not timm.is_model(spec.split(".", 1)[0]):
@@ -363,7 +369,7 @@ def _check_pretrained(spec: str):
         raise ConfigError(f"--pretrained: {e}") from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise ConfigError(f"--pretrained: timm has no pretrained weights for {spec!r}")
-    if not cached(cfg.to_dict()) and not hub_reachable():
+    if offline and not cached(cfg.to_dict()):
         raise ConfigError(f"--pretrained: the weights of {spec!r} are not in the Hugging Face cache and the Hub "
                           f"cannot be reached; download them once online (or set HF_HOME to a cache holding "
                           f"them) or pass a local .safetensors/.pth file")
@@ -377,12 +383,13 @@ def _model_defaults(flags: dict) -> dict:
         return flags  # validation names the bad value
     if ("img_size" in flags and "patch_size" in flags) or (model in MODEL_ALIASES and pretrained is None):
         return flags
+    if pretrained is not None:
+        _check_pretrained(pretrained)  # first: it may fail before torch loads
     from vitprune.model import check_model, pretrained_cfg
     flags = dict(flags)
     if "patch_size" not in flags:
         flags["patch_size"] = check_model(model)
     if "img_size" not in flags and pretrained is not None:
-        _check_pretrained(pretrained)
         size = (pretrained_cfg(model, pretrained) or {}).get("input_size")
         if size:
             flags["img_size"] = size[-1]

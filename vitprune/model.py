@@ -10,17 +10,14 @@ normalisation comes from the weights' `pretrained_cfg` (PREPROCESSING from scrat
 """
 import functools
 import os
-import socket
-import threading
 from typing import Optional
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from vitprune.config import MODEL_ALIASES, ConfigError
+from vitprune.config import MODEL_ALIASES, WEIGHT_FILES, ConfigError
 from vitprune.kernels import reference
 from vitprune.structure import head_cols, head_rows
 
@@ -172,7 +169,7 @@ def check_model(name: str) -> int:
 
 
 def is_weights_file(spec: str) -> bool:
-    return os.sep in spec or spec.endswith((".pth", ".pt", ".bin", ".safetensors"))
+    return os.sep in spec or spec.endswith(WEIGHT_FILES)
 
 
 def pretrained_cfg(name: str, pretrained: Optional[str]) -> Optional[dict]:
@@ -206,6 +203,7 @@ def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained))
     else:
         kwargs["pretrained_cfg"] = pretrained_cfg(name, pretrained)
+        from vitprune.hub import offline_unless_reachable
         offline_unless_reachable()
     try:
         return timm.create_model(arch, pretrained=True, **kwargs)
@@ -219,46 +217,6 @@ def set_kernels(model: VisionTransformer, masked_linear) -> None:
     for block in model.blocks:
         block.attn.use_kernel(masked_linear)
         block.mlp.use_kernel(masked_linear)
-
-
-# --- the Hugging Face Hub: fail fast offline ----------------------------------------------------
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hub answers a TCP connection within `timeout` s (DNS included: a thread)."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    answered = []
-
-    def probe():
-        try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-            answered.append(True)
-        except OSError:
-            pass
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered)
-
-
-def offline_unless_reachable() -> None:
-    """Without a network, put huggingface_hub in offline mode: the cache answers at once
-    instead of after its retries."""
-    if not hub_reachable():
-        from huggingface_hub import constants
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
-
-
-def cached(cfg: dict) -> bool:
-    """Whether the Hugging Face cache holds the weights of this pretrained_cfg."""
-    from huggingface_hub import try_to_load_from_cache
-    repo = cfg.get("hf_hub_id")
-    names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
-    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
 
 
 def _load_error(e: Exception) -> str:
