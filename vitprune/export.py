@@ -185,20 +185,32 @@ def keep_set_hash(structure: Structure) -> str:
 def save_deploy(compact, out: Path, img_size: int) -> list:
     """OUT/model.pt2 (torch.export) and OUT/model.onnx (when onnx is installed), both with a
     dynamic batch dimension; returns the names written."""
-    x = torch.randn(2, 3, img_size, img_size)
-    batch = {0: torch.export.Dim("batch", min=1, max=65536)}
-    program = torch.export.export(compact, (x,), dynamic_shapes=(batch,))
+    program = torch_export(compact, img_size)
     torch.export.save(program, out / "model.pt2")
     try:
-        import onnx  # noqa: F401 (torch.onnx needs it, and onnxscript)
-        import onnxscript  # noqa: F401
+        save_onnx(program, out / "model.onnx", img_size)
     except ImportError:
         print("note: model.onnx not written: pip install 'vitprune[deploy]' (onnx, onnxscript, onnxruntime)")
         return ["model.pt2"]
-    onnx_program = torch.onnx.export(program, (x,), dynamic_shapes=(batch,), input_names=["images"],
-                                     output_names=["logits"], dynamo=True, verbose=False)
-    onnx_program.save(str(out / "model.onnx"))
     return ["model.pt2", "model.onnx"]
+
+
+BATCH = {0: torch.export.Dim("batch", min=1, max=65536)}  # the dynamic dimension of both deploy formats
+
+
+def torch_export(compact, img_size: int):
+    """The ExportedProgram of the compacted model, any batch size."""
+    return torch.export.export(compact, (torch.randn(2, 3, img_size, img_size),), dynamic_shapes=(BATCH,))
+
+
+def save_onnx(program, path: Path, img_size: int) -> None:
+    """An ONNX file of an ExportedProgram: input "images", output "logits". ImportError without
+    onnx/onnxscript (torch.onnx's exporter needs both)."""
+    import onnx  # noqa: F401
+    import onnxscript  # noqa: F401
+    onnx_program = torch.onnx.export(program, (torch.randn(2, 3, img_size, img_size),), dynamic_shapes=(BATCH,),
+                                     input_names=["images"], output_names=["logits"], dynamo=True, verbose=False)
+    onnx_program.save(str(path))
 
 
 def _refuse_foreign_folder(out: Path):
