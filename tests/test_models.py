@@ -76,3 +76,19 @@ def test_prune_one_state_on_a_folder_set(name, monkeypatch, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (model.eval()(x) - reference.eval()(x)).abs().max() <= 1e-4
+
+
+def test_weight_decay_skips_what_the_model_names():
+    """make_optimizer asks the model (timm's no_weight_decay) which tensors take no decay."""
+    from vitprune.config import Config
+    from vitprune.train import make_optimizer
+
+    model = build_model("vit_micro", 10)
+
+    def undecayed():
+        _, no_decay = make_optimizer(Config(optimizer="adamw", epochs=1), model, 1, torch.device("cpu"))[0].param_groups
+        ids = {id(p) for p in no_decay["params"]}
+        return {name for name, p in model.named_parameters() if id(p) in ids and p.ndim >= 2}
+    assert undecayed() == {"pos_embed", "cls_token"}
+    model.no_weight_decay = lambda: {"pos_embed", "blocks.0.attn.qkv.weight"}
+    assert undecayed() == {"pos_embed", "blocks.0.attn.qkv.weight"}

@@ -408,7 +408,9 @@ def _bench_onnxruntime(models: dict, batches: list, warmup: int, iters: int):
                 save_onnx(torch_export(m, size), Path(tmp) / f"{name}.onnx", size)
             except ImportError:
                 return None
-            sessions[name] = onnxruntime.InferenceSession(str(Path(tmp) / f"{name}.onnx"),
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as many threads as eager torch
+            sessions[name] = onnxruntime.InferenceSession(str(Path(tmp) / f"{name}.onnx"), options,
                                                           providers=["CPUExecutionProvider"])
     result = {"version": onnxruntime.__version__, "torch_threads": torch.get_num_threads(), "latency_s": {}}
     with torch.inference_mode():
@@ -447,8 +449,8 @@ def _onnxruntime_table(o) -> list:
     """Eager timm beside ONNX Runtime (CPU) on the same fp32 models, latency per batch (ms)."""
     if not o:
         return ["", "ONNX Runtime: not measured (needs fp32 and `pip install 'vitprune[deploy]'`)."]
-    lines = ["", f"On the CPU, fp32, side by side: eager timm (torch, {o['torch_threads']} threads) and ONNX Runtime "
-             f"{o['version']} (CPUExecutionProvider) running the model.onnx that export writes.", "",
+    lines = ["", f"On the CPU, fp32, side by side, {o['torch_threads']} thread(s) each: eager timm (torch) and ONNX "
+             f"Runtime {o['version']} (CPUExecutionProvider) running the model.onnx that export writes.", "",
              "| latency (ms) | dense, eager timm | dense, ONNX Runtime | exported, eager timm | "
              "exported, ONNX Runtime | exported ONNX Runtime / dense eager |", "|---|---|---|---|---|---|"]
     for b, t in o["latency_s"].items():

@@ -356,8 +356,8 @@ def _check_pretrained(spec: str):
     offline = not hub_reachable()
     if offline and not cache_holds_models():  # said before timm loads: a few seconds at most
         raise ConfigError(f"--pretrained: {spec!r} is not a file, and timm weights cannot be had: the Hugging Face "
-                          f"cache is empty and the Hub cannot be reached; download the weights once online (or set HF_HOME to a cache "
-                          f"holding them) or pass a local .safetensors/.pth file")
+                          f"cache is empty and the Hub cannot be reached; download the weights once online (or "
+                          f"set HF_HOME to a cache holding them) or pass a local .safetensors/.pth file")
     import timm
     from timm.models import get_pretrained_cfg
     if not timm.is_model(spec.split(".", 1)[0]):
