@@ -15,11 +15,11 @@ import string
 from dataclasses import dataclass
 from typing import Optional, get_args
 
+from vitprune.zoo import ALIASES, WEIGHT_FILES
+
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
-WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")  # --pretrained: a file, not a timm name
-MODEL_ALIASES = ("vit_small", "vit_tiny", "vit_base", "vit_micro")  # short --model names (model.ALIASES)
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
 NOT_ZEROED = 0.1
@@ -292,9 +292,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
     _check_folder("out_dir", cfg.out_dir, writable=True)
     _check_folder("data_dir", cfg.data_dir, writable=False)
-    if cfg.model not in MODEL_ALIASES:  # the aliases need no timm
-        from vitprune.model import check_model
-        check_model(cfg.model)
+    if cfg.model not in ALIASES:  # the aliases need no timm
+        _check_model(cfg.model)
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
     _check_data(cfg)
@@ -375,20 +374,29 @@ def _check_pretrained(spec: str):
                           f"them) or pass a local .safetensors/.pth file")
 
 
+def _check_model(name: str) -> int:
+    """--model must be a plain timm ViT (zoo.check_model): its patch size, or ConfigError."""
+    from vitprune.zoo import check_model
+    try:
+        return check_model(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _model_defaults(flags: dict) -> dict:
     """Fill --img_size and --patch_size when not given: with --pretrained the weights' input
     size; a timm name (or an alias with --pretrained) takes its own patch size."""
     model, pretrained = flags.get("model", FIELDS["model"].default), flags.get("pretrained")
     if not isinstance(model, str) or (pretrained is not None and not isinstance(pretrained, str)):
         return flags  # validation names the bad value
-    if ("img_size" in flags and "patch_size" in flags) or (model in MODEL_ALIASES and pretrained is None):
+    if ("img_size" in flags and "patch_size" in flags) or (model in ALIASES and pretrained is None):
         return flags
     if pretrained is not None:
         _check_pretrained(pretrained)  # first: it may fail before torch loads
-    from vitprune.model import check_model, pretrained_cfg
+    from vitprune.zoo import pretrained_cfg
     flags = dict(flags)
     if "patch_size" not in flags:
-        flags["patch_size"] = check_model(model)
+        flags["patch_size"] = _check_model(model)
     if "img_size" not in flags and pretrained is not None:
         size = (pretrained_cfg(model, pretrained) or {}).get("input_size")
         if size:

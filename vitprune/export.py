@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from vitprune.config import ConfigError
-from vitprune.model import build_model, preprocessing
+from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
+from vitprune.zoo import preprocessing
 
 EXPORT_FORMAT = "vitprune-export/2"
 

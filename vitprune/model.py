@@ -1,38 +1,23 @@
 """timm Vision Transformers whose attention heads and MLP neurons can be pruned.
 
---model is any timm name whose class is a plain `VisionTransformer` (ViT, DeiT, augreg, DINO,
-DINOv2, CLIP-style ViTs; with or without a pretrained tag) or one of the short ALIASES. The model
-is built by `timm.create_model` with the attention and MLP classes swapped for subclasses whose
-forward skips dead heads and neurons; parameter names and shapes stay timm's, so state dicts load
-into timm and back. --pretrained weights load through timm as well (its checkpoint filter resamples
-the patch and position embeddings; the classifier is new when the classes differ), and the input
-normalisation comes from the weights' `pretrained_cfg` (PREPROCESSING from scratch).
+The model of --model (any plain timm VisionTransformer or an alias: zoo.py) is built by
+`timm.create_model` with the attention and MLP classes swapped for subclasses whose forward
+skips dead heads and neurons; parameter names and shapes stay timm's, so state dicts load into
+timm and back. --pretrained weights load through timm as well: its checkpoint filter resamples
+the patch and position embeddings, and the classifier is new when the classes differ.
 """
-import functools
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 
-from vitprune.config import MODEL_ALIASES, WEIGHT_FILES, ConfigError
+from vitprune.config import ConfigError
 from vitprune.kernels import reference
 from vitprune.structure import head_cols, head_rows
-
-# short name -> (timm name, its overrides); built at --img_size/--patch_size like any timm name
-ALIASES = {
-    "vit_micro": ("vit_tiny_patch16_224", dict(embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)),  # CPU tests
-    "vit_tiny": ("vit_tiny_patch16_224", {}),
-    "vit_small": ("vit_small_patch16_224", {}),  # the seed's model: 21.3M parameters
-    "vit_base": ("vit_base_patch16_224", {}),
-}
-assert set(ALIASES) == set(MODEL_ALIASES)
-FAMILIES = ("plain timm VisionTransformers: ViT (augreg, orig_in21k), DeiT (not distilled), DINO, DINOv2, "
-            "CLIP/SigLIP-style ViTs")
-# From scratch: the normalisation of timm's augreg ViTs.
-PREPROCESSING = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear"}
+from vitprune.zoo import ALIASES, is_weights_file, pretrained_cfg
 
 
 class PrunableAttention(Attention):
@@ -125,70 +110,6 @@ class PrunableMlp(Mlp):
         return self.drop2(x)
 
 
-def timm_name(name: str) -> str:
-    """The timm name --model stands for (an alias's, or the name itself)."""
-    return ALIASES[name][0] if name in ALIASES else name
-
-
-def why_not_plain(model) -> Optional[str]:
-    """Why vitprune cannot prune this timm model (None: it can): every block must be timm's
-    plain pre-norm Block with its Attention and Mlp and no norm across heads or neurons."""
-    if type(model) is not VisionTransformer:
-        extra = " and a distillation token" if "Distilled" in type(model).__name__ else ""
-        return f"it is a {type(model).__name__}{extra}, not a plain VisionTransformer"
-    for block in model.blocks:
-        if type(block) is not Block:
-            return f"its blocks are {type(block).__name__}, not timm's plain Block"
-        if getattr(block.attn, "gate", None) is not None:
-            return "its attention is gated"
-        if type(block.attn) is not Attention or type(block.mlp) is not Mlp:
-            return f"its blocks use {type(block.attn).__name__}/{type(block.mlp).__name__}, not Attention/Mlp"
-        if not isinstance(block.attn.norm, torch.nn.Identity) or not isinstance(block.mlp.norm, torch.nn.Identity):
-            return "it normalises across heads or neurons inside attention/MLP (scale_attn_norm/scale_mlp_norm)"
-    return None
-
-
-@functools.lru_cache
-def check_model(name: str) -> int:
-    """Raise ConfigError (one line) unless --model names a plain timm ViT; return its patch size.
-    Built on the meta device: nothing is allocated or downloaded."""
-    import timm
-    arch, overrides = ALIASES.get(name, (name, {}))
-    if not timm.is_model(arch.split(".", 1)[0]):
-        raise ConfigError(f"--model: {name!r} is neither a timm model name nor one of {', '.join(MODEL_ALIASES)}; "
-                          f"vitprune prunes {FAMILIES}")
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False, **overrides)
-    except Exception as e:
-        raise ConfigError(f"--model: timm cannot build {name!r}: {_first_line(e)}") from None
-    reason = why_not_plain(model)
-    if reason:
-        raise ConfigError(f"--model: {name} cannot be pruned: {reason}; vitprune prunes {FAMILIES}")
-    return model.patch_embed.patch_size[0]
-
-
-def is_weights_file(spec: str) -> bool:
-    return os.sep in spec or spec.endswith(WEIGHT_FILES)
-
-
-def pretrained_cfg(name: str, pretrained: Optional[str]) -> Optional[dict]:
-    """timm's pretrained_cfg of the weights --pretrained names: a timm name's (tag or default
-    tag), or for a local file the one of --model's timm name. None from scratch."""
-    if pretrained is None:
-        return None
-    from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(timm_name(name) if is_weights_file(pretrained) else pretrained)
-    return cfg.to_dict() if cfg is not None else {}
-
-
-def preprocessing(name: str, pretrained: Optional[str] = None) -> dict:
-    """mean, std (per channel, of images in [0, 1]) and interpolation the run feeds the model:
-    the pretrained weights' own, else PREPROCESSING."""
-    cfg = pretrained_cfg(name, pretrained) or {}
-    return {k: list(cfg[k]) if isinstance(cfg.get(k), tuple) else cfg.get(k) or v for k, v in PREPROCESSING.items()}
-
-
 def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int = 4,
                 pretrained: Optional[str] = None) -> VisionTransformer:
     """timm.create_model(--model) for `img_size` inputs whose heads and neurons can be pruned;
@@ -224,7 +145,3 @@ def _load_error(e: Exception) -> str:
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     useful = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
     return (useful or lines or [type(e).__name__])[0]
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -35,8 +35,9 @@ from vitprune.config import NOT_ZEROED, Config, ConfigError
 from vitprune.data import LoopData, load_data, steps_per_epoch, train_batches
 from vitprune.log import RunLog, write_atomic, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
-from vitprune.model import build_model, preprocessing, set_kernels
+from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
+from vitprune.zoo import preprocessing
 
 
 # ---- the building blocks: device, optimizer, one step, evaluation ---------------------------
