@@ -349,14 +349,16 @@ def _pil_loader_rate(data, batch, workers):
 # --- export: dense vs physically compacted model ------------------------------------------
 
 
-def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
+def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32",
+                 onnxruntime=True):
     """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
 
     Prints a Markdown table (parameters, FLOPs per image, latency per batch size = median
     after warm-up under torch.inference_mode, CUDA events on GPU, and peak memory per batch
     size) with exported/dense ratios, the device and the date; returns the numbers as a dict.
     iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
-    runs before (default 10 on CUDA, 1 on CPU).
+    runs before (default 10 on CUDA, 1 on CPU). onnxruntime: in fp32, also time both models on
+    the CPU in eager timm and in ONNX Runtime (from the ONNX file export writes), side by side.
     """
     device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -384,7 +386,8 @@ def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="
                 result[name]["latency_s"][b] = t
             for name, fn in fns.items():
                 result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
-    result["onnxruntime"] = _bench_onnxruntime(models, batches, warmup, iters) if dtype == torch.float32 else None
+    use_ort = onnxruntime and dtype == torch.float32
+    result["onnxruntime"] = _bench_onnxruntime(models, batches, warmup, iters) if use_ort else None
     print(_export_table(result, ck, iters, cuda))
     return result
 
@@ -417,7 +420,8 @@ def _bench_onnxruntime(models: dict, batches: list, warmup: int, iters: int):
         for b in batches:
             x = torch.randn(b, 3, *eager["dense"].patch_embed.img_size)
             fns = {**{f"{n} eager": (lambda m=m: m(x)) for n, m in eager.items()},
-                   **{f"{n} onnxruntime": (lambda s=s: s.run(None, {"images": x.numpy()})) for n, s in sessions.items()}}
+                   **{f"{n} onnxruntime": (lambda s=s: s.run(None, {"images": x.numpy()}))
+                      for n, s in sessions.items()}}
             result["latency_s"][b] = time_side_by_side(fns, warmup, iters, cpu)
     return result
 
@@ -448,7 +452,8 @@ def _export_table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
 def _onnxruntime_table(o) -> list:
     """Eager timm beside ONNX Runtime (CPU) on the same fp32 models, latency per batch (ms)."""
     if not o:
-        return ["", "ONNX Runtime: not measured (needs fp32 and `pip install 'vitprune[deploy]'`)."]
+        return ["", "ONNX Runtime: not measured (it needs fp32, onnxruntime=True and "
+                    "`pip install 'vitprune[deploy]'`)."]
     lines = ["", f"On the CPU, fp32, side by side, {o['torch_threads']} thread(s) each: eager timm (torch) and ONNX "
              f"Runtime {o['version']} (CPUExecutionProvider) running the model.onnx that export writes.", "",
              "| latency (ms) | dense, eager timm | dense, ONNX Runtime | exported, eager timm | "
