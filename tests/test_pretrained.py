@@ -143,3 +143,20 @@ def test_offline_tag_fails_within_seconds(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith("error: --pretrained: ") and elapsed < 5, (elapsed, p.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tag_loads_from_the_hugging_face_cache_offline(source, monkeypatch, tmp_path):
+    """The cache route: a timm name whose weights sit in the Hugging Face cache loads with no network."""
+    weights, folder = source
+    repo = tmp_path / "hf" / f"models--timm--{AUGREG_NAME}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "model.safetensors").write_bytes((folder / "vit_s16.safetensors").read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg = from_flags({"model": "vit_small", "pretrained": AUGREG_NAME, "dataset": "synthetic", "img_size": 32})
+    assert cfg.patch_size == 16
+    model = build_model(cfg.model, 10, cfg.img_size, cfg.patch_size, cfg.pretrained).state_dict()
+    assert all(torch.equal(model[k], v) for k, v in weights.items() if k.startswith(("blocks.", "norm.")))
