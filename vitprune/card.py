@@ -1,6 +1,8 @@
 """The model card of an export (DIR/README.md), generated from the run's records: the state
 record the checkpoint carries (accuracy of the pruned network, parameters, FLOPs), its config,
 its keep set and the preprocessing the network was trained with."""
+from pathlib import Path
+
 from vitprune import fmt
 from vitprune.structure import count, dims
 
@@ -27,8 +29,8 @@ def model_card(ck: dict, config: dict, model, structure) -> str:
     counted = count(model, structure)
     L, H, hd, D, M = dims(model)
     lines = [f"# {cfg['model']} pruned by {cfg['method']} — state {ck.get('state')}", "",
-             f"Exported by vitprune from `{src['checkpoint']}` (run folder "
-             f"`{cfg.get('out_dir')}/{cfg.get('name') or ''}`), state {ck.get('state')} of {cfg.get('states')}.", "",
+             f"Exported by vitprune from `{src['checkpoint']}` (run folder `{Path(src['checkpoint']).parent.parent}`), "
+             f"state {ck.get('state')} of {cfg.get('states')}.", "",
              *fmt.table(("", "value"), [
                  ("method", f"{cfg['method']} (ratio {cfg.get('ratio')}, schedule {cfg.get('schedule')}, "
                             f"seed {cfg.get('seed')})"),
