@@ -29,9 +29,11 @@ def test_forward_equals_stock_timm_with_every_group_alive(name):
     torch.manual_seed(0)
     model = build_model(name, 10, img_size=32, patch_size=MODELS[name][2]).eval()
     assert type(model) is VisionTransformer
+    assert model.pretrained_cfg["architecture"] == MODELS[name][0]  # built by timm.create_model
     assert all(type(b.attn) is PrunableAttention and type(b.mlp) is PrunableMlp for b in model.blocks)
     reference = stock(name).eval()
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+    assert shapes(model) == shapes(reference)
     reference.load_state_dict(model.state_dict())
     apply_structure(model, Structure.full(model))
     x = torch.randn(3, 3, 32, 32)
