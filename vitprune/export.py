@@ -1,9 +1,10 @@
 """Physically compacted export of a pruned checkpoint (its benchmark: `bench.bench_export`).
 
-export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json: a plain timm
-               VisionTransformer that holds only the alive heads and neurons. Widths differ per
-               block, so every block's attn / mlp is replaced by a smaller timm Attention (alive
-               heads, same head_dim) / Mlp (alive neurons); the residual width stays.
+export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json (a timm
+               VisionTransformer holding only the alive heads and neurons: timm.create_model of the
+               run's architecture with every block's qkv/proj/fc1/fc2 cut to its alive widths; the
+               residual width stays), DIR/model.pt2 (torch.export), DIR/model.onnx (ONNX Runtime) and
+               DIR/README.md, the model card (card.py).
 load_exported: DIR -> that model, in eval mode.
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
