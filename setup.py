@@ -25,6 +25,10 @@ setup(
     # dev: the tests, incl. W&B's own sweep engine (`sweeps`) that validates sweeps/*.yaml. The
     # tests run the kernels in Triton's interpreter, which fails with numpy >= 2.4 before
     # triton 3.7 (triton-lang/triton#9171).
-    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "sweeps", "triton>=3.7; platform_system == 'Linux'"],
+    # deploy: `vitprune export` also writes model.onnx (torch.onnx's exporter needs onnx and
+    # onnxscript) and `bench export` times it in ONNX Runtime; dev has it so the tests cover it.
+    extras_require={"dev": ["pytest>=7", "wandb-workspaces", "sweeps", "triton>=3.7; platform_system == 'Linux'",
+                            "onnx", "onnxscript", "onnxruntime"],
+                    "deploy": ["onnx", "onnxscript", "onnxruntime"],
                     "report": ["wandb-workspaces"]},
 )

@@ -176,9 +176,11 @@ def _linear_launches(precision: str, shapes: str) -> list:
 
 def _group_reg_launches(precision: str, model: str) -> list:
     """group_reg (l2 and group_lasso) over two blocks of `model`'s shapes."""
-    from vitprune.model import MODEL_SPECS
-    dim, _, heads, mlp_ratio = MODEL_SPECS[model]
-    hidden, dtype, L = int(dim * mlp_ratio), getattr(torch, "bfloat16" if precision == "bf16" else "float32"), 2
+    from vitprune.model import build_model
+    from vitprune.structure import dims
+    with torch.device("meta"):  # the shapes only
+        _, heads, _, dim, hidden = dims(build_model(model, 10))
+    dtype, L = getattr(torch, "bfloat16" if precision == "bf16" else "float32"), 2
     shapes = [(3 * dim, dim), (3 * dim,), (dim, dim), (hidden, dim), (hidden,), (dim, hidden)]
     params = PrunableParams(*[[torch.zeros(s, dtype=dtype) for _ in range(L)] for s in shapes])
     out = []

@@ -35,7 +35,7 @@ if [ $cpu = 1 ]; then
     train_args="model='vit_micro', batch=8, iters=2, device='cpu'"
     run_flags="model='vit_micro', device='cpu'"
     triton_leg=auto  # the interpreter would take hours: auto shows which backend a CPU run records
-    export_args="batches=(1, 8), iters=2, device='cpu'"
+    export_args="batches=(1, 8), iters=2, device='cpu', onnxruntime=False"
     # The plumbing, not the accuracy: a small synthetic set (512 train, 64 val, 128 test).
     prelude="import functools, vitprune.data as d; d.synthetic = functools.partial(d.synthetic, sizes=(512, 64, 128))
 "
@@ -45,7 +45,7 @@ else
     train_args="model='vit_small', batch=512, precision='bf16'"
     run_flags="model='vit_small'"
     triton_leg=triton
-    export_args="batches=(1, 256)"
+    export_args="batches=(1, 256), onnxruntime=False"  # the GPU's numbers; ONNX Runtime is a CPU bench
     prelude=""
 fi
 

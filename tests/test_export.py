@@ -126,3 +126,72 @@ def test_bench_export_smoke(checkpoints, capsys):
     assert all(t > 0 for t in [*dense["latency_s"].values(), *exported["latency_s"].values()])
     assert table.startswith("# vitprune export benchmark — ") and result["date"] in table
     assert "| parameters (M) | 0.142 |" in table and "| latency, batch 4 (ms) |" in table
+    ort = result["onnxruntime"]
+    assert set(ort["latency_s"]) == {1, 4} and all(t > 0 for b in ort["latency_s"].values() for t in b.values())
+    assert "| latency (ms) | dense, eager timm | dense, ONNX Runtime |" in table and "| batch 4 | " in table
+
+
+# Runs in a fresh interpreter, where importing vitprune fails: torch and onnxruntime alone.
+DEPLOY = """
+import sys
+sys.modules["vitprune"] = None  # any import of vitprune now raises ImportError
+import numpy as np, onnxruntime, torch
+program = torch.export.load("model.pt2").module()
+session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+for b in (1, 5):
+    x = torch.from_numpy(np.load(f"x{b}.npy"))
+    with torch.no_grad():
+        np.save(f"pt2_{b}.npy", program(x).numpy())
+    np.save(f"onnx_{b}.npy", session.run(None, {"images": x.numpy()})[0])
+assert not [m for m in sys.modules if m.startswith("vitprune") and sys.modules[m] is not None]
+"""
+
+
+@pytest.mark.slow
+def test_deploy_formats_run_without_vitprune(checkpoints, monkeypatch, tmp_path):
+    """model.pt2 (torch.export.load) and model.onnx (ONNX Runtime), in an interpreter that
+    never imports vitprune, compute the checkpoint's masked network at two batch sizes."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    assert run_cli(monkeypatch, "export", checkpoints["refill"], "--out", tmp_path) == 0
+    masked, _ = pruned_network(load_checkpoint(checkpoints["refill"]))
+    expected = {}
+    for b in (1, 5):
+        x = torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b))
+        np.save(tmp_path / f"x{b}.npy", x.numpy())
+        expected[b] = outputs(masked, x).numpy()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", DEPLOY], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    for b in (1, 5):
+        for kind in ("pt2", "onnx"):
+            got = np.load(tmp_path / f"{kind}_{b}.npy")
+            assert got.shape == (b, 10) and np.abs(got - expected[b]).max() <= 1e-4, (kind, b)
+
+
+def card_value(card: str, label: str) -> str:
+    """The value cell of the model card's row `label`."""
+    return next(line.split(" | ")[1].rstrip(" |") for line in card.splitlines() if line.startswith(f"| {label} |"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["refill", "rsst"])
+def test_model_card_reports_the_state_record(checkpoints, method, tmp_path):
+    """The card's accuracy and size are the state record's in the run's metrics.jsonl."""
+    export(checkpoints[method], tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    run_dir = checkpoints[method].parent.parent
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    state = next(r for r in records if r.get("kind") == "state" and r["state"] == 1)
+    assert card_value(card, "val accuracy (pruned network)") == f"{state['final_val_acc']:.2f}%"
+    assert card_value(card, "test accuracy (pruned network)") == f"{state['final_test_acc']:.2f}%"
+    assert card_value(card, "parameters").startswith(f"{state['params_alive']:,} ")
+    assert card_value(card, "FLOPs per image").startswith(f"{state['flops_alive']:,} ")
+    structure = Structure.from_state_dict(load_checkpoint(checkpoints[method])["structure"])
+    rows = [line for line in card.splitlines() if line[:4] in {f"| {l} " for l in range(len(structure.heads))}]
+    assert [line.split(" | ")[1:3] for line in rows] == [
+        [str(int(h)), f"{int(n)} |"] for h, n in zip(structure.heads.sum(1), structure.neurons.sum(1))]
+    assert "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in card and "32×32" in card

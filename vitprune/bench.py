@@ -16,6 +16,7 @@ export: the dense model against the physically compacted export of a checkpoint.
 """
 import datetime
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -408,14 +409,16 @@ def _pil_loader_rate(data, batch, workers):
 # --- export: dense vs physically compacted model ------------------------------------------
 
 
-def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32"):
+def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="auto", dtype="float32",
+                 onnxruntime=True):
     """Dense (all groups alive, same architecture) vs exported model of a state checkpoint.
 
     Prints a Markdown table (parameters, FLOPs per image, latency per batch size = median
     after warm-up under torch.inference_mode, CUDA events on GPU, and peak memory per batch
     size) with exported/dense ratios, the device and the date; returns the numbers as a dict.
     iters: timed runs per model and batch (default 50 on CUDA, 5 on CPU); warmup: untimed
-    runs before (default 10 on CUDA, 1 on CPU).
+    runs before (default 10 on CUDA, 1 on CPU). onnxruntime: in fp32, also time both models on
+    the CPU in eager timm and in ONNX Runtime (from the ONNX file export writes), side by side.
     """
     device = resolve_device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -443,7 +446,43 @@ def bench_export(checkpoint, batches=(1, 256), iters=None, warmup=None, device="
                 result[name]["latency_s"][b] = t
             for name, fn in fns.items():
                 result[name]["peak_memory_bytes"][b] = peak_memory(fn, device)
+    use_ort = onnxruntime and dtype == torch.float32
+    result["onnxruntime"] = _bench_onnxruntime(models, batches, warmup, iters) if use_ort else None
     print(_export_table(result, ck, iters, cuda))
+    return result
+
+
+def _bench_onnxruntime(models: dict, batches: list, warmup: int, iters: int):
+    """Median latency per batch of eager timm and of ONNX Runtime (CPU provider) on the same
+    fp32 models, timed side by side on the CPU; None without onnxruntime/onnx."""
+    import tempfile
+
+    from .export import save_onnx, torch_export
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    cpu = torch.device("cpu")
+    sessions, eager = {}, {name: m.to(cpu, torch.float32) for name, m in models.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in eager.items():
+            size = m.patch_embed.img_size[0]
+            try:
+                save_onnx(torch_export(m, size), Path(tmp) / f"{name}.onnx", size)
+            except ImportError:
+                return None
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # as many threads as eager torch
+            sessions[name] = onnxruntime.InferenceSession(str(Path(tmp) / f"{name}.onnx"), options,
+                                                          providers=["CPUExecutionProvider"])
+    result = {"version": onnxruntime.__version__, "torch_threads": torch.get_num_threads(), "latency_s": {}}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 3, *eager["dense"].patch_embed.img_size)
+            fns = {**{f"{n} eager": (lambda m=m: m(x)) for n, m in eager.items()},
+                   **{f"{n} onnxruntime": (lambda s=s: s.run(None, {"images": x.numpy()}))
+                      for n, s in sessions.items()}}
+            result["latency_s"][b] = time_side_by_side(fns, warmup, iters, cpu)
     return result
 
 
@@ -467,5 +506,21 @@ def _export_table(r: dict, ck: dict, iters: int, cuda: bool) -> str:
     for b in r["batches"]:
         m_d, m_e = d["peak_memory_bytes"][b], e["peak_memory_bytes"][b]
         lines.append(f"| peak memory, batch {b} (MiB) | {fmt.mib(m_d)} | {fmt.mib(m_e)} | {fmt.ratio(m_e, m_d)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _onnxruntime_table(r.get("onnxruntime")))
+
+
+def _onnxruntime_table(o) -> list:
+    """Eager timm beside ONNX Runtime (CPU) on the same fp32 models, latency per batch (ms)."""
+    if not o:
+        return ["", "ONNX Runtime: not measured (it needs fp32, onnxruntime=True and "
+                    "`pip install 'vitprune[deploy]'`)."]
+    lines = ["", f"On the CPU, fp32, side by side, {o['torch_threads']} thread(s) each: eager timm (torch) and ONNX "
+             f"Runtime {o['version']} (CPUExecutionProvider) running the model.onnx that export writes.", "",
+             "| latency (ms) | dense, eager timm | dense, ONNX Runtime | exported, eager timm | "
+             "exported, ONNX Runtime | exported ONNX Runtime / dense eager |", "|---|---|---|---|---|---|"]
+    for b, t in o["latency_s"].items():
+        lines.append(f"| batch {b} | {t['dense eager'] * 1e3:.2f} | {t['dense onnxruntime'] * 1e3:.2f} | "
+                     f"{t['exported eager'] * 1e3:.2f} | {t['exported onnxruntime'] * 1e3:.2f} | "
+                     f"{fmt.ratio(t['exported onnxruntime'], t['dense eager'])} |")
+    return lines
 

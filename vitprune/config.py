@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, get_args
 
+from vitprune.zoo import ALIASES, WEIGHT_FILES
+
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
@@ -88,12 +90,16 @@ class Config:
                         choices=("cifar10", "cifar100", "synthetic", "folder:PATH"))
     val_size: float = flag(0.1, "validation images carved from the training set with the seed: a fraction "
                            "(below 1) or an image count (1 or more)", "experiment", range="(0, inf)")
-    img_size: int = flag(32, "side of the images the model sees (CIFAR is resized per batch on the device)",
-                         "experiment", range="[1, inf)")
-    patch_size: int = flag(4, "side of the model's patches; divides --img_size", "experiment", range="[1, inf)")
-    model: str = flag("vit_small", "timm ViT: vit_small (384 wide, 12 deep, 6 heads), vit_tiny, vit_base, "
-                      "vit_micro (CPU demos)", "experiment", choices=("vit_small", "vit_tiny", "vit_base", "vit_micro"))
-    pretrained: Optional[str] = flag(None, "θ0 from a timm model name or a .safetensors/.pth/.pt/.bin state dict",
+    img_size: int = flag(32, "side of the images the model sees (CIFAR is resized per batch on the device); "
+                         "with --pretrained the default is the weights' input size", "experiment", range="[1, inf)")
+    patch_size: int = flag(4, "side of the model's patches; divides --img_size; the default is 4 for an alias "
+                           "from scratch, else the timm model's own", "experiment", range="[1, inf)")
+    model: str = flag("vit_small", "any timm name of a plain VisionTransformer, with or without a pretrained tag "
+                      "(ViT, augreg, DeiT, DINO, DINOv2, CLIP-style ViTs, e.g. deit_small_patch16_224; not Swin, "
+                      "EVA, distilled DeiT), or an alias: vit_small (384 wide, 12 deep, 6 heads), vit_tiny, "
+                      "vit_base, vit_micro (CPU demos)", "experiment")
+    pretrained: Optional[str] = flag(None, "θ0 through timm: a timm name with its pretrained tag (from the Hugging "
+                                     "Face Hub or its local cache) or a .safetensors/.pth/.pt/.bin state dict",
                                      "experiment")
     seed: int = flag(0, "seeds the init, the val split, the data order and the random criterion", "experiment")
     # pruning
@@ -363,6 +369,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
     _check_folder("out_dir", cfg.out_dir, writable=True)
     _check_folder("data_dir", cfg.data_dir, writable=False)
+    if cfg.model not in ALIASES:  # the aliases need no timm
+        _check_model(cfg.model)
     if cfg.pretrained is not None:
         _check_pretrained(cfg.pretrained)
     _check_data(cfg)
@@ -433,17 +441,64 @@ def _check_recipe(cfg: Config):
 
 
 def _check_pretrained(spec: str):
-    """A path must be a readable file; anything else must be a timm model name."""
-    looks_like_path = os.sep in spec or spec.endswith((".pth", ".pt", ".bin", ".safetensors"))
-    if looks_like_path:
+    """A path must be a readable file; anything else a timm name with pretrained weights that are
+    in the Hugging Face cache or can be fetched (no network: fail now, not after retries)."""
+    from vitprune.hub import cache_holds_models, cached, hub_reachable
+    if os.sep in spec or spec.endswith(WEIGHT_FILES):
         if not os.path.isfile(spec) or not os.access(spec, os.R_OK):
             raise ConfigError(f"--pretrained: cannot read file {spec!r}; give a readable .safetensors/.pth/"
                               f".pt/.bin file or a timm model name")
         return
+    offline = not hub_reachable()
+    if offline and not cache_holds_models():  # said before timm loads: a few seconds at most
+        raise ConfigError(f"--pretrained: {spec!r} is not a file, and timm weights cannot be had: the Hugging Face "
+                          f"cache is empty and the Hub cannot be reached; download the weights once online (or "
+                          f"set HF_HOME to a cache holding them) or pass a local .safetensors/.pth file")
     import timm
+    from timm.models import get_pretrained_cfg
     if not timm.is_model(spec.split(".", 1)[0]):
         raise ConfigError(f"--pretrained: {spec!r} is neither a file nor a timm model name "
                           f"(e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)")
+    try:
+        cfg = get_pretrained_cfg(spec)
+    except RuntimeError as e:  # an unknown tag
+        raise ConfigError(f"--pretrained: {e}") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ConfigError(f"--pretrained: timm has no pretrained weights for {spec!r}")
+    if offline and not cached(cfg.to_dict()):
+        raise ConfigError(f"--pretrained: the weights of {spec!r} are not in the Hugging Face cache and the Hub "
+                          f"cannot be reached; download them once online (or set HF_HOME to a cache holding "
+                          f"them) or pass a local .safetensors/.pth file")
+
+
+def _check_model(name: str) -> int:
+    """--model must be a plain timm ViT (zoo.check_model): its patch size, or ConfigError."""
+    from vitprune.zoo import check_model
+    try:
+        return check_model(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _model_defaults(flags: dict) -> dict:
+    """Fill --img_size and --patch_size when not given: with --pretrained the weights' input
+    size; a timm name (or an alias with --pretrained) takes its own patch size."""
+    model, pretrained = flags.get("model", FIELDS["model"].default), flags.get("pretrained")
+    if not isinstance(model, str) or (pretrained is not None and not isinstance(pretrained, str)):
+        return flags  # validation names the bad value
+    if ("img_size" in flags and "patch_size" in flags) or (model in ALIASES and pretrained is None):
+        return flags
+    if pretrained is not None:
+        _check_pretrained(pretrained)  # first: it may fail before torch loads
+    from vitprune.zoo import pretrained_cfg
+    flags = dict(flags)
+    if "patch_size" not in flags:
+        flags["patch_size"] = _check_model(model)
+    if "img_size" not in flags and pretrained is not None:
+        size = (pretrained_cfg(model, pretrained) or {}).get("input_size")
+        if size:
+            flags["img_size"] = size[-1]
+    return flags
 
 
 def _coerce(name: str, value):
@@ -466,4 +521,5 @@ def from_flags(flags: dict) -> Config:
         near = difflib.get_close_matches(unknown[0], FIELDS, n=1)
         hint = f"did you mean --{near[0]}? " if near else ""
         raise ConfigError(f"--{unknown[0]}: unknown flag; {hint}`python -m vitprune run --help` lists the flags")
-    return validate(Config(**{k: _coerce(k, v) for k, v in flags.items()}))
+    flags = _model_defaults({k: _coerce(k, v) for k, v in flags.items()})
+    return validate(Config(**flags))

@@ -1,28 +1,30 @@
 """Physically compacted export of a pruned checkpoint (its benchmark: `bench.bench_export`).
 
-export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json: a plain timm
-               VisionTransformer that holds only the alive heads and neurons. Widths differ per
-               block, so every block's attn / mlp is replaced by a smaller timm Attention (alive
-               heads, same head_dim) / Mlp (alive neurons); the residual width stays.
+export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json (a timm
+               VisionTransformer holding only the alive heads and neurons: timm.create_model of the
+               run's architecture with every block's qkv/proj/fc1/fc2 cut to its alive widths; the
+               residual width stays), DIR/model.pt2 (torch.export), DIR/model.onnx (ONNX Runtime) and
+               DIR/README.md, the model card (card.py).
 load_exported: DIR -> that model, in eval mode.
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
 """
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from vitprune.config import ConfigError
 from vitprune.log import write_atomic, write_json
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
+from vitprune.zoo import preprocessing
 
-EXPORT_FORMAT = "vitprune-export/1"
+EXPORT_FORMAT = "vitprune-export/2"
 
 
 def load_checkpoint(path) -> dict:
@@ -41,10 +43,8 @@ def load_checkpoint(path) -> dict:
 def masked_model(ck: dict):
     """(model, structure): the checkpoint's network as training evaluated it (dense shapes,
     dead groups zero and skipped), on the CPU in eval mode."""
-    weights = ck["model"]
-    cfg = ck["config"]  # the run's input size too (a run at --img_size=16 has 17 positions)
-    model = build_model(cfg["model"], num_classes=weights["head.weight"].shape[0], img_size=cfg.get("img_size", 32),
-                        patch_size=cfg.get("patch_size", 4))
+    weights, cfg = ck["model"], ck["config"]
+    model = build_model(cfg["model"], weights["head.weight"].shape[0], cfg.get("img_size", 32), cfg.get("patch_size", 4))
     model.load_state_dict(weights)
     structure = Structure.from_state_dict(ck["structure"])
     apply_structure(model, structure)
@@ -59,11 +59,18 @@ def _alive(mask: torch.Tensor) -> torch.Tensor:
     return alive if len(alive) else torch.zeros(1, dtype=torch.long)
 
 
+def model_args(model) -> dict:
+    """The timm.create_model overrides that rebuild the dense shapes (vit_micro's are not its
+    timm name's)."""
+    L, H, hd, D, M = dims(model)
+    return {"embed_dim": D, "depth": L, "num_heads": H, "mlp_ratio": M / D}
+
+
 def architecture(model, structure: Structure) -> dict:
     """What rebuilds the compacted model (the architecture part of config.json)."""
     L, H, hd, D, M = dims(model)
     return {
-        "format": EXPORT_FORMAT,
+        "format": EXPORT_FORMAT, "model": model.pretrained_cfg["architecture"], "model_args": model_args(model),
         "img_size": model.patch_embed.img_size[0], "patch_size": model.patch_embed.patch_size[0],
         "in_chans": model.patch_embed.proj.in_channels, "embed_dim": D, "depth": L, "head_dim": hd,
         "num_classes": model.num_classes,
@@ -97,17 +104,22 @@ def compact_state_dict(model, structure: Structure) -> dict:
 
 
 def build_exported(arch: dict, device="meta") -> VisionTransformer:
-    """The compacted timm VisionTransformer `arch` (config.json) describes. On the default
-    device "meta" it allocates nothing: give it weights with
+    """The compacted timm VisionTransformer `arch` (config.json) describes: timm.create_model
+    of the dense architecture with every block's linears cut to its alive heads and neurons.
+    On the default device "meta" it allocates nothing: give it weights with
     load_state_dict(..., assign=True)."""
+    import timm
     D, hd = arch["embed_dim"], arch["head_dim"]
     with torch.device(device):
-        model = VisionTransformer(img_size=arch["img_size"], patch_size=arch["patch_size"], in_chans=arch["in_chans"],
-                                  num_classes=arch["num_classes"], embed_dim=D, depth=arch["depth"],
-                                  num_heads=arch["dense"]["num_heads"], qkv_bias=True)
+        model = timm.create_model(arch["model"], pretrained=False, num_classes=arch["num_classes"],
+                                  img_size=arch["img_size"], patch_size=arch["patch_size"], **arch["model_args"])
         for block, heads, hidden in zip(model.blocks, arch["num_heads"], arch["mlp_hidden"]):
-            block.attn = Attention(D, num_heads=heads, attn_head_dim=hd, qkv_bias=True)
-            block.mlp = Mlp(D, hidden_features=hidden)
+            a, m = block.attn, block.mlp
+            a.num_heads, a.attn_dim = heads, heads * hd
+            a.qkv = torch.nn.Linear(D, 3 * heads * hd, bias=a.qkv.bias is not None)
+            a.proj = torch.nn.Linear(heads * hd, D, bias=a.proj.bias is not None)
+            m.fc1 = torch.nn.Linear(D, hidden, bias=m.fc1.bias is not None)
+            m.fc2 = torch.nn.Linear(hidden, D, bias=m.fc2.bias is not None)
     return model
 
 
@@ -123,10 +135,11 @@ def n_params(model) -> int:
 
 
 def export(checkpoint, out):
-    """Export a state checkpoint as a compacted timm ViT: OUT/model.safetensors + OUT/config.json.
+    """Export a state checkpoint as a compacted timm ViT, in three formats, with a model card:
+    OUT/model.safetensors + OUT/config.json (vitprune.load_exported(OUT)), OUT/model.pt2
+    (torch.export.load), OUT/model.onnx (ONNX Runtime; needs the [deploy] extra), OUT/README.md.
 
-    checkpoint: RUN/checkpoints/state_XX.pt of any method; out: folder (created). Load it back
-    with vitprune.load_exported(OUT).
+    checkpoint: RUN/checkpoints/state_XX.pt of any method; out: folder (created).
     """
     out = Path(out)
     _refuse_foreign_folder(out)
@@ -134,19 +147,74 @@ def export(checkpoint, out):
     model, structure = masked_model(ck)
     compact = compact_model(model, structure)
     record, cfg = ck.get("record", {}), ck["config"]
-    config = {**architecture(model, structure), "params": n_params(compact), "source": {
-        "checkpoint": str(Path(checkpoint).resolve()), "state": ck.get("state"), "method": cfg.get("method"),
-        "model": cfg.get("model"), "dataset": cfg.get("dataset"), "ratio": cfg.get("ratio"),
-        "params_alive": record.get("params_alive"), "final_test_acc": record.get("final_test_acc")}}
+    config = {**architecture(model, structure), "params": n_params(compact),
+              "preprocessing": checkpoint_preprocessing(ck), "keep_set_sha256": keep_set_hash(structure),
+              "source": {"checkpoint": str(Path(checkpoint).resolve()), "state": ck.get("state"),
+                         "method": cfg.get("method"), "model": cfg.get("model"), "dataset": cfg.get("dataset"),
+                         "ratio": cfg.get("ratio"), "params_alive": record.get("params_alive"),
+                         "final_val_acc": record.get("final_val_acc"), "final_test_acc": record.get("final_test_acc")}}
     out.mkdir(parents=True, exist_ok=True)
     # through temp files (log.DiskFull on a full disk): an earlier export stays whole until replaced
     write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
     write_json(out / "config.json", config)
+    formats = ["model.safetensors + config.json", *save_deploy(compact, out, config["img_size"])]
+    from vitprune.card import model_card
+    write_atomic(out / "README.md", model_card(ck, config, model, structure))
     if structure.elements is not None:
         print(f"note: {checkpoint} is unstructured ({cfg.get('method')}): no whole head or neuron is pruned, "
               f"so the export keeps the dense shapes with the pruned weights stored as zeros")
-    print(f"exported {checkpoint} to {out}: {config['params'] / 1e6:.3f}M of {n_params(model) / 1e6:.3f}M "
-          f"parameters; heads per block {config['num_heads']}, MLP widths {config['mlp_hidden']}")
+    print(f"exported {checkpoint} to {out} ({', '.join(formats)}, README.md): {config['params'] / 1e6:.3f}M of "
+          f"{n_params(model) / 1e6:.3f}M parameters; heads per block {config['num_heads']}, MLP widths "
+          f"{config['mlp_hidden']}")
+
+
+def checkpoint_preprocessing(ck: dict) -> dict:
+    """What the checkpoint's network was fed (img_size, mean, std, interpolation); checkpoints
+    from before it was saved: derived from their config, as the run derived it."""
+    if ck.get("preprocessing"):
+        return ck["preprocessing"]
+    cfg = ck["config"]
+    return {"img_size": cfg.get("img_size", 32), **preprocessing(cfg["model"], cfg.get("pretrained"))}
+
+
+def keep_set_hash(structure: Structure) -> str:
+    """sha256 of the keep set (alive heads, neurons, and element masks if any): equal hashes,
+    equal tickets."""
+    h = hashlib.sha256(structure.heads.numpy().tobytes() + structure.neurons.numpy().tobytes())
+    for name in sorted(structure.elements or {}):
+        h.update(name.encode() + structure.elements[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_deploy(compact, out: Path, img_size: int) -> list:
+    """OUT/model.pt2 (torch.export) and OUT/model.onnx (when onnx is installed), both with a
+    dynamic batch dimension; returns the names written."""
+    program = torch_export(compact, img_size)
+    torch.export.save(program, out / "model.pt2")
+    try:
+        save_onnx(program, out / "model.onnx", img_size)
+    except ImportError:
+        print("note: model.onnx not written: pip install 'vitprune[deploy]' (onnx, onnxscript, onnxruntime)")
+        return ["model.pt2"]
+    return ["model.pt2", "model.onnx"]
+
+
+BATCH = {0: torch.export.Dim("batch", min=1, max=65536)}  # the dynamic dimension of both deploy formats
+
+
+def torch_export(compact, img_size: int):
+    """The ExportedProgram of the compacted model, any batch size."""
+    return torch.export.export(compact, (torch.randn(2, 3, img_size, img_size),), dynamic_shapes=(BATCH,))
+
+
+def save_onnx(program, path: Path, img_size: int) -> None:
+    """An ONNX file of an ExportedProgram: input "images", output "logits". ImportError without
+    onnx/onnxscript (torch.onnx's exporter needs both)."""
+    import onnx  # noqa: F401
+    import onnxscript  # noqa: F401
+    onnx_program = torch.onnx.export(program, (torch.randn(2, 3, img_size, img_size),), dynamic_shapes=(BATCH,),
+                                     input_names=["images"], output_names=["logits"], dynamo=True, verbose=False)
+    onnx_program.save(str(path))
 
 
 def _refuse_foreign_folder(out: Path):

@@ -1,10 +1,14 @@
-"""timm Vision Transformers for --img_size images in --patch_size patches (the default
-32x32 in patches of 4: 64 patches + class token; 224/16 takes timm's pretrained ViTs as they are).
+"""timm Vision Transformers whose attention heads and MLP neurons can be pruned.
 
-The models are plain timm `VisionTransformer`s; only the attention and MLP classes are
-swapped for subclasses whose forward skips dead heads and neurons. Parameter names and
-shapes are timm's, so state dicts load into timm and back.
+The model of --model (any plain timm VisionTransformer or an alias: zoo.py) is built by
+`timm.create_model` with the attention and MLP classes swapped for subclasses whose forward
+skips dead heads and neurons; parameter names and shapes stay timm's, so state dicts load into
+timm and back. --pretrained weights load through timm as well: its checkpoint filter resamples
+the patch and position embeddings, and the classifier is new when the classes differ.
 """
+import os
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -13,14 +17,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from vitprune.config import ConfigError
 from vitprune.kernels import reference
 from vitprune.structure import head_cols, head_rows
-
-# name -> (embed_dim, depth, num_heads, mlp_ratio)
-MODEL_SPECS = {
-    "vit_micro": (64, 4, 4, 2.0),    # CPU demos and tests
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),  # the seed's model: 21.3M parameters
-    "vit_base": (768, 12, 12, 4.0),
-}
+from vitprune.zoo import ALIASES, is_weights_file, pretrained_cfg
 
 
 class PrunableAttention(Attention):
@@ -113,12 +110,27 @@ class PrunableMlp(Mlp):
         return self.drop2(x)
 
 
-def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int = 4) -> VisionTransformer:
-    """A timm VisionTransformer for `img_size` inputs whose heads and neurons can be pruned."""
-    dim, depth, heads, mlp_ratio = MODEL_SPECS[name]
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
-                             embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
-                             qkv_bias=True, attn_layer=PrunableAttention, mlp_layer=PrunableMlp)
+def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int = 4,
+                pretrained: Optional[str] = None) -> VisionTransformer:
+    """timm.create_model(--model) for `img_size` inputs whose heads and neurons can be pruned;
+    with `pretrained` (a timm name or a weights file) loaded by timm, ConfigError if it cannot."""
+    import timm
+    arch, overrides = ALIASES.get(name, (name, {}))
+    kwargs = dict(overrides, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                  attn_layer=PrunableAttention, mlp_layer=PrunableMlp)
+    if pretrained is None:
+        return timm.create_model(arch, **kwargs)
+    if is_weights_file(pretrained):
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained))
+    else:
+        kwargs["pretrained_cfg"] = pretrained_cfg(name, pretrained)
+        from vitprune.hub import offline_unless_reachable
+        offline_unless_reachable()
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as e:  # a missing cache entry, a file of another model, ...: timm says which
+        raise ConfigError(f"--pretrained: timm cannot load {pretrained!r} into --model={name}: "
+                          f"{_load_error(e)}") from None
 
 
 def set_kernels(model: VisionTransformer, masked_linear) -> None:
@@ -128,142 +140,8 @@ def set_kernels(model: VisionTransformer, masked_linear) -> None:
         block.mlp.use_kernel(masked_linear)
 
 
-# --- pretrained transfer (--pretrained) ------------------------------------------------------
-
-
-def load_pretrained(model: VisionTransformer, spec: str) -> str:
-    """Load pretrained ViT weights into `model` (built by build_model); return a summary line.
-
-    spec: a timm model name (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k; timm fetches
-    the weights through huggingface_hub or its cache) or a local .safetensors / .pth / .pt /
-    .bin file holding a timm-format state dict, plain or under "state_dict" / "model".
-    Blocks, norms and the class token are copied; the patch embedding is resampled to the
-    model's patch size and the position embedding to its grid (+ the class token); the
-    classifier stays the model's own, newly initialised one. Anything that does not fit
-    raises ConfigError with one line naming --pretrained.
-    """
-    from timm.layers import resample_abs_pos_embed, resample_patch_embed
-
-    source, source_heads = _pretrained_state_dict(spec)
-    _check_architecture(model, source, source_heads, spec)
-    state, transferred, resampled, new = {}, 0, [], []
-    for key, own in model.state_dict().items():
-        if key.startswith("head."):  # the classifier: new classes, new weights
-            state[key] = own
-            new.append(key)
-            continue
-        value = source[key].to(own.dtype)
-        if key == "patch_embed.proj.weight" and value.shape != own.shape:
-            state[key] = resample_patch_embed(value, list(own.shape[-2:]))
-            resampled.append(f"patch {value.shape[-2]}×{value.shape[-1]} → {own.shape[-2]}×{own.shape[-1]}")
-        elif key == "pos_embed" and value.shape != own.shape:
-            old = _pos_grid(value.shape[1] - model.num_prefix_tokens, spec)
-            state[key] = resample_abs_pos_embed(value, list(model.patch_embed.grid_size), old_size=[old, old],
-                                                num_prefix_tokens=model.num_prefix_tokens)
-            resampled.append(f"position grid {old}×{old} → {'×'.join(map(str, model.patch_embed.grid_size))}")
-        elif value.shape != own.shape:
-            raise ConfigError(f"--pretrained: {key} is {_shape(value)} in {spec} but {_shape(own)} in "
-                              f"{_model_flag(model)}")
-        else:
-            state[key] = value
-            transferred += 1
-    model.load_state_dict(state)
-    return (f"--pretrained {spec}: {transferred} tensors transferred, {len(resampled)} resampled "
-            f"({', '.join(resampled) or 'none'}), {len(new)} newly initialised ({', '.join(new)})")
-
-
-def _pretrained_state_dict(spec: str):
-    """(state dict, heads per block or None): a local file's tensors, or a timm model's
-    pretrained weights. A file cannot say how many heads split its qkv; timm's model can."""
-    import os
-
-    if os.path.isfile(spec):
-        return _read_weights(spec), None
-    import timm
-    from huggingface_hub.utils import LocalEntryNotFoundError
-    try:
-        source = timm.create_model(spec, pretrained=True)
-    except LocalEntryNotFoundError:
-        raise ConfigError(f"--pretrained: the weights of timm model {spec!r} are not in the Hugging Face "
-                          f"cache and the Hub cannot be reached; download them once online or pass a local "
-                          f".safetensors/.pth file") from None
-    except Exception as e:  # unknown tag, no pretrained weights, ...: timm says which
-        raise ConfigError(f"--pretrained: timm cannot load pretrained {spec!r}: {_first_line(e)}") from None
-    if not isinstance(source, VisionTransformer):
-        raise ConfigError(f"--pretrained: timm model {spec!r} is a {type(source).__name__}, not a "
-                          f"VisionTransformer")
-    return source.state_dict(), source.blocks[0].attn.num_heads
-
-
-def _read_weights(path: str) -> dict:
-    """The tensors of a weights file, unwrapped from a training checkpoint if need be."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            obj = load_file(path)
-        else:  # weights_only: a downloaded pickle must not run code
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        kind = "safetensors" if path.endswith(".safetensors") else "torch.save"
-        raise ConfigError(f"--pretrained: cannot read {path!r} as a {kind} file ({type(e).__name__}: "
-                          f"{_first_line(e)})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"--pretrained: {path!r} holds no state dict of tensors (plain, or under "
-                          f"'state_dict' / 'model')")
-    return {k.removeprefix("module."): v for k, v in obj.items()}  # DistributedDataParallel saves
-
-
-def _check_architecture(model: VisionTransformer, source: dict, source_heads, spec: str) -> None:
-    """Raise ConfigError unless `source` holds the same ViT as `model` (up to the patch size,
-    the position grid and the classifier): the first difference found, in one line."""
-    flag = _model_flag(model)
-    if not {"patch_embed.proj.weight", "pos_embed", "cls_token"} <= source.keys():
-        raise ConfigError(f"--pretrained: {spec} is not a timm ViT with a class token (no patch_embed.proj.weight, "
-                          f"pos_embed or cls_token; keys start {', '.join(list(source)[:3])})")
-    dim = source["patch_embed.proj.weight"].shape[0]
-    if dim != model.embed_dim:
-        raise ConfigError(f"--pretrained: embed dim {dim} of {spec} does not match {flag} ({model.embed_dim})")
-    depth = 1 + max((int(k.split(".")[1]) for k in source if k.startswith("blocks.")), default=-1)
-    if depth != len(model.blocks):
-        raise ConfigError(f"--pretrained: depth {depth} of {spec} does not match {flag} ({len(model.blocks)})")
-    heads = model.blocks[0].attn.num_heads
-    if source_heads is not None and source_heads != heads:
-        raise ConfigError(f"--pretrained: {source_heads} heads per block in {spec} do not match {flag} ({heads})")
-    own = {k for k in model.state_dict() if not k.startswith("head.")}
-    theirs = {k for k in source if not k.startswith("head.")}
-    for keys, what in ((sorted(theirs - own), f"has tensors {flag} lacks"),
-                       (sorted(own - theirs), f"lacks tensors of {flag}")):
-        if keys:
-            raise ConfigError(f"--pretrained: {spec} {what}: {', '.join(keys[:4])}"
-                              f"{f' (+{len(keys) - 4} more)' if len(keys) > 4 else ''}")
-    patch, own_patch = source["patch_embed.proj.weight"], model.patch_embed.proj.weight
-    if patch.ndim != 4 or patch.shape[1] != own_patch.shape[1]:
-        raise ConfigError(f"--pretrained: patch_embed.proj.weight is {_shape(patch)} in {spec}; {flag} takes "
-                          f"{own_patch.shape[1]} input channels")
-
-
-def _pos_grid(tokens: int, spec: str) -> int:
-    """Side of the square grid of `tokens` position embeddings."""
-    side = int(round(tokens ** 0.5))
-    if side * side != tokens:
-        raise ConfigError(f"--pretrained: the position embedding of {spec} has {tokens} patch tokens after the "
-                          f"class token, not a square grid")
-    return side
-
-
-def _model_flag(model: VisionTransformer) -> str:
-    """'--model=NAME' for error messages: the MODEL_SPECS entry `model` was built from."""
-    shape = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
-             model.blocks[0].mlp.fc1.out_features / model.embed_dim)
-    return next((f"--model={name}" for name, spec in MODEL_SPECS.items() if spec == shape), "the model")
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "×".join(map(str, t.shape))
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def _load_error(e: Exception) -> str:
+    """The line of a load error that says what is wrong (torch lists size mismatches below a header)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (useful or lines or [type(e).__name__])[0]

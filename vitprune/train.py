@@ -39,6 +39,7 @@ from vitprune.log import RunLog, write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count, set_live, zero_dead
+from vitprune.zoo import preprocessing
 
 
 # ---- the building blocks: device, optimizer, one step, evaluation ---------------------------
@@ -65,9 +66,9 @@ def make_optimizer(cfg: Config, model, steps: int, device, epochs: int = None):
     """Optimizer and per-step LR schedule of one state (every state starts them afresh) of
     `epochs` epochs (default --epochs) and `steps` steps."""
     epochs = epochs or cfg.epochs
-    decay, no_decay = [], []
+    decay, no_decay, skip = [], [], model.no_weight_decay()  # timm's: embeddings and tokens
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else no_decay).append(p)
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
@@ -181,6 +182,7 @@ class Run:
     masked_linear: Callable = None
     mixer: Optional[Mixer] = None       # --aug=finetune: mixup/cutmix and soft targets
     teacher: Optional[Teacher] = None   # --distill: loaded when the first state >= 1 trains
+    preprocessing: dict = None   # what the model is fed: img_size, mean, std, interpolation
 
     @property
     def main(self) -> bool:
@@ -376,18 +378,19 @@ def setup(cfg: Config) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     masked_linear, group_reg = kernels.get_ops(backend)
+    prep = {"img_size": cfg.img_size, **preprocessing(cfg.model, cfg.pretrained)}
     data = load_data(cfg, device, world)
+    data.mean, data.std, data.interpolation = prep["mean"], prep["std"], prep["interpolation"]
     steps = steps_per_epoch(data, cfg.batch_size)
     if steps == 0:
         raise ConfigError(f"--batch_size: {cfg.batch_size} is larger than the training set "
                           f"({len(data.train_y)} images)")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, cfg.img_size, cfg.patch_size)
-    if cfg.pretrained:
-        from vitprune.model import load_pretrained
-        message = load_pretrained(model, cfg.pretrained)
-        if rank == 0:
-            print(message)
+    model = build_model(cfg.model, data.num_classes, cfg.img_size, cfg.patch_size, cfg.pretrained)
+    if cfg.pretrained and rank == 0:
+        print(f"--pretrained {cfg.pretrained}: loaded by timm into {model.pretrained_cfg.get('architecture')} "
+              f"({cfg.img_size} px, patch {cfg.patch_size}, {data.num_classes} classes), input mean "
+              f"{prep['mean']} std {prep['std']}")
     model.to(device)
     set_kernels(model, masked_linear)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -402,8 +405,10 @@ def setup(cfg: Config) -> Run:
     if world > 1:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend}) if rank == 0 else None
-    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log, masked_linear)
+    log = RunLog(run_dir, cfg.to_dict(), cfg.wandb, runtime={"kernels_backend": backend, "preprocessing": prep}) \
+        if rank == 0 else None
+    r = Run(cfg, rank, world, device, data, steps, model, forward, autocast, group_reg, run_dir, log, masked_linear,
+            preprocessing=prep)
     set_recipe(r)
     r.say(f"{cfg.run_name}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
@@ -685,7 +690,8 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
     if r.main:
         r.log.state(record)
         save_torch({"state": state, "model": r.model.state_dict(), "structure": pos.alive.state_dict(),
-                    "record": record, "config": cfg.to_dict(), "rng": torch.get_rng_state()},
+                    "record": record, "config": cfg.to_dict(), "rng": torch.get_rng_state(),
+                    "preprocessing": r.preprocessing},
                    r.ckpt_dir / f"state_{state:02d}.pt")
         write_summary(r, "finished" if state == cfg.states - 1 else "running", state + 1, last_state=record)
     r.say(f"state {state} done: final (pruned) val {record['final_val_acc']:.2f}% test "

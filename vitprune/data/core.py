@@ -8,7 +8,7 @@ is a few tensor ops per batch, followed by a resize on the device when the model
 another size than S. The order and the augmentation of every batch depend only on (seed,
 state, epoch), so a run is reproducible and resumes at any epoch, or at any step of one.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitprune.data.augment import finetune_draws, resized_crop
 
-MEAN, STD = 0.5, 0.5  # the normalisation of timm's augreg ViTs; fine from scratch too
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm's augreg ViTs; from scratch too (else the weights' own)
 EVAL_BATCH = 1000
 
 
@@ -51,11 +51,13 @@ class Data:
     img_size: int = 32     # the side the model sees; batches are resized to it when S differs
     classes: tuple = ()    # class names, by label (image folders)
     crop: Optional[tuple] = None  # --aug=finetune: ((scale min, max), (ratio min, max)) of the resized crop
+    mean: tuple = MEAN     # normalisation and resize of model_input: the model's preprocessing
+    std: tuple = STD
+    interpolation: str = "bilinear"
 
     def to(self, device) -> "Data":
-        return Data(*(t.to(device) for t in (self.train_x, self.train_y, self.val_x, self.val_y,
-                                             self.test_x, self.test_y)), self.num_classes, self.img_size,
-                    self.classes, self.crop)
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y",
+                                                                          "test_x", "test_y")})
 
     def train_batches(self, batch_size, seed, state, epoch, rank=0, world=1, start_step=0):
         """The epoch's augmented, normalised training batches from `start_step` on (see train_batches)."""
@@ -65,13 +67,13 @@ class Data:
                                                                        seed, state, epoch, self.crop))
             for sl in global_batches(len(self.train_y), batch_size, rank, world, start_step):
                 idx = perm[sl]
-                yield finetune_input(self.train_x[idx], boxes[sl], flips[sl], self.img_size), self.train_y[idx]
+                yield finetune_input(self.train_x[idx], boxes[sl], flips[sl], self), self.train_y[idx]
             return
         perm, shifts, flips = (t.to(device) for t in epoch_draws(len(self.train_y), self.train_x.shape[-1],
                                                                  seed, state, epoch))
         for sl in global_batches(len(self.train_y), batch_size, rank, world, start_step):
             idx = perm[sl]
-            yield model_input(augment(self.train_x[idx], shifts[sl], flips[sl]), self.img_size), self.train_y[idx]
+            yield model_input(augment(self.train_x[idx], shifts[sl], flips[sl]), self), self.train_y[idx]
 
     def batches(self, split: str, batch_size: int = EVAL_BATCH, rank: int = 0, world: int = 1, index=None):
         """Normalised batches of a split, not augmented: this process's share (every world-th
@@ -79,20 +81,23 @@ class Data:
         x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
         if index is not None:
             x, y = x[index.to(x.device)], y[index.to(y.device)]
-        return eval_batches(x[rank::world], y[rank::world], batch_size, self.img_size)
+        return eval_batches(x[rank::world], y[rank::world], batch_size, self)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255 - MEAN) / STD
+def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """uint8 images -> float, (x/255 - mean) / std per channel."""
+    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
+    return (x.float() / 255 - mean) / std
 
 
-def model_input(x: torch.Tensor, img_size: int) -> torch.Tensor:
-    """uint8 images -> what the model takes: normalised, and resized to img_size (bilinear,
-    antialiased, as torchvision resizes) when stored at another size (CIFAR for a 224-px ViT):
-    the set stays small in memory whatever --img_size is."""
-    x = normalize(x)
-    if x.shape[-1] != img_size:
-        x = TF.resize(x, [img_size, img_size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+def model_input(x: torch.Tensor, prep) -> torch.Tensor:
+    """uint8 images -> what the model takes: normalised with prep.mean/std, and resized to
+    prep.img_size (antialiased, with prep.interpolation) when stored at another size (CIFAR for a
+    224-px ViT): the set stays small in memory whatever --img_size is."""
+    x = normalize(x, prep.mean, prep.std)
+    if x.shape[-1] != prep.img_size:
+        mode = TF.InterpolationMode(prep.interpolation)
+        x = TF.resize(x, [prep.img_size, prep.img_size], interpolation=mode, antialias=True)
     return x
 
 
@@ -117,9 +122,10 @@ def finetune_epoch(n: int, size: int, seed: int, state: int, epoch: int, crop: t
     return (torch.randperm(n, generator=g), *finetune_draws(n, size, g, *crop))
 
 
-def finetune_input(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, img_size: int) -> torch.Tensor:
-    """uint8 images -> random-resized crops at img_size, flipped where `flips`, normalised."""
-    return (resized_crop(x, boxes, flips, img_size) / 255 - MEAN) / STD
+def finetune_input(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, prep) -> torch.Tensor:
+    """uint8 images -> random-resized crops at prep.img_size, flipped where `flips`, normalised
+    with prep.mean/std (the model's preprocessing, as model_input)."""
+    return normalize(resized_crop(x, boxes, flips, prep.img_size), prep.mean, prep.std)
 
 
 def global_batches(n: int, batch_size: int, rank: int = 0, world: int = 1, start_step: int = 0):
@@ -160,7 +166,7 @@ def steps_per_epoch(data: LoopData, batch_size: int) -> int:
     return len(data.train_y) // batch_size
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH, img_size: int = None):
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, prep):
+    """Batches of x, y as the model takes them (model_input with `prep`'s preprocessing)."""
     for start in range(0, len(y), batch_size):
-        xb = x[start:start + batch_size]
-        yield model_input(xb, img_size or xb.shape[-1]), y[start:start + batch_size]
+        yield model_input(x[start:start + batch_size], prep), y[start:start + batch_size]

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitprune.data.core import (EVAL_BATCH, augment, epoch_draws, finetune_epoch, finetune_input, global_batches,
-                                model_input)
+from vitprune.data.core import (EVAL_BATCH, MEAN, STD, augment, epoch_draws, finetune_epoch, finetune_input,
+                                global_batches, model_input)
 from vitprune.data.images import decode
 
 
@@ -50,6 +50,9 @@ class StreamData:
     workers: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crop: Optional[tuple] = None  # --aug=finetune (core.Data.crop)
+    mean: tuple = MEAN  # the model's preprocessing (core.Data)
+    std: tuple = STD
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_layout(cls, layout, parts: dict, size: int, world: int = 1) -> "StreamData":
@@ -90,17 +93,17 @@ class StreamData:
             perm, boxes, flips = finetune_epoch(len(self.train), self.img_size, seed, state, epoch, self.crop)
             slices = list(global_batches(len(self.train), batch_size, rank, world, start_step))
             for sl, (x, y) in zip(slices, self._load("train", [perm[sl].tolist() for sl in slices])):
-                yield finetune_input(x, boxes[sl], flips[sl], self.img_size), y
+                yield finetune_input(x, boxes[sl], flips[sl], self), y
             return
         perm, shifts, flips = epoch_draws(len(self.train), self.img_size, seed, state, epoch)
         slices = list(global_batches(len(self.train), batch_size, rank, world, start_step))
         batches = self._load("train", [perm[sl].tolist() for sl in slices])
         for sl, (x, y) in zip(slices, batches):
-            yield model_input(augment(x, shifts[sl].to(self.device), flips[sl].to(self.device)), self.img_size), y
+            yield model_input(augment(x, shifts[sl].to(self.device), flips[sl].to(self.device)), self), y
 
     def batches(self, split: str, batch_size: int = EVAL_BATCH, rank: int = 0, world: int = 1, index=None):
         """Normalised batches of a split, not augmented (core.Data.batches)."""
         index = (torch.arange(len(getattr(self, split))) if index is None else index.cpu())[rank::world].tolist()
         chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
         for x, y in self._load(split, chunks):
-            yield model_input(x, self.img_size), y
+            yield model_input(x, self), y

@@ -1,0 +1,55 @@
+"""The model card of an export (DIR/README.md), generated from the run's records: the state
+record the checkpoint carries (accuracy of the pruned network, parameters, FLOPs), its config,
+its keep set and the preprocessing the network was trained with."""
+from pathlib import Path
+
+from vitprune import fmt
+from vitprune.structure import count, dims
+
+LOADING = """```python
+# model.pt2: torch alone
+import torch
+model = torch.export.load("{d}/model.pt2").module()
+logits = model(images)  # float32 [B, 3, {s}, {s}], normalised as above
+
+# model.onnx: ONNX Runtime (pip install onnxruntime)
+import onnxruntime
+session = onnxruntime.InferenceSession("{d}/model.onnx")
+logits = session.run(None, {{"images": images.numpy()}})[0]
+
+# model.safetensors + config.json: timm modules, through vitprune
+import vitprune
+model = vitprune.load_exported("{d}")
+```"""
+
+
+def model_card(ck: dict, config: dict, model, structure) -> str:
+    """DIR/README.md of an export: `config` is the export's config.json, `model` the masked network."""
+    cfg, record, src, prep = ck["config"], ck.get("record", {}), config["source"], config["preprocessing"]
+    counted = count(model, structure)
+    L, H, hd, D, M = dims(model)
+    lines = [f"# {cfg['model']} pruned by {cfg['method']} — state {ck.get('state')}", "",
+             f"Exported by vitprune from `{src['checkpoint']}` (run folder `{Path(src['checkpoint']).parent.parent}`), "
+             f"state {ck.get('state')} of {cfg.get('states')}.", "",
+             *fmt.table(("", "value"), [
+                 ("method", f"{cfg['method']} (ratio {cfg.get('ratio')}, schedule {cfg.get('schedule')}, "
+                            f"seed {cfg.get('seed')})"),
+                 ("model", f"{cfg['model']} → timm `{config['model']}`, pretrained: {cfg.get('pretrained') or 'no'}"),
+                 ("data", f"{cfg.get('dataset')}, {config['num_classes']} classes"),
+                 ("val accuracy (pruned network)", _pct(record.get("final_val_acc"))),
+                 ("test accuracy (pruned network)", _pct(record.get("final_test_acc"))),
+                 ("parameters", f"{config['params']:,} (dense: {counted['params_total']:,})"),
+                 ("FLOPs per image", f"{counted['flops_alive']:,} (dense: {counted['flops_total']:,})"),
+                 ("keep set sha256", f"`{config['keep_set_sha256']}`")]),
+             "", "## Preprocessing", "",
+             f"RGB images resized to {prep['img_size']}×{prep['img_size']} ({prep['interpolation']}), scaled to "
+             f"[0, 1], then normalised per channel: mean {prep['mean']}, std {prep['std']}.", "",
+             "## Heads and neurons kept", "",
+             *fmt.table(("block", f"heads (of {H})", f"MLP neurons (of {M})"),
+                        [(l, config["num_heads"][l], int(structure.neurons[l].sum())) for l in range(L)]),
+             "", "## Loading", "", LOADING.format(d=".", s=prep["img_size"]), ""]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}%"
