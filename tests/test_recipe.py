@@ -20,8 +20,9 @@ from vitprune.data.augment import Mixer, crop_boxes, crop_grid, resized_crop
 from vitprune.data.synth import synthetic
 from vitprune.distill import load_teacher, training_loss
 from vitprune.kernels.reference import masked_linear
-from vitprune.model import MODEL_SPECS, build_model
+from vitprune.model import build_model
 from vitprune.structure import Structure
+from vitprune.zoo import ALIASES
 
 from conftest import run_cli, small_data
 
@@ -235,9 +236,7 @@ def test_train_flops_of_one_epoch_by_hand(tiny_runs, name):
 def plain_timm_accuracy(checkpoint, data) -> float:
     """Test accuracy (%) of a state checkpoint in timm's own VisionTransformer (dead groups are
     zero in the weights, so the dense timm model computes the pruned network)."""
-    dim, depth, heads, mlp_ratio = MODEL_SPECS["vit_micro"]
-    model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=dim, depth=depth,
-                              num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True)
+    model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, qkv_bias=True, **ALIASES["vit_micro"][1])
     model.load_state_dict(torch.load(checkpoint)["model"])
     with torch.inference_mode():
         pred = model.eval()((data.test_x.float() / 255 - 0.5) / 0.5).argmax(1)

@@ -114,6 +114,6 @@ def test_setup_records_triton_when_it_passes(device, tmp_path, capsys):
     r = setup(Config(dataset="synthetic", model="vit_micro", kernels="triton", device=device, wandb="disabled",
                      out_dir=str(tmp_path), name="r", states=1, epochs=1))
     assert "kernels=triton" in capsys.readouterr().out
-    assert r.log.runtime == {"kernels_backend": "triton"}
+    assert r.log.runtime["kernels_backend"] == "triton"
     r.log.summary({"status": "running"})
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["kernels_backend"] == "triton"
