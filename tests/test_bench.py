@@ -90,4 +90,5 @@ def test_gpu_check_stays_within_its_time_budget(tmp_path):
     assert total <= 30
     report = (out / "report.md").read_text()
     assert "| bench export | 0 | FAILED (skipped) |" in report
-    assert "stopped after" in (out / "tests.log").read_text() or "skipped: out of time" in (out / "tests.log").read_text()
+    logs = [p.read_text() for p in out.glob("*.log")]  # which step runs out depends on the machine's speed
+    assert any("stopped after" in log or "skipped: out of time" in log for log in logs)

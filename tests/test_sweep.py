@@ -225,8 +225,10 @@ def test_smoke_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## synthetic" in text and "**Key result**" in text
     assert all(f"**{d.name}**" in text for d in run_dirs)
     compute = "train_flops" in (run_dirs[0] / "metrics.jsonl").read_text()  # records with compute: its figure too
+    rsst = any(json.loads((d / "config.json").read_text())["method"] == "rsst" for d in run_dirs)
     assert {p.name for p in md.parent.glob("*.png")} == {"smoke_synthetic_states.png", "smoke_synthetic_epochs.png",
-                                                         *["smoke_compute.png"] * compute}
+                                                         *["smoke_compute.png"] * compute,
+                                                         *["smoke_synthetic_rsst0.png"] * rsst}
 
 
 TWO_SCHEDULES = """
