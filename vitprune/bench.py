@@ -332,8 +332,6 @@ def _finetune_loader_rates(data, batch, workers):
     FINETUNE_IMAGES images): 224-px augmentation on a CPU is slow."""
     import dataclasses
 
-    import numpy as np
-    from PIL import Image
     from timm.data import Mixup, create_transform
 
     from .data.augment import Mixer
@@ -348,19 +346,9 @@ def _finetune_loader_rates(data, batch, workers):
         mixer(xb, yb, 0, 0, 1, step)
     sync()
     tensor_rate = n / (time.perf_counter() - t0)
-    images = sub.train_x.cpu().permute(0, 2, 3, 1).numpy()
-    labels = sub.train_y.cpu().tolist()
     tf = create_transform(FINETUNE_PX, is_training=True, color_jitter=None)
-
-    class PilSet(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(labels)
-
-        def __getitem__(self, i):
-            return tf(Image.fromarray(np.ascontiguousarray(images[i]))), labels[i]
-
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=data.num_classes)
-    loader = torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(_pil_dataset(sub, tf), batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=workers)
     t0, n = time.perf_counter(), 0
     for xb, yb in loader:
@@ -378,17 +366,12 @@ def _finetune_rows(rates, device, workers):
             f"| tensor loader on {device.type} | {rates['tensor']:.0f} | {rates['tensor'] / rates['timm']:.1f}× |"]
 
 
-def _pil_loader_rate(data, batch, workers):
-    """torchvision's classic CIFAR pipeline: PIL image per sample, RandomCrop(32, 4),
-    RandomHorizontalFlip, ToTensor, Normalize, batched by a DataLoader."""
+def _pil_dataset(data, tf):
+    """The training images as a Dataset of PIL images through `tf`: the per-sample pipeline the
+    tensor loader is compared against."""
     import numpy as np
     from PIL import Image
-    from torchvision import transforms
-
-    images = data.train_x.cpu().permute(0, 2, 3, 1).numpy()
-    labels = data.train_y.cpu().tolist()
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    images, labels = data.train_x.cpu().permute(0, 2, 3, 1).numpy(), data.train_y.cpu().tolist()
 
     class PilSet(torch.utils.data.Dataset):
         def __len__(self):
@@ -396,8 +379,17 @@ def _pil_loader_rate(data, batch, workers):
 
         def __getitem__(self, i):
             return tf(Image.fromarray(np.ascontiguousarray(images[i]))), labels[i]
+    return PilSet()
 
-    loader = torch.utils.data.DataLoader(PilSet(), batch_size=batch, shuffle=True, drop_last=True,
+
+def _pil_loader_rate(data, batch, workers):
+    """torchvision's classic CIFAR pipeline: PIL image per sample, RandomCrop(32, 4),
+    RandomHorizontalFlip, ToTensor, Normalize, batched by a DataLoader."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    loader = torch.utils.data.DataLoader(_pil_dataset(data, tf), batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=workers)
     t0 = time.perf_counter()
     n = 0

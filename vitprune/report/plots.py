@@ -49,19 +49,16 @@ def compute_plot(title, groups: dict, path):
         err = [std([r.states[s]["final_test_acc"] for r in runs]) or 0.0 for s in range(n)]
         ax.errorbar(x, y, yerr=err, fmt="s--" if label.startswith("prune-and-fine-tune") else "o-", color=f"C{i}",
                     capsize=3, label=f"{label} ({len(runs)} run{'s' * (len(runs) > 1)})")
-    ax.set(xlabel="cumulative training compute (FLOPs)", ylabel="test accuracy (%), final pruned",
-           title=f"{title}: accuracy vs training compute")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, integer_x=False, xlabel="cumulative training compute (FLOPs)",
+          ylabel="test accuracy (%), final pruned", title=f"{title}: accuracy vs training compute")
 
 
-def _save(fig, ax, path, **labels):
-    """Integer ticks (states and epochs are counted), labels, legend; write the PNG."""
+def _save(fig, ax, path, integer_x=True, **labels):
+    """Integer ticks where x counts (states, epochs), labels, legend; write the PNG."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(**labels)
     ax.legend(fontsize=7)
     fig.tight_layout()
