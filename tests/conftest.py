@@ -62,14 +62,15 @@ def run_cli(monkeypatch, *args) -> int:
 
 
 def small_data(sizes):
-    """A replacement for vitprune.train.load_data: the synthetic set split (train, val, test)
-    = sizes, fed to the model at the run's --img_size."""
-    from vitprune.data import synthetic
+    """A replacement for vitprune.runtime.load_data: the synthetic set split (train, val, test)
+    = sizes, fed to the model with the run's preprocessing."""
+    from dataclasses import replace
 
-    def load(cfg, device="cpu", world=1):
-        data = synthetic(cfg.seed, sizes=sizes)
-        data.img_size = cfg.img_size
-        return data.to(device)
+    from vitprune.data.synth import synthetic
+
+    def load(cfg, device="cpu", world=1, preprocessing=None):
+        data = synthetic(cfg.seed, sizes=sizes).to(device)
+        return replace(data, **(preprocessing or {"img_size": cfg.img_size}))
     return load
 
 

@@ -25,7 +25,7 @@ def die():
 
 def arm(kind: str, n: int):
     import vitprune.train as train
-    from vitprune import log
+    from vitprune import files
     count = [0]
     if kind == "step":
         real_step = train.train_step
@@ -38,7 +38,7 @@ def arm(kind: str, n: int):
             return out
         train.train_step = step
     elif kind == "write":
-        real_write = log.Writer.write
+        real_write = files.Writer.write
 
         def write(self, data):
             count[0] += 1
@@ -48,15 +48,15 @@ def arm(kind: str, n: int):
                 self.f.flush()
                 die()
             return real_write(self, data)
-        log.Writer.write = write
+        files.Writer.write = write
 
 
 def main():
     kind, n = os.environ.get("FAULT_KILL", "none:0").split(":")
     arm(kind, int(n))
     if os.environ.get("FAULT_SIZES"):
-        import vitprune.train as train
-        train.load_data = small_data(tuple(int(x) for x in os.environ["FAULT_SIZES"].split(",")))
+        import vitprune.runtime as runtime
+        runtime.load_data = small_data(tuple(int(x) for x in os.environ["FAULT_SIZES"].split(",")))
     from vitprune.__main__ import main as vitprune_main
     sys.argv = ["vitprune", *sys.argv[1:]]
     vitprune_main()

@@ -14,7 +14,7 @@ from vitprune.config import Config
 from vitprune.methods import RsstRegularizer
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure
-from vitprune.train import make_optimizer, train_step
+from vitprune.step import make_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not kernels.triton_importable(), reason="triton is not installed")
 DEVICES = [pytest.param("cpu", marks=interpreted, id="cpu-interpreted"),

@@ -269,7 +269,7 @@ def finetune(out, name, stop_at_step=None, **flags):
     arrives at that step of the run (counted over all states) and the run stops there."""
     import signal
     from conftest import small_data
-    from vitprune import train
+    from vitprune import runtime, train
     steps = []
 
     def requested(self, step, world, device):
@@ -278,7 +278,7 @@ def finetune(out, name, stop_at_step=None, **flags):
             self.signum = signal.SIGINT
         return self.signum is not None
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_data", small_data(SIZES))
+        mp.setattr(runtime, "load_data", small_data(SIZES))
         mp.setattr(train.StopRequest, "requested", requested)
         return train.run(from_flags(dict(FINETUNE_RUN, out_dir=str(out), name=name, **flags)))
 
@@ -295,7 +295,7 @@ def test_prune_and_fine_tune_run(finetune_run):
     schedule of 3 epochs."""
     import torch
     from test_rsst import plain_vit, zero_outside
-    from vitprune.data import synthetic
+    from vitprune.data.synth import synthetic
     from vitprune.structure import Structure
     run_dir = finetune_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -322,9 +322,9 @@ def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
     the CLI (in this process, on a small split of the synthetic set, W&B off), then the report shows
     the compute figure and the equal-compute verdict. Needs the runs' train_flops records."""
     from conftest import small_data
-    from vitprune import sweep, train
+    from vitprune import runtime, sweep
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(train, "load_data", small_data((256, 64, 64)))  # 2 steps of the YAML's batch of 128
+    monkeypatch.setattr(runtime, "load_data", small_data((256, 64, 64)))  # 2 steps of the YAML's batch of 128
     monkeypatch.setattr(sweep.subprocess, "run", lambda command: type("Done", (), {
         "returncode": run_cli(monkeypatch, *command[command.index("run"):])}))
     for name, part in (("budget_cpu.yaml", "loop"), ("budget_finetune_cpu.yaml", "finetune")):

@@ -7,8 +7,10 @@ import time
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import FIELDS, Config, ConfigError, Range, config_hash, from_flags
+from vitprune.config import FIELDS, Config, Range, from_flags
+from vitprune.errors import ConfigError
 from vitprune.log import wandb_group
+from vitprune.runfolder import config_hash, run_name
 
 
 def cli(monkeypatch, capsys, *args):
@@ -59,7 +61,7 @@ def test_defaults_are_the_seed_recipe():
 def test_folder_run_names_and_groups_show_the_folder_name(tmp_path):
     (tmp_path / "flowers").mkdir()
     c = from_flags({"dataset": f"folder:{tmp_path}/flowers/", "val_size": 500, "img_size": 224, "patch_size": 16})
-    assert c.run_name == f"flowers_refill_vit_small_r0.7_s0_{config_hash(c.to_dict())}"
+    assert run_name(c) == f"flowers_refill_vit_small_r0.7_s0_{config_hash(c.to_dict())}"
     assert wandb_group(c.to_dict()) == "flowers/refill/r0.7/val_size=500.0/img_size=224/patch_size=16"
 
 
@@ -125,7 +127,7 @@ def test_rewind_to_the_last_epoch_is_refused_at_once(tmp_path):
 
 
 def test_run_names_differ_by_configuration_only():
-    name = lambda **flags: Config(dataset="synthetic", **flags).run_name
+    name = lambda **flags: run_name(Config(dataset="synthetic", **flags))
     assert name() == name() and name().startswith("synthetic_refill_vit_small_r0.7_s0_")
     assert name(schedule="geometric") != name() and name(lr=0.001) != name()  # not shown, still apart
     assert name(seed=1) == name().replace("_s0_", "_s1_")  # the seed is shown; the hash leaves it out
@@ -151,7 +153,7 @@ def resumable_folder(root, **config):
 def test_resume_refuses_a_changed_configuration_and_warns_on_changed_execution(tmp_path, monkeypatch, capsys):
     resumable_folder(tmp_path, method="rsst", lr=0.05)
     started = []
-    monkeypatch.setattr("vitprune.train.run", lambda cfg: started.append(cfg))
+    monkeypatch.setattr("vitprune.train.run", lambda cfg, folder=None: started.append(cfg))
     base = ["run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r"]
     code, err = cli(monkeypatch, capsys, *base, "--lr=0.1")
     assert code == 2 and err.startswith("error: --lr: 0.1 differs from 0.05") and not started

@@ -10,7 +10,9 @@ import torchvision.transforms.v2.functional as TF
 
 from conftest import run_cli
 from vitprune.config import from_flags
-from vitprune.data import Data, load_data, normalize, synthetic, train_batches
+from vitprune.data import load_data
+from vitprune.data.core import Data, normalize, train_batches
+from vitprune.data.synth import synthetic
 
 
 def cifar(data_dir, seed=0, **flags):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vitprune import train
-from vitprune.config import ConfigError
+from vitprune import runtime
+from vitprune.errors import ConfigError
 from vitprune.bench import bench_export
 from vitprune.export import compact_model, export, load_checkpoint, load_exported
 from vitprune.model import build_model
@@ -25,7 +26,7 @@ def checkpoints(tmp_path_factory):
     """{method: RUN/checkpoints/state_01.pt} of a refill, an rsst and an imp run."""
     out = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_data", small_data((64, 16, 16)))
+        mp.setattr(runtime, "load_data", small_data((64, 16, 16)))
         for method in METHODS:
             assert run_cli(mp, "run", f"--method={method}", "--dataset=synthetic", "--model=vit_micro",
                            "--ratio=0.5", "--states=2", "--epochs=1", "--batch_size=32", "--optimizer=adamw",

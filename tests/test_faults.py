@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 import vitprune.train as train
+import vitprune.runtime as runtime
 from conftest import run_cli, small_data
-from vitprune import checkpoint, log
+from vitprune import checkpoint, files
 from vitprune.data import folder as folder_module
 from vitprune.data import images
 
@@ -30,7 +31,7 @@ SIZES = (128, 64, 64)  # train, val, test: 4 steps an epoch at batch 32
 FLAGS = ["--dataset=synthetic", "--model=vit_micro", "--img_size=16", "--patch_size=4", "--batch_size=32",
          "--optimizer=adamw", "--lr=1e-3", "--states=2", "--epochs=2", "--wandb=disabled"]
 RUNNER = Path(__file__).with_name("fault_runner.py")
-REAL_LOAD_DATA = train.load_data  # image folders: the real loader
+REAL_LOAD_DATA = runtime.load_data  # image folders: the real loader
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_SIZES": ",".join(map(str, SIZES))}
 
 
@@ -40,7 +41,7 @@ class Crash(BaseException):
 
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch):
-    monkeypatch.setattr(train, "load_data", small_data(SIZES))
+    monkeypatch.setattr(runtime, "load_data", small_data(SIZES))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the soak's processes (OMP_NUM_THREADS=1): the same numbers
     yield
@@ -65,7 +66,7 @@ def reference(tmp_path_factory):
     class Runs(dict):
         def __missing__(self, method):
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(train, "load_data", small_data(SIZES))
+                mp.setattr(runtime, "load_data", small_data(SIZES))
                 assert vitprune_run(mp, out, method, f"--method={method}") == 0
             self[method] = out / method
             return self[method]
@@ -165,8 +166,8 @@ def test_a_checkpoint_is_verified_before_it_replaces_the_previous_one(tmp_path, 
     """A write whose bytes do not read back leaves the previous file and its sidecar."""
     path = tmp_path / "last.pt"
     checkpoint.save({"a": torch.arange(4)}, path)
-    real_write = log.Writer.write
-    monkeypatch.setattr(log.Writer, "write", lambda self, data: (real_write(self, data), self.f.write(b"x"))[0])
+    real_write = files.Writer.write
+    monkeypatch.setattr(files.Writer, "write", lambda self, data: (real_write(self, data), self.f.write(b"x"))[0])
     with pytest.raises(OSError, match="read back differ"):
         checkpoint.save({"a": torch.arange(5)}, path)
     assert torch.equal(checkpoint.load(path)["a"], torch.arange(4)) and not list(tmp_path.glob("*.tmp"))
@@ -183,7 +184,7 @@ def test_a_crash_between_sidecar_and_rename_leaves_a_file_that_verifies(tmp_path
             if Path(dst).name == "last.pt":  # the sidecar is renamed; the checkpoint is not
                 raise Crash()
             real_replace(src, dst)
-        mp.setattr(log.os, "replace", replace)
+        mp.setattr(files.os, "replace", replace)
         with pytest.raises(Crash):
             checkpoint.save({"a": torch.arange(5)}, path)
     assert torch.equal(checkpoint.load(path)["a"], torch.arange(4))  # the old file, the new sidecar
@@ -196,7 +197,7 @@ def test_a_crash_between_sidecar_and_rename_leaves_a_file_that_verifies(tmp_path
 def disk_fills(monkeypatch, name: str, nth: int):
     """The nth file named `name` written (its temp file, or an append) hits ENOSPC half-way
     through its first chunk."""
-    real_write = log.Writer.write
+    real_write = files.Writer.write
     seen = []
 
     def write(self, data):
@@ -208,7 +209,7 @@ def disk_fills(monkeypatch, name: str, nth: int):
                 self.f.write(view[:view.nbytes // 2])
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, data)
-    monkeypatch.setattr(log.Writer, "write", write)
+    monkeypatch.setattr(files.Writer, "write", write)
 
 
 def check_intact(run_dir, reference_dir):
@@ -268,7 +269,7 @@ def test_full_disk_during_the_decode_cache_leaves_no_cache(tmp_path, monkeypatch
     cache = folder_module.cache_file(layout, 16, str(tmp_path / "data"))
     with monkeypatch.context() as mp:
         disk_fills(mp, cache.name, 1)
-        with pytest.raises(log.DiskFull, match=f"writing {cache} needs "):
+        with pytest.raises(files.DiskFull, match=f"writing {cache} needs "):
             folder_module.decoded(layout, 16, str(tmp_path / "data"))
     assert list(cache.parent.iterdir()) == []
     fresh = folder_module.decoded(layout, 16, str(tmp_path / "data"))  # space freed: decodes and caches
@@ -377,7 +378,7 @@ def test_streamed_folder_with_an_undecodable_image_fails_before_training(tmp_pat
     root = write_tree(tmp_path / "tree")
     bad = root / "dog" / "img_007.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then nothing readable
-    monkeypatch.setattr(train, "load_data", REAL_LOAD_DATA)
+    monkeypatch.setattr(runtime, "load_data", REAL_LOAD_DATA)
     monkeypatch.setattr(images, "decode", lambda *a: pytest.fail("decoded: the check must read headers only"))
     code = run_cli(monkeypatch, "run", f"--dataset=folder:{root}", *FLAGS[1:], "--data_loader=stream",
                    "--batch_size=8", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'runs'}")
@@ -405,13 +406,13 @@ def soak(out: Path, args: list, env: dict, rng: random.Random, writes: int, kill
 
 def count_writes(monkeypatch, *args) -> int:
     """Chunks written by an uninterrupted run of `args` (where a mid-write kill can land)."""
-    real_write, n = log.Writer.write, [0]
+    real_write, n = files.Writer.write, [0]
 
     def write(self, data):
         n[0] += 1
         return real_write(self, data)
     with monkeypatch.context() as mp:
-        mp.setattr(log.Writer, "write", write)
+        mp.setattr(files.Writer, "write", write)
         assert run_cli(mp, "run", *args) == 0
     return n[0]
 
@@ -426,7 +427,7 @@ def test_soak_repeated_kills_equal_an_uninterrupted_run(tmp_path, monkeypatch, c
                            f"--data_dir={tmp_path / 'data'}"], ["--method=refill"], {**ENV, "FAULT_SIZES": ""})}
     for name, (flags, method, env) in configs.items():
         if name == "stream":
-            monkeypatch.setattr(train, "load_data", REAL_LOAD_DATA)
+            monkeypatch.setattr(runtime, "load_data", REAL_LOAD_DATA)
         ref = [*flags, *method, f"--out_dir={tmp_path / 'ref'}", f"--name={name}"]
         writes = count_writes(monkeypatch, *ref)
         kills += soak(tmp_path, [*flags, *method, f"--out_dir={tmp_path}", f"--name={name}"], env, rng, writes // 2)

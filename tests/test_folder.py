@@ -12,7 +12,9 @@ from PIL import Image
 
 from conftest import kill_mid_state, run_cli
 from vitprune.config import from_flags
-from vitprune.data import LoopData, StreamData, load_data, train_batches
+from vitprune.data import load_data
+from vitprune.data.core import LoopData, train_batches
+from vitprune.data.stream import StreamData
 from vitprune.data import folder as folder_module
 from vitprune.data import images
 from vitprune.data.images import decode

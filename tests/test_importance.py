@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vitprune.data import synthetic
+from vitprune.data.synth import synthetic
 from vitprune.model import build_model
 from vitprune.importance import importance, keep_elements, keep_fraction, keep_set
 from vitprune.structure import Structure, apply_structure, dims

@@ -83,7 +83,7 @@ def test_prune_one_state_on_a_folder_set(name, monkeypatch, tmp_path):
 def test_weight_decay_skips_what_the_model_names():
     """make_optimizer asks the model (timm's no_weight_decay) which tensors take no decay."""
     from vitprune.config import Config
-    from vitprune.train import make_optimizer
+    from vitprune.step import make_optimizer
 
     model = build_model("vit_micro", 10)
 

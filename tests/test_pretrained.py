@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitprune import train
+from vitprune import runtime
 from vitprune.config import from_flags
 from vitprune.model import build_model
 
@@ -39,7 +40,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture
 def tiny_set(monkeypatch):
-    monkeypatch.setattr(train, "load_data", small_data((8, 4, 4)))
+    monkeypatch.setattr(runtime, "load_data", small_data((8, 4, 4)))
 
 
 def flags(model, weights, tmp_path, **more):

@@ -15,7 +15,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms import RandomResizedCrop
 
 from vitprune import train
-from vitprune.config import Config, ConfigError, from_flags
+from vitprune import runtime
+from vitprune.config import Config, from_flags
+from vitprune.errors import ConfigError
 from vitprune.data.augment import Mixer, crop_boxes, crop_grid, resized_crop
 from vitprune.data.synth import synthetic
 from vitprune.distill import load_teacher, training_loss
@@ -199,7 +201,7 @@ def tiny_runs(tmp_path_factory):
     runs = {"refill": [], "rsst": [], "imp": [], "refill_distill": ["--distill=state0"],
             "rsst_finetune": ["--aug=finetune", "--distill=state0"]}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_data", small_data(SIZES))
+        mp.setattr(runtime, "load_data", small_data(SIZES))
         for name, extra in runs.items():
             assert run_cli(mp, "run", f"--method={name.split('_')[0]}", "--dataset=synthetic", "--model=vit_micro",
                            "--ratio=0.5", "--states=2", "--epochs=1", f"--batch_size={BATCH}", "--optimizer=adamw",
@@ -262,8 +264,8 @@ def test_distilled_run_reports_the_students_accuracy(tiny_runs):
 
 # ---- exact resume with the recipe ----------------------------------------------------------
 
-WRAPPER = ("import sys; sys.path.insert(0, 'tests'); from conftest import small_data; from vitprune import train; "
-           "train.load_data = small_data((256, 32, 32)); from vitprune.__main__ import main; "
+WRAPPER = ("import sys; sys.path.insert(0, 'tests'); from conftest import small_data; from vitprune import runtime; "
+           "runtime.load_data = small_data((256, 32, 32)); from vitprune.__main__ import main; "
            "sys.argv = ['vitprune'] + sys.argv[1:]; main()")
 RECIPE = ["run", "--method=rsst", "--dataset=synthetic", "--model=vit_micro", "--optimizer=adamw", "--lr=1e-3",
           "--states=2", "--epochs=1", "--batch_size=16", "--img_size=16", "--aug=finetune", "--distill=state0",

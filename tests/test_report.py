@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import t as t_dist, ttest_1samp
 
 from vitprune import report
-from vitprune.config import Config, ConfigError
+from vitprune.config import Config
+from vitprune.errors import ConfigError
 from vitprune.log import wandb_names, read_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report_runs"

@@ -11,8 +11,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import kill_mid_state
-from vitprune.config import ConfigError, from_flags
-from vitprune.data import synthetic
+from vitprune.config import from_flags
+from vitprune.errors import ConfigError
+from vitprune.data.synth import synthetic
 from vitprune.methods import RsstRegularizer, reg_lambda, residual_coefficient
 from vitprune.model import build_model
 from vitprune.structure import PRUNABLE_WEIGHTS, Structure, apply_structure, set_live

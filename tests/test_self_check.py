@@ -110,7 +110,7 @@ def test_explicit_triton_fails_in_one_line(device, monkeypatch, tmp_path, capsys
 def test_setup_records_triton_when_it_passes(device, tmp_path, capsys):
     """The start-up line and the run's log name the backend that passed (setup only: a whole
     run in the interpreter would be slow)."""
-    from vitprune.train import setup
+    from vitprune.runtime import setup
     r = setup(Config(dataset="synthetic", model="vit_micro", kernels="triton", device=device, wandb="disabled",
                      out_dir=str(tmp_path), name="r", states=1, epochs=1))
     assert "kernels=triton" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from vitprune.config import Config
 from vitprune.model import build_model
 from vitprune.importance import importance, keep_set
 from vitprune.structure import Structure, apply_structure, count, dims, zero_dead
-from vitprune.train import make_optimizer
+from vitprune.step import make_optimizer
 
 
 def random_structure(model, keep=0.5, seed=0):

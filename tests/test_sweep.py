@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from vitprune import sweep
-from vitprune.config import ConfigError, from_flags
+from vitprune.config import from_flags
+from vitprune.errors import ConfigError
 
 SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
 POINTS = [(path, point) for path in SWEEPS for point in sweep.grid(yaml.safe_load(path.read_text()))]
@@ -254,8 +255,8 @@ def test_two_sweeps_that_differ_in_schedule_share_an_out_dir(tmp_path, monkeypat
     "finished, skipped"). Each run executes `python -m vitprune run ...` in this process, on a
     small synthetic set, so that the test stays short."""
     from conftest import run_cli, small_data
-    from vitprune import report, train
-    monkeypatch.setattr(train, "load_data", small_data((64, 16, 16)))
+    from vitprune import report, runtime
+    monkeypatch.setattr(runtime, "load_data", small_data((64, 16, 16)))
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: type("P", (), {"returncode": run_cli(monkeypatch, *cmd[3:])}))
     out = tmp_path / "runs"
     paths = {s: tmp_path / f"{s}.yaml" for s in ("oneshot", "geometric")}

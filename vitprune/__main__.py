@@ -4,17 +4,16 @@ Bad input ends with one line naming the flag and the valid values, exit code 2.
 """
 import functools
 import inspect
-import json
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 import fire
 
-from vitprune.config import (EXECUTION_FLAGS, FIELDS, NUMERICS_FLAGS, ConfigError, base_type, check_run_folder,
-                             from_flags)
-from vitprune.log import DiskFull
+from vitprune.config import FIELDS, base_type, from_flags
+from vitprune.errors import ConfigError
+from vitprune.files import DiskFull
+from vitprune.runfolder import claim, resumed_config, run_name
 
 # --help and the README's flag table, both from the fields' metadata
 GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
@@ -77,45 +76,14 @@ def run(*args, **flags):
     if cfg.name is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         # Under `wandb agent` a grid over a flag the default name does not show (e.g. lr) would
         # send several runs to one folder: the W&B run id keeps them apart.
-        cfg.name = f"{cfg.run_name}_{os.environ['WANDB_RUN_ID']}"
-    check_run_folder(cfg)
+        cfg.name = f"{run_name(cfg)}_{os.environ['WANDB_RUN_ID']}"
     if cfg.resume:
-        cfg = _resumed_config(cfg, flags)
+        cfg = resumed_config(cfg, flags)
         if cfg is None:
             return
+    folder = claim(cfg)  # before torch loads, like the flags
     from vitprune.train import run as run_loop
-    run_loop(cfg)
-
-
-def _resumed_config(cfg, flags):
-    """The saved config of the run folder, with only execution flags taken from the command;
-    None when the run has finished."""
-    path = Path(cfg.out_dir) / cfg.run_name / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--resume: no run folder with config.json at {path.parent}; check --out_dir and --name")
-    saved = json.loads(path.read_text())
-    summary = path.parent / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
-        print(f"{path.parent} finished all its {saved.get('states')} states already: nothing to resume "
-              f"(results in metrics.jsonl, summary.json)")
-        return None
-    missing = [k for k in FIELDS if k not in saved]
-    if missing:
-        raise ConfigError(f"--resume: {path} was written by an older vitprune (it has no --{missing[0]}); "
-                          f"resume the run with that version or start a new one")
-    for key in flags:
-        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
-            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "
-                              f"a resumed run keeps its config (drop the flag or start a new run)")
-    changed = [k for k in flags if k in NUMERICS_FLAGS and getattr(cfg, k) != saved[k]]
-    if changed:
-        print("warning: " + ", ".join(f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed) +
-              " since the run started: the resumed numbers will not be bit-identical to an uninterrupted run",
-              file=sys.stderr)
-    saved.update({k: getattr(cfg, k) for k in EXECUTION_FLAGS if k in flags})
-    saved["resume"] = True
-    saved["name"] = cfg.run_name
-    return from_flags(saved)
+    run_loop(cfg, folder)
 
 
 def report(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wandb_report=None):

@@ -26,7 +26,7 @@ from .export import compact_model, load_checkpoint, masked_model, n_params
 from .kernels import PrunableParams, reference, resolve_backend
 from .structure import Structure, count, head_cols, head_rows
 from .timing import device_name, peak_memory, time_side_by_side
-from .train import resolve_device, use_bf16
+from .devices import resolve_device, use_bf16
 
 # vit_small/16 on 32×32 images with patch 4: 64 patches + the class token.
 VIT_SMALL = dict(dim=384, heads=6, head_dim=64, mlp=1536, tokens=65, blocks=12)
@@ -295,7 +295,7 @@ def _step_fns(net, batch_xy, device, bf16, optimizer, compile):
     import contextlib
 
     from .config import Config
-    from .train import make_optimizer, train_step
+    from .step import make_optimizer, train_step
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     cfg = Config(optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.01, epochs=1)

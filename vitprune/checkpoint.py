@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vitprune.log import write_atomic, write_json
+from vitprune.files import write_atomic, write_json
 
 
 class Damaged(Exception):
@@ -40,7 +40,7 @@ def _entries(path: Path) -> list:
 
 def save(obj, path):
     """torch.save `obj` to `path`: written to a temp file, read back and checked, then the
-    sidecar (new and previous checksums), then the rename. Raises log.DiskFull on a full disk."""
+    sidecar (new and previous checksums), then the rename. Raises files.DiskFull on a full disk."""
     path = Path(path)
     previous = _entries(path)[:1] if path.is_file() else []
 

@@ -4,21 +4,27 @@ Every field is a command-line flag of `python -m vitprune run` with the same nam
 known about a flag (its group, its help line, its valid values or range, whether it only
 says how to execute rather than what to compute, which methods it applies to) lives in the
 field's metadata here, and everything else (validation, resume, reports, sweeps, W&B
-grouping) reads it from there. This module imports neither torch nor timm, so a bad
-command fails before they load.
+grouping) reads it from there.
+
+`from_flags` checks every flag before torch loads, so a bad command fails in about a second:
+the values, their combinations, and against the filesystem and the Hub (folders, image
+folders, --pretrained; the probes live beside what loads them: files.check_folder,
+data.checks, hub.check_pretrained). What must wait for torch is checked when it loads: CUDA
+for --device=cuda, the Triton kernels' self-check, the weights timm loads, the images a
+folder holds, a training set smaller than a batch, a --distill file's tensors.
 """
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import os
-import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, get_args
 
-from vitprune.zoo import ALIASES, WEIGHT_FILES
+from vitprune.data.checks import check_data_flags
+from vitprune.errors import ConfigError
+from vitprune.files import check_folder
+from vitprune.hub import check_pretrained
+from vitprune.zoo import ALIASES
 
 METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
@@ -27,10 +33,6 @@ FINETUNE = {"aug": ("finetune",)}
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
 NOT_ZEROED = 0.1
-
-
-class ConfigError(ValueError):
-    """Bad user input: the message is one line naming the flag and the valid values."""
 
 
 @dataclass(frozen=True)
@@ -225,12 +227,6 @@ class Config:
         return self.ratio if self.mlp_ratio is None else self.mlp_ratio
 
     @property
-    def run_name(self) -> str:
-        config = self.to_dict()
-        return self.name or RUN_NAME.format(**{**config, "dataset": dataset_name(self.dataset),
-                                               "hash": config_hash(config)})
-
-    @property
     def rewind_epoch(self) -> Optional[int]:
         """Epoch of state 0 whose end is the rewind point (0 = the initial weights), None = no rewind."""
         if self.rewind == "none":
@@ -244,11 +240,6 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-# The default run folder name; the fields it shows are the ones that tell runs apart by name.
-# The hash stands for every other field that applies and changes what is computed, so that two
-# experiments that differ in a field the name does not show (schedule, lr...) never share a folder.
-RUN_NAME = "{dataset}_{method}_{model}_r{ratio:g}_s{seed}_{hash}"
-NAME_FIELDS = tuple(name for _, name, _, _ in string.Formatter().parse(RUN_NAME) if name in FIELDS)
 # Flags that say how to execute, not what to compute: they may change on --resume.
 EXECUTION_FLAGS = frozenset(name for name, f in FIELDS.items() if f.metadata["kind"] != "what")
 # Execution flags that still change the floating-point results.
@@ -272,45 +263,6 @@ def configuration(config: dict) -> dict:
     it: runs that agree on these are seeds of one configuration."""
     return {k: v for k, v in config.items()
             if k in FIELDS and k not in EXECUTION_FLAGS and k != "seed" and applies(k, config)}
-
-
-def config_hash(config: dict) -> str:
-    """6 hex digits of the configuration (seed aside: the name shows it). Only the fields that
-    differ from their defaults enter, so a new flag whose default keeps the old behaviour leaves
-    the names of existing runs (and a sweep's "finished, skipped") as they were."""
-    changed = {k: v for k, v in configuration(config).items() if v != FIELDS[k].default}
-    text = json.dumps(changed, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:6]
-
-
-def saved_config(run_dir) -> Optional[dict]:
-    """The config.json of a run folder, None when it has none (or an unreadable one)."""
-    try:
-        return json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def config_difference(saved: dict, requested: dict) -> Optional[str]:
-    """The first field, seed included, in which a run folder's saved config computes something
-    other than the requested one ("--lr=0.001 (the folder has 0.01)"), or None."""
-    full = lambda c: {**{k: f.default for k, f in FIELDS.items()}, **c}
-    saved, requested = full(saved), full(requested)
-    ours, theirs = configuration(requested), configuration(saved)
-    for k in [*dict.fromkeys([*ours, *theirs]), "seed"]:
-        if json.dumps(ours.get(k, requested[k])) != json.dumps(theirs.get(k, saved[k])):
-            return f"--{k}={requested[k]} (the folder has {saved[k]})"
-    return None
-
-
-def check_run_folder(cfg: "Config"):
-    """A new run (not --overwrite) never goes into a folder that holds another configuration."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
-    saved = None if cfg.overwrite or cfg.resume else saved_config(run_dir)
-    differs = saved is not None and config_difference(saved, cfg.to_dict())
-    if differs:
-        raise ConfigError(f"--name: run folder {run_dir} holds another configuration: {differs}; "
-                          f"choose another --name or --out_dir (--overwrite replaces it)")
 
 
 def base_type(f):
@@ -367,28 +319,14 @@ def validate(cfg: Config) -> Config:
                           "folder, --overwrite replaces it")
     if cfg.name is not None and (not cfg.name or os.sep in cfg.name or cfg.name in (".", "..")):
         raise ConfigError(f"--name: {cfg.name!r} is not a folder name")
-    _check_folder("out_dir", cfg.out_dir, writable=True)
-    _check_folder("data_dir", cfg.data_dir, writable=False)
+    check_folder("out_dir", cfg.out_dir, writable=True)
     if cfg.model not in ALIASES:  # the aliases need no timm
         _check_model(cfg.model)
     if cfg.pretrained is not None:
-        _check_pretrained(cfg.pretrained)
+        check_pretrained(cfg.pretrained)
     _check_data(cfg)
     _check_recipe(cfg)
     return cfg
-
-
-def _check_folder(flag: str, path: str, writable: bool):
-    """A folder flag must name a folder, or a place one can be made: no file on the way, and
-    (`writable`) the nearest existing folder writable."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        what = "is a file" if existing == os.path.abspath(path) else f"lies under the file {existing!r}"
-        raise ConfigError(f"--{flag}: {path!r} {what}, not a folder; give a folder path")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--{flag}: cannot write in {existing!r}; give a folder you can write to")
 
 
 def _check_seed_formula(cfg: Config):
@@ -412,20 +350,21 @@ def _check_data(cfg: Config):
     if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
         raise ConfigError(f"--val_size: {cfg.val_size:g} is neither a fraction below 1 (e.g. 0.1) nor a whole "
                           f"number of images (e.g. 5000)")
-    folder = cfg.dataset[len("folder:"):] if cfg.dataset.startswith("folder:") else None
-    if folder is not None and not os.path.isdir(folder):
-        raise ConfigError(f"--dataset: folder {folder!r} does not exist; give folder:PATH with PATH/<class>/* "
-                          f"or PATH/train/<class>/* and PATH/val/<class>/* image files")
-    if folder is None and cfg.data_loader == "stream":
-        raise ConfigError(f"--data_loader: stream reads image folders (--dataset=folder:PATH); {cfg.dataset} is "
-                          f"held in memory: choose auto or tensor")
+    check_data_flags(cfg.dataset, cfg.data_dir, cfg.data_loader)
 
 
 def _check_recipe(cfg: Config):
-    """The fine-tuning recipe's flags together: mixup pairs images, distillation needs a teacher."""
-    if cfg.aug == "finetune" and (cfg.mixup_alpha or cfg.cutmix_alpha) and cfg.batch_size % 2:
-        raise ConfigError(f"--batch_size: {cfg.batch_size} is odd; mixup/cutmix pair the images of a batch: "
-                          f"give an even size or --mixup_alpha=0 --cutmix_alpha=0")
+    """The recipe's flags together: every process takes an equal share of a batch, mixup pairs
+    images, distillation needs a teacher."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes: each takes a share of a batch
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch_size: {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.aug == "finetune" and (cfg.mixup_alpha or cfg.cutmix_alpha) and (cfg.batch_size // world) % 2:
+        if world == 1:
+            raise ConfigError(f"--batch_size: {cfg.batch_size} is odd; mixup/cutmix pair the images of a batch: "
+                              f"give an even size or --mixup_alpha=0 --cutmix_alpha=0")
+        raise ConfigError(f"--batch_size: {cfg.batch_size} over {world} processes leaves an odd share; "
+                          f"mixup/cutmix pair the images of a batch: give a multiple of {2 * world}")
     if cfg.distill not in ("none", "state0"):
         if not os.path.isfile(cfg.distill) or not os.access(cfg.distill, os.R_OK):
             raise ConfigError(f"--distill: {cfg.distill!r} is not a readable file; choose from none, state0, "
@@ -438,37 +377,6 @@ def _check_recipe(cfg: Config):
             if getattr(cfg, name) != FIELDS[name].default:
                 raise ConfigError(f"--{name}: applies only with --distill=state0|PATH, not with --distill=none; "
                                   f"drop it")
-
-
-def _check_pretrained(spec: str):
-    """A path must be a readable file; anything else a timm name with pretrained weights that are
-    in the Hugging Face cache or can be fetched (no network: fail now, not after retries)."""
-    from vitprune.hub import cache_holds_models, cached, hub_reachable
-    if os.sep in spec or spec.endswith(WEIGHT_FILES):
-        if not os.path.isfile(spec) or not os.access(spec, os.R_OK):
-            raise ConfigError(f"--pretrained: cannot read file {spec!r}; give a readable .safetensors/.pth/"
-                              f".pt/.bin file or a timm model name")
-        return
-    offline = not hub_reachable()
-    if offline and not cache_holds_models():  # said before timm loads: a few seconds at most
-        raise ConfigError(f"--pretrained: {spec!r} is not a file, and timm weights cannot be had: the Hugging Face "
-                          f"cache is empty and the Hub cannot be reached; download the weights once online (or "
-                          f"set HF_HOME to a cache holding them) or pass a local .safetensors/.pth file")
-    import timm
-    from timm.models import get_pretrained_cfg
-    if not timm.is_model(spec.split(".", 1)[0]):
-        raise ConfigError(f"--pretrained: {spec!r} is neither a file nor a timm model name "
-                          f"(e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)")
-    try:
-        cfg = get_pretrained_cfg(spec)
-    except RuntimeError as e:  # an unknown tag
-        raise ConfigError(f"--pretrained: {e}") from None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ConfigError(f"--pretrained: timm has no pretrained weights for {spec!r}")
-    if offline and not cached(cfg.to_dict()):
-        raise ConfigError(f"--pretrained: the weights of {spec!r} are not in the Hugging Face cache and the Hub "
-                          f"cannot be reached; download them once online (or set HF_HOME to a cache holding "
-                          f"them) or pass a local .safetensors/.pth file")
 
 
 def _check_model(name: str) -> int:
@@ -489,7 +397,7 @@ def _model_defaults(flags: dict) -> dict:
     if ("img_size" in flags and "patch_size" in flags) or (model in ALIASES and pretrained is None):
         return flags
     if pretrained is not None:
-        _check_pretrained(pretrained)  # first: it may fail before torch loads
+        check_pretrained(pretrained)  # first: it may fail before torch loads
     from vitprune.zoo import pretrained_cfg
     flags = dict(flags)
     if "patch_size" not in flags:

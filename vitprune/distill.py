@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vitprune.config import Config, ConfigError
+from vitprune.config import Config
+from vitprune.errors import ConfigError
 from vitprune.model import build_model, set_kernels
 from vitprune.structure import Structure, apply_structure, count
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
-from vitprune.config import ConfigError
-from vitprune.log import write_atomic, write_json
+from vitprune.errors import ConfigError
+from vitprune.files import write_atomic, write_json
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
 from vitprune.zoo import preprocessing
@@ -154,7 +154,7 @@ def export(checkpoint, out):
                          "ratio": cfg.get("ratio"), "params_alive": record.get("params_alive"),
                          "final_val_acc": record.get("final_val_acc"), "final_test_acc": record.get("final_test_acc")}}
     out.mkdir(parents=True, exist_ok=True)
-    # through temp files (log.DiskFull on a full disk): an earlier export stays whole until replaced
+    # through temp files (files.DiskFull on a full disk): an earlier export stays whole until replaced
     write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
     write_json(out / "config.json", config)
     formats = ["model.safetensors + config.json", *save_deploy(compact, out, config["img_size"])]

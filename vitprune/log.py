@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl (the source of truth) and W&B.
+"""Run logging: metrics.jsonl (the source of truth), summary.json, W&B, and the console.
 
 metrics.jsonl holds one JSON object per line: {"kind": "epoch", ...} after every epoch and
 {"kind": "state", ...} after every state; accuracies are in percent.
@@ -10,128 +10,21 @@ W&B mirrors every record under the same names (see `wandb_names`):
   names (time_s, target_norm_ratio) exist in both kinds, and are plotted against `state`.
 W&B is a mirror only: any failure there warns once and training goes on.
 """
-import errno
-import hashlib
 import json
 import netrc
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vitprune import fmt
 from vitprune.config import FIELDS, configuration, dataset_name
+from vitprune.files import append_line, write_atomic, write_json
 
 EPOCH_STEP = "global_epoch"
 STATE_STEP = "state"
 STATE_PREFIX = "state/"
-
-
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left, quota exceeded
-
-
-class DiskFull(Exception):
-    """A write found the disk full. The file it was writing is left as it was (a rename
-    never happened; an append is cut back), so the run resumes once space is freed."""
-    EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: try again later
-
-    def __init__(self, path, needed: int):
-        self.path, self.needed = Path(path), needed
-        try:
-            free = f", {shutil.disk_usage(self.path.parent).free:,} free"
-        except OSError:
-            free = ""
-        super().__init__(f"disk full: writing {path} needs {needed:,} bytes{free}; free some space and "
-                         f"run the command again (a run: with --resume; every earlier file is intact)")
-
-
-class Writer:
-    """A binary file open for writing, counting and hashing what goes through it. Every file
-    of a run folder is written through one, so a full disk is caught in one place."""
-
-    def __init__(self, f):
-        self.f, self.size, self.sha = f, 0, hashlib.sha256()
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < view.nbytes:  # an unbuffered file may take part of it
-            done += self.f.write(view[done:])
-        self.sha.update(view)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def flush(self):
-        self.f.flush()
-
-
-class _Counter:
-    """A sink that only counts: the size a write would have had (to say how much a full disk lacked)."""
-    size = 0
-
-    def write(self, data) -> int:
-        self.size += memoryview(data).nbytes
-        return memoryview(data).nbytes
-
-    def flush(self):
-        pass
-
-
-def _size_of(content) -> int:
-    if callable(content):
-        counter = _Counter()
-        content(counter)
-        return counter.size
-    return len(content.encode() if isinstance(content, str) else content)
-
-
-def write_atomic(path, content, before_replace=None):
-    """Write a file through a temp file, fsync and rename, so that a crash never leaves it
-    torn. content: str, bytes, or a callable that writes into the open binary file (e.g.
-    `lambda f: torch.save(obj, f)`). before_replace(tmp, size, sha256) runs between the fsync
-    and the rename (to verify the new file while the old one stands). Returns (size, sha256);
-    raises DiskFull, the old file untouched, when the disk is full."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            w = Writer(f)
-            if callable(content):
-                content(w)
-            else:
-                w.write(content.encode() if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace:
-            before_replace(tmp, w.size, w.sha.hexdigest())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in FULL_ERRNOS:
-            tmp.unlink(missing_ok=True)
-            raise DiskFull(path, _size_of(content)) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)  # only there when the write failed
-    return w.size, w.sha.hexdigest()
-
-
-def append_line(path, line: str):
-    """Append one line; on a full disk cut the file back to what it was and raise DiskFull."""
-    data = line.encode()
-    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
-        size = f.tell()
-        try:
-            Writer(f).write(data)
-        except OSError as e:
-            if e.errno not in FULL_ERRNOS:
-                raise
-            f.truncate(size)
-            raise DiskFull(path, len(data)) from None
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_metrics(run_dir):
@@ -331,3 +224,22 @@ class RunLog:
                 self._warn(f"W&B stopped mirroring: finish failed ({type(e).__name__}: {e}); "
                            f"metrics.jsonl holds every record")
             self.wandb_run = None
+
+
+# ---- the console: what a run prints as it goes ------------------------------------------------
+
+def structure_line(state: int, counts: dict, heads_per_layer: list) -> str:
+    """What a state trains: alive heads/neurons and parameters (structure.count's counts)."""
+    c = counts
+    return (f"state {state}: {c['heads_alive']}/{c['heads_total']} heads (per layer {heads_per_layer}), "
+            f"{c['neurons_alive']}/{c['neurons_total']} neurons, "
+            f"{c['params_alive'] / 1e6:.3f}M/{c['params_total'] / 1e6:.3f}M params alive "
+            f"({c['flops_alive'] / c['flops_total']:.0%} of the FLOPs)")
+
+
+def epoch_line(record: dict, rsst: bool, done: int, total: int, eta: float) -> str:
+    """An epoch record as one line, with the run's progress (`done` of `total` epochs) and ETA."""
+    reg = f" λ {record['reg_lambda']:.3g} ‖w_T‖ {record['target_norm_ratio']:.3f}" if rsst else ""
+    return (f"state {record['state']} epoch {record['epoch']} | loss {record['train_loss']:.3f} "
+            f"train {record['train_acc']:.1f}% val {record['val_acc']:.2f}% test {record['test_acc']:.2f}%{reg} | "
+            f"{record['time_s']:.1f}s, {done}/{total} epochs, ETA {fmt.clock(eta)}")

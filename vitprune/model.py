@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
-from vitprune.config import ConfigError
+from vitprune.errors import ConfigError
 from vitprune.kernels import reference
 from vitprune.structure import head_cols, head_rows
 from vitprune.zoo import ALIASES, is_weights_file, pretrained_cfg

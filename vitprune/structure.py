@@ -1,4 +1,5 @@
-"""Prunable groups (attention heads, MLP neurons), masks, and counts of the alive network.
+"""Prunable groups (attention heads, MLP neurons), masks, and counts of the alive network:
+its parameters and FLOPs, a training step's FLOPs included.
 
 head h of block l:   rows j·H·hd + h·hd + [0, hd) of attn.qkv for q, k, v (j = 0, 1, 2),
                      their bias entries, and columns h·hd + [0, hd) of attn.proj;
@@ -144,3 +145,17 @@ def count(model, structure: Structure) -> dict:
         "neurons_alive": neurons_alive, "neurons_total": L * M,
         "flops_alive": flops_alive, "flops_total": flops_total,
     }
+
+
+def step_flops(model, alive: Structure, teacher_flops: int = 0) -> int:
+    """Training FLOPs per image of one step: forward + backward (2× the forward) of the
+    structure the step computes (RSST: with its targets; imp: the dense shape, as its element
+    masks save no FLOPs here), plus a teacher's forward when distilling."""
+    return 3 * count(model, Structure(alive.heads, alive.neurons))["flops_alive"] + teacher_flops
+
+
+def zero_dead_moments(model, structure: Structure, opt) -> None:
+    """A dead group's optimizer state is zero too (momentum, Adam's moments), so that a
+    restored optimizer cannot move it away from zero."""
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        zero_dead(model, structure, of=lambda p: opt.state.get(p, {}).get(key))

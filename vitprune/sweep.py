@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from vitprune.config import NAME_FIELDS, ConfigError, config_difference, from_flags, saved_config
+from vitprune.config import from_flags
+from vitprune.errors import ConfigError
+from vitprune.runfolder import NAME_FIELDS, config_difference, run_name, saved_config
 
 
 def load_sweep(path) -> dict:
@@ -79,7 +81,7 @@ def plan(path, out_dir="runs") -> list:
     points = grid(sweep)
     commands = [agent_command(sweep, p, interpreter=sys.executable) + [f"--out_dir={out_dir}"] for p in points]
     configs = [parse_run_flags(_run_flags(c)) for c in commands]
-    names = [c.run_name for c in configs]
+    names = [run_name(c) for c in configs]
     if len(set(names)) < len(names):  # a grid over how to execute (e.g. precision): suffix what varies
         varying = [k for k in sweep["parameters"] if k not in NAME_FIELDS and len({str(p[k]) for p in points}) > 1]
         names = [n + "".join(f"_{k}{p[k]}".replace("/", "-") for k in varying) for n, p in zip(names, points)]

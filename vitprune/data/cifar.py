@@ -7,7 +7,8 @@ import shutil
 import torch
 import torchvision
 
-from vitprune.config import Config, ConfigError
+from vitprune.config import Config
+from vitprune.errors import ConfigError
 from vitprune.data.core import Data
 from vitprune.data.split import check_split, seeded_split
 

@@ -24,12 +24,13 @@ import torch.distributed as dist
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from vitprune import fmt
-from vitprune.config import Config, ConfigError
+from vitprune.config import Config
+from vitprune.errors import ConfigError
 from vitprune.data.core import Data
 from vitprune.data.images import EXTENSIONS, check_headers, decode_all
 from vitprune.data.split import check_split, seeded_split
 from vitprune.data.stream import StreamData
-from vitprune.log import write_atomic
+from vitprune.files import write_atomic
 
 MEMORY_FRACTION = 0.5  # of the available RAM (shared by this machine's processes) and of a GPU's free memory
 BUDGET_ENV = "VITPRUNE_DATA_BUDGET"  # bytes: overrides the rule above

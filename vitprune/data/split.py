@@ -2,7 +2,7 @@
 seeded draw of which images it takes (CIFAR, the synthetic set and image folders alike)."""
 import torch
 
-from vitprune.config import ConfigError
+from vitprune.errors import ConfigError
 
 
 def val_count(val_size: float, pool: int) -> int:

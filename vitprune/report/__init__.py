@@ -3,7 +3,8 @@ project), in layers: runs (reading) -> stats (numbers, verdict policy) -> markdo
 import re
 from pathlib import Path
 
-from vitprune.config import ConfigError, dataset_name
+from vitprune.config import dataset_name
+from vitprune.errors import ConfigError
 from vitprune.log import resolve_wandb_mode
 from vitprune.report import markdown, plots
 from vitprune.report.markdown import comparison

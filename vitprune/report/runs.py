@@ -4,7 +4,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitprune.config import NOT_ZEROED, ConfigError, configuration
+from vitprune.config import NOT_ZEROED, configuration
+from vitprune.errors import ConfigError
 from vitprune.log import read_metrics, record_from_wandb
 
 # The headline number of a state is its FINAL PRUNED test accuracy (the network after the state's
