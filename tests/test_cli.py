@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from vitprune.__main__ import default_text, flag_table, help_text
+from vitprune.__main__ import default_text, help_text
 from vitprune.config import FIELDS
 
 REPO = Path(__file__).parent.parent
-README = REPO / "README.md"
 
 
 def vitprune(*args, cwd):
@@ -53,14 +52,6 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
     for name, f in FIELDS.items():
         assert re.search(rf"^  --{name}={re.escape(default_text(f.default))} ", r.stdout, re.M), name
     assert not list(tmp_path.iterdir())
-
-
-def test_readme_flag_table_is_the_configuration():
-    """README's table is rendered from config.py: every field, its default and its values."""
-    table = flag_table()
-    assert table in README.read_text()
-    for name, f in FIELDS.items():
-        assert f"| `--{name}` | `{default_text(f.default)}` |" in table
 
 
 def test_resume_of_a_finished_run_says_so_and_touches_nothing(tmp_path):

@@ -15,8 +15,9 @@ from vitprune.errors import ConfigError
 from vitprune.files import DiskFull
 from vitprune.runfolder import claim, resumed_config, run_name
 
-# --help and the README's flag table, both from the fields' metadata
+# --help and the flags page (docs/flags.md), both from the fields' metadata
 GROUPS = ("experiment", "pruning", "RSST", "optimisation", "system", "logging")
+FLAGS_PAGE_COMMAND = "python -m vitprune run --help --markdown > docs/flags.md"
 
 
 def default_text(value) -> str:
@@ -25,7 +26,7 @@ def default_text(value) -> str:
 
 
 def values_text(name: str) -> str:
-    """The valid values of a flag as help and the README show them."""
+    """The valid values of a flag as --help and docs/flags.md show them."""
     f = FIELDS[name]
     meta = f.metadata
     if meta["choices"]:
@@ -43,7 +44,8 @@ def help_text() -> str:
     """`python -m vitprune run --help`: every flag, grouped, with its default and valid values."""
     lines = ["usage: python -m vitprune run [--flag=value ...]", "",
              "The state loop: state 0 trains the dense ViT, every later state selects the heads and neurons to",
-             "keep, rewinds and retrains. Defaults are the seed's experiment. States and epochs count from 0."]
+             "keep, rewinds and retrains. Defaults are the seed's experiment. States and epochs count from 0.",
+             "`--help --markdown` prints these flags as the Markdown of docs/flags.md."]
     for group in GROUPS:
         lines += ["", f"{group}:"]
         for name, f in FIELDS.items():
@@ -53,21 +55,30 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def flag_table() -> str:
-    """The README's flag table: the same source as --help."""
+def flags_page() -> str:
+    """docs/flags.md: every flag as a Markdown table per group, from the same source as --help;
+    `python -m vitprune run --help --markdown` prints it."""
     cell = lambda text: text.replace("|", "\\|")
-    rows = ["| group | flag | default | values | what it does |", "|---|---|---|---|---|"]
+    lines = ["# Flags", "",
+             "Every flag of `python -m vitprune run`: its default, valid values and what it does. "
+             "Back to the [README](../README.md).", "",
+             "Generated from the fields of `vitprune/config.py`, which are also the source of `--help` and of the",
+             "validation; `tests/test_docs.py` fails when this page is stale. After changing a flag, regenerate it:",
+             "", "```bash", FLAGS_PAGE_COMMAND, "```", "",
+             "Bad input and the flags a run refuses are described under [bad input](runs.md#bad-input); what the",
+             "methods' flags do, under [the state loop and the methods](method.md)."]
     for group in GROUPS:
-        rows += [f"| {group} | `--{name}` | `{default_text(f.default)}` | {cell(values_text(name))} | "
-                 f"{cell(f.metadata['help'])} |" for name, f in FIELDS.items() if f.metadata["group"] == group]
-    return "\n".join(rows)
+        lines += ["", f"## {group}", "", "| flag | default | values | what it does |", "|---|---|---|---|"]
+        lines += [f"| `--{name}` | `{default_text(f.default)}` | {cell(values_text(name))} | "
+                  f"{cell(f.metadata['help'])} |" for name, f in FIELDS.items() if f.metadata["group"] == group]
+    return "\n".join(lines)
 
 
 def run(*args, **flags):
     """Run the state loop. Flags are the fields of vitprune.config.Config, e.g.
     --method=rsst --dataset=cifar100 --ratio=0.7 --states=16 --epochs=60; --help lists them."""
     if flags.keys() & {"help", "h"}:
-        print(help_text())
+        print(flags_page() if flags.get("markdown") else help_text())
         return
     if args:
         raise ConfigError(f"{args[0]!r}: stray argument; every setting is a flag, --name=value "
