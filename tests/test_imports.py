@@ -102,3 +102,15 @@ def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(
         f"{', '.join(members)}: {' -> '.join(cycle)}" for members, cycle in found)
+
+
+# A module a reader can hold in mind; the loop readable in one sitting (train.py).
+MAX_LINES, MAX_LOOP_LINES = 450, 400
+
+
+def test_modules_stay_small():
+    sizes = {path: len(path.read_text().splitlines()) for path in modules().values()}
+    too_big = {str(p.relative_to(REPO)): n for p, n in sizes.items() if n > MAX_LINES}
+    assert not too_big, f"modules over {MAX_LINES} lines (split them by concept): {too_big}"
+    loop = sizes[REPO / "vitprune" / "train.py"]
+    assert loop <= MAX_LOOP_LINES, f"vitprune/train.py has {loop} lines; the loop stays at {MAX_LOOP_LINES} or fewer"
