@@ -34,15 +34,15 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     tables, figures = {}, 0  # section title -> headline tables, for the W&B Report; PNGs written
     for (dataset, schedule), subset in sections.items():
         several = sum(d == dataset for d, _ in sections) > 1
-        title = f"{dataset} — {schedule}" if several else dataset
+        name = f"{dataset} — {schedule}" if several else dataset  # `title` stays the report's: the W&B Report's
         stem = f"{file_stem(dataset)}_{schedule}" if several else file_stem(dataset)
         png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
-        lines += markdown.dataset_section(title, subset, section_cells[(dataset, schedule)], verdicts, png)
-        plots.plot(title, subset, {k: out.parent / v for k, v in png.items()})
-        diagnostics = rsst_figures(title, subset, out, stem)
+        lines += markdown.dataset_section(name, subset, section_cells[(dataset, schedule)], verdicts, png)
+        plots.plot(name, subset, {k: out.parent / v for k, v in png.items()})
+        diagnostics = rsst_figures(name, subset, out, stem)
         lines += diagnostics
         figures += len(png) + sum(line.startswith("![") for line in diagnostics)
-        tables[title] = [line for c in section_cells[(dataset, schedule)]
+        tables[name] = [line for c in section_cells[(dataset, schedule)]
                          for line in [f"**{c.name or dataset}**", ""] + markdown.comparison_table(c, verdicts) + [""]]
     pngs = [f"{out.stem}_compute{'' if len(compute) == 1 else i + 1}.png" for i in range(len(compute))]
     lines += markdown.compute_section(compute, equal_rows, verdicts, pngs)
