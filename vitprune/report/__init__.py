@@ -1,5 +1,5 @@
 """`python -m vitprune report`: Markdown tables + PNG plots comparing runs (run folders or a W&B
-project), in layers: runs (reading) -> stats (numbers, verdict policy) -> markdown and plots."""
+project), in layers: runs (reading) -> stats (numbers, verdict policy) -> markdown, plots, wandb_report."""
 import re
 from pathlib import Path
 
@@ -10,6 +10,7 @@ from vitprune.report.markdown import comparison
 from vitprune.report.runs import RunRecords, load_run, read_runs
 from vitprune.report.stats import (Verdicts, cell_groups, cells, compute_cells, configurations, decide,
                                    equal_compute, equal_compute_keys, paired_test, run_stats)
+from vitprune.report.wandb_report import create_wandb_report
 
 __all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "cells", "decide", "paired_test",
            "Verdicts", "comparison"]
@@ -53,7 +54,7 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     out.write_text("\n".join(lines) + "\n")
     print(f"report: wrote {out} and {figures} plots beside it")
     if wandb_report and online:
-        print(f"report: W&B report at {plots.create_wandb_report(wandb_report, tables, title)}")
+        print(f"report: W&B report at {create_wandb_report(wandb_report, tables, title)}")
     elif wandb_report:
         print("report: cannot create a W&B Report offline (no credentials or WANDB_MODE); the Markdown is written")
 

@@ -1,5 +1,5 @@
-"""The report's figures: PNG plots of accuracy per state and per epoch, and the optional W&B
-Report (headline tables beside the runs' live curves)."""
+"""The report's figures: PNG plots of accuracy per state and per epoch, of accuracy against
+training compute, and of RSST's diagnostics over a state."""
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH
 
@@ -64,29 +64,6 @@ def _save(fig, ax, path, integer_x=True, **labels):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ---- the W&B Report ---------------------------------------------------------------------------
-
-def create_wandb_report(target, tables: dict, title):
-    """A W&B Report with, per dataset, the headline table and the runs' curves grouped by method."""
-    import wandb_workspaces.reports.v2 as wr
-    entity, project = target.split("/")
-    blocks = [wr.H1(title), wr.P("Headline: final pruned test accuracy of every state (state/final_test_acc).")]
-    for dataset, table in tables.items():
-        runs = wr.Runset(entity=entity, project=project, name=dataset,
-                         filters=f"Config('dataset') = '{dataset}'", groupby=["group"])
-        panels = [wr.LinePlot(title="final pruned test acc", x="state", y=["state/final_test_acc"]),
-                  wr.LinePlot(title="best-epoch test acc", x="state", y=["state/best_test_acc"]),
-                  wr.LinePlot(title="val acc", x="global_epoch", y=["val_acc"]),
-                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"]),
-                  wr.LinePlot(title="final pruned test acc vs training FLOPs", x="state/train_flops",
-                              y=["state/final_test_acc"])]
-        blocks += [wr.H2(dataset), wr.MarkdownBlock("\n".join(table)), wr.PanelGrid(runsets=[runs], panels=panels)]
-    report = wr.Report(project=project, entity=entity, title=title, blocks=blocks)
-    report.save()
-    return report.url
-
 
 
 # ---- RSST's diagnostics over a state ------------------------------------------------------------
