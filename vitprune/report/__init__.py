@@ -1,5 +1,6 @@
 """`python -m vitprune report`: Markdown tables + PNG plots comparing runs (run folders or a W&B
-project), in layers: runs (reading) -> stats (numbers, verdict policy) -> markdown, plots, wandb_report."""
+project), in layers: runs (reading) -> stats, policy, compute (numbers, verdict policy) ->
+markdown, plots, wandb_report."""
 import re
 from pathlib import Path
 
@@ -7,9 +8,10 @@ from vitprune.config import ConfigError, dataset_name
 from vitprune.log import resolve_wandb_mode
 from vitprune.report import markdown, plots
 from vitprune.report.markdown import comparison
+from vitprune.report.compute import cell_groups, compute_cells, equal_compute, equal_compute_keys
+from vitprune.report.policy import Verdicts, cells, configurations, decide
 from vitprune.report.runs import RunRecords, load_run, read_runs
-from vitprune.report.stats import (Verdicts, cell_groups, cells, compute_cells, configurations, decide,
-                                   equal_compute, equal_compute_keys, paired_test, run_stats)
+from vitprune.report.stats import paired_test, run_stats
 from vitprune.report.wandb_report import create_wandb_report
 
 __all__ = ["main", "RunRecords", "load_run", "run_stats", "configurations", "cells", "decide", "paired_test",

@@ -3,13 +3,14 @@ runs' states, findings, parameter efficiency and training time."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
-from vitprune.report.stats import (ALPHA, EQUAL_COMPUTE, POLICY, RISING, Cell, Verdicts, cell_groups,
-                                   compute_to_reach, equal_compute_verdicts, has_compute, late_start,
-                                   matching_pruned_epochs, mean, run_result, run_stats, std)
+from vitprune.report.compute import (EQUAL_COMPUTE, cell_groups, compute_to_reach, equal_compute_verdicts,
+                                     has_compute, matching_pruned_epochs, run_result)
+from vitprune.report.policy import ALPHA, POLICY, Cell, Verdicts
+from vitprune.report.stats import RISING, late_start, mean, run_stats, std
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
 COMPUTE_COLUMN = "Compute to reach this state"
-# The rows of the comparison table: (run_stats key, title); what each may conclude is stats.POLICY.
+# The rows of the comparison table: (run_stats key, title); what each may conclude is policy.POLICY.
 ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
         ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
         ("retention", "Retention: best pruned / State 0"), ("late", "Late phase mean"), ("last", "Last common state"))
@@ -319,8 +320,8 @@ COMPUTE_NOTE = (
 
 def compute_section(cells, rows, verdicts: Verdicts, pngs) -> list:
     """Per cell (same model, data, ratio): the accuracy-vs-compute figure, each configuration's
-    compute and result, and the equal-compute verdicts. cells: stats.compute_cells; rows: their
-    stats.equal_compute rows, whose tests are in `verdicts`' Holm family."""
+    compute and result, and the equal-compute verdicts. cells: compute.compute_cells; rows: their
+    compute.equal_compute rows, whose tests are in `verdicts`' Holm family."""
     lines = ["## Compute: accuracy vs training compute", ""]
     if not any(with_ for _, with_, _ in cells):
         return lines + ["No compute figure and no equal-compute verdict: no run has `train_flops` in its "

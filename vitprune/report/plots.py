@@ -40,7 +40,8 @@ def compute_plot(title, groups: dict, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from vitprune.report.stats import COMPUTE, mean, std
+    from vitprune.report.compute import COMPUTE
+    from vitprune.report.stats import mean, std
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, runs) in enumerate(groups.items()):
         n = min(len(r.states) for r in runs)
