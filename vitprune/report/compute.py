@@ -1,12 +1,12 @@
 """The compute analysis: accuracy per training FLOP, prune-and-fine-tune as a configuration of the
-loop, and the equal-compute verdict. Imports no torch."""
+loop, and the equal-compute verdict; the numbers of the compute tables and figures. Imports no torch."""
 import math
 from typing import NamedTuple, Optional
 
 from vitprune.config import applies, configuration
 from vitprune.report.policy import ALPHA
 from vitprune.report.runs import HEADLINE, RunRecords
-from vitprune.report.stats import Paired, holm, mean, paired_test, run_stats
+from vitprune.report.stats import Paired, Summary, holm, mean, paired_test, run_stats, std, summarize
 
 # Records written since compute accounting carry, in every epoch and state record, the training
 # FLOPs (`train_flops`) and wall seconds (`train_time_s`) of the run so far. Older records have
@@ -83,6 +83,8 @@ class EqualCompute(NamedTuple):
     ratio: Optional[float]   # fine-tune / loop training FLOPs, mean over the paired seeds
     loop_acc: dict           # {seed: accuracy} of the seeds at equal compute
     finetune_acc: dict
+    loop_summary: Summary    # over those seeds
+    finetune_summary: Summary
     test: Paired
     verdict: str
 
@@ -128,7 +130,8 @@ def equal_compute(cell_runs) -> list:
         f = max(pairs, key=lambda k: (len(pairs[k][0]), -distance(k)))
         within, ratio = pairs[f]
         loop_acc, ft_acc = {s: a for s, (a, _) in within.items()}, {s: b for s, (_, b) in within.items()}
-        rows.append(EqualCompute(label, f, ratio, loop_acc, ft_acc, paired_test(loop_acc, ft_acc), ""))
+        rows.append(EqualCompute(label, f, ratio, loop_acc, ft_acc, summarize(list(loop_acc.values())),
+                                 summarize(list(ft_acc.values())), paired_test(loop_acc, ft_acc), ""))
     return rows
 
 
@@ -184,3 +187,47 @@ def compute_to_reach(runs, metric: str, n: int, key=HEADLINE):
             flops.append(r.states[state].get(COMPUTE))
     return None if not flops or None in flops else mean(flops)
 
+
+# ---- what a compute cell shows --------------------------------------------------------------------
+
+class Spent(NamedTuple):
+    """One configuration of a compute cell: its runs' training compute and time, and their result."""
+    label: str
+    runs: int
+    flops: float                    # mean training FLOPs of a whole run
+    seconds: Optional[float]        # mean training time of the runs that logged it
+    acc: Summary                    # best pruned test accuracy (by val), over its runs
+    pruned_epochs: Optional[float]  # mean --pruned_epochs of the prune-and-fine-tune of equal compute
+
+
+def spent(cell_runs) -> list:
+    """A Spent per configuration of a cell's runs (every one with train_flops)."""
+    rows = []
+    for label, group in cell_groups(cell_runs).items():
+        results = [run_result(r) for r in group]
+        seconds = [r.states[-1].get("train_time_s") for r in group if r.states[-1].get("train_time_s")]
+        matching = [m for m in map(matching_pruned_epochs, group) if m is not None]
+        rows.append(Spent(label, len(group), mean([r.states[-1][COMPUTE] for r in group]), mean(seconds),
+                          summarize([x[0] for x in results if x]), mean(matching)))
+    return rows
+
+
+class Curve(NamedTuple):
+    """A configuration's final pruned test accuracy against the cumulative training FLOPs at the end
+    of each state its runs have in common: means over the runs, their std (0: one run) as error."""
+    label: str
+    runs: int
+    flops: list
+    acc: list
+    err: list
+
+
+def curves(cell_runs) -> list:
+    """A Curve per configuration of a cell's runs (every one with train_flops)."""
+    out = []
+    for label, runs in cell_groups(cell_runs).items():
+        n = min(len(r.states) for r in runs)
+        out.append(Curve(label, len(runs), [mean([r.states[s][COMPUTE] for r in runs]) for s in range(n)],
+                         [mean([r.states[s][HEADLINE] for r in runs]) for s in range(n)],
+                         [std([r.states[s][HEADLINE] for r in runs]) or 0.0 for s in range(n)]))
+    return out

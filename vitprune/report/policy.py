@@ -4,6 +4,7 @@ Holm-corrected together. Imports no torch."""
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 from vitprune.config import FIELDS, METHODS, configuration
 from vitprune.report.runs import HEADLINE
@@ -12,7 +13,7 @@ from vitprune.report.stats import Paired, holm, mean, paired_test, run_stats
 
 def configurations(runs) -> dict:
     """{label: [runs]} for the runs of one dataset; label = method (+ what else differs and
-    applies to the run's method)."""
+    applies to the run's method). The runs keep their own labels (cells() gives them)."""
     key = lambda r: tuple(sorted((k, str(v)) for k, v in configuration(r.config).items()))
     keys = [dict(k) for k in dict.fromkeys(key(r) for r in runs)]
     differing = [k for k in dict.fromkeys(f for c in keys for f in c)
@@ -20,8 +21,8 @@ def configurations(runs) -> dict:
     groups = {}
     for r in runs:
         c = dict(key(r))
-        r.label = " ".join([c.get("method", "?")] + [f"{k}={c[k]}" for k in differing if k in c])
-        groups.setdefault(r.label, []).append(r)
+        label = " ".join([c.get("method", "?")] + [f"{k}={c[k]}" for k in differing if k in c])
+        groups.setdefault(label, []).append(r)
     return groups
 
 
@@ -59,8 +60,10 @@ def within_run_noise(groups: dict, n: int, mode: str, key=HEADLINE) -> dict:
 #   as "beyond within-run noise", never as a seed-to-seed result; otherwise no verdict;
 # - an RSST state whose targets (the largest group's norm ratio; the aggregate for old records)
 #   kept more than NOT_ZEROED at the hard prune is flagged wherever the report shows that state.
-# POLICY: what each row of the comparison (a run_stats key) may conclude, per mode (see `mode`):
-# "compare" (a winner can be named), or the reason none can.
+# METRICS: the rows of a comparison (run_stats keys), in the order the tables show them;
+# POLICY: what each row may conclude, per mode (see `mode`): "compare" (a winner can be named),
+# or the reason none can.
+METRICS = ("state0", "state1", "best", "mean", "std", "retention", "late", "last")
 _FINE_TUNE = "– (states carry each method's own weights: see state by state)"
 POLICY = {
     "oneshot": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
@@ -125,9 +128,20 @@ def cells(runs) -> list:
         fields = dict(key)
         name = ", ".join(f"{k}={json.loads(fields[k])}" for k in differing if k in fields)
         rewind = members[0].config.get("rewind", FIELDS["rewind"].default)
-        result.append(Cell(name, configurations(members), min(len(r.states) for r in members),
+        groups = configurations(members)
+        for label, group in groups.items():  # a run is named by its cell's column in every table and plot
+            for r in group:
+                r.label = label
+        result.append(Cell(name, groups, min(len(r.states) for r in members),
                            mode(members[0].config.get("schedule", "oneshot"), rewind)))
     return result
+
+
+class Judged(NamedTuple):
+    """A pair of configurations at one row: the paired test of b against a (None where the row
+    names no winner) and the verdict, or why there is none."""
+    test: Optional[Paired]
+    verdict: str
 
 
 class Verdicts:
@@ -144,15 +158,13 @@ class Verdicts:
     def __len__(self):
         return len(self.holm)
 
-    def verdict(self, cell, a, b, state):
-        """(Δ b − a or None, its text with the interval, the verdict) at one state."""
+    def verdict(self, cell, a, b, state) -> Judged:
+        """The test of b against a (Δ = b − a) at one state, and its verdict."""
         key = (cell, a, b, state)
         if key not in self.tests:
-            return None, "n/a", "–"
+            return Judged(None, "–")
         t = self.tests[key]
-        text = "n/a" if t.delta is None else f"{t.delta:+.2f}" + (
-            "" if t.p is None else f" [{t.low:+.2f}, {t.high:+.2f}]")  # no spread: no interval to show
-        return t.delta, text, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b)
+        return Judged(t, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b))
 
 
 def decide(t: Paired, p_holm, noise: dict, mode: str, a: str, b: str) -> str:

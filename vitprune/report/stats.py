@@ -1,8 +1,9 @@
-"""The report's statistics: a run's own numbers (its best state by val, spans of states), the
-paired t-test and Holm's correction. Imports no torch."""
+"""The report's statistics: a run's own numbers (its best state by val, spans of states, state 0's
+trend, its times), summaries over seeds, the paired t-test and Holm's correction. Imports no torch."""
 import math
 import statistics
 from collections import namedtuple
+from typing import NamedTuple, Optional
 
 from vitprune.report.runs import HEADLINE, BEST_EPOCH, RunRecords
 
@@ -43,6 +44,52 @@ def run_stats(run: RunRecords, n=None, key=HEADLINE) -> dict:
         "late": mean(accs[late_start(n):]) if n >= 3 else None,
         "last": accs[-1] if n >= 2 else None,
     }
+
+
+class Summary(NamedTuple):
+    """One metric over a configuration's seeds: how many values, their mean and (2+) std."""
+    n: int
+    mean: Optional[float]
+    std: Optional[float]
+    state: Optional[int] = None  # the state the value is from, where it is a best state
+
+
+def summarize(values, state=None) -> Summary:
+    return Summary(len(values), mean(values), std(values), state)
+
+
+class Trend(NamedTuple):
+    """State 0's val accuracy: the means of its first k epochs, its last k and the k before."""
+    k: int
+    first: float
+    last: float
+    before: float
+    rising: bool  # the last k beat the k before by more than RISING
+
+
+def state0_trend(run: RunRecords) -> Optional[Trend]:
+    """Whether state 0 was still improving when it stopped, k = min(5, epochs/2); None below 2 epochs."""
+    v = run.state_epochs(0)
+    k = min(5, len(v) // 2)
+    if not k:
+        return None
+    first, last, before = mean(v[:k]), mean(v[-k:]), mean(v[-2 * k:-k])
+    return Trend(k, first, last, before, last - before > RISING)
+
+
+class Times(NamedTuple):
+    """A run's training time in seconds (None = n/a)."""
+    state0: float
+    state1: Optional[float]
+    later: Optional[float]      # mean per state over states 2+
+    total: float
+    per_epoch: Optional[float]  # mean over the epochs that logged their time
+
+
+def run_times(run: RunRecords) -> Times:
+    t = [s.get("time_s", 0.0) for s in run.states]
+    return Times(t[0], t[1] if len(t) > 1 else None, mean(t[2:]), sum(t),
+                 mean([e["time_s"] for e in run.epochs if e.get("time_s") is not None]))
 
 
 Paired = namedtuple("Paired", "delta low high p n")
