@@ -10,7 +10,7 @@ from scipy.stats import ttest_rel
 
 from vitprune import report
 from vitprune.config import Config, from_flags
-from vitprune.report import stats
+from vitprune.report import compute, stats
 
 from conftest import run_cli
 
@@ -42,10 +42,10 @@ def test_pruned_epochs_refused_where_it_cannot_apply(tmp_path, monkeypatch, caps
 
 def test_prune_and_fine_tune_is_a_configuration_of_the_loop():
     cfg = from_flags({"method": "refill", "states": 2, "rewind": "none", "pruned_epochs": 900})
-    assert stats.is_finetune(cfg.to_dict()) and cfg.rewind_epoch is None
-    assert not stats.is_finetune(Config().to_dict())
-    assert not stats.is_finetune(Config(states=2).to_dict())  # one round of the lottery ticket: rewinds
-    assert not stats.is_finetune(Config(method="rsst", states=2, rewind="none").to_dict())
+    assert compute.is_finetune(cfg.to_dict()) and cfg.rewind_epoch is None
+    assert not compute.is_finetune(Config().to_dict())
+    assert not compute.is_finetune(Config(states=2).to_dict())  # one round of the lottery ticket: rewinds
+    assert not compute.is_finetune(Config(method="rsst", states=2, rewind="none").to_dict())
 
 
 # ---- the paired test --------------------------------------------------------------------------
@@ -78,12 +78,12 @@ def budget_run(root, method, finals, flops, seed, vals=None, epochs=2, **flags):
     (run_dir / "config.json").write_text(json.dumps(cfg))
     vals, records = vals or finals, []
     for s, (acc, f) in enumerate(zip(finals, flops)):
-        compute = {} if f is None else {"train_flops": f * P, "train_time_s": 10.0 * (s + 1)}
+        spent = {} if f is None else {"train_flops": f * P, "train_time_s": 10.0 * (s + 1)}
         records.append({"kind": "epoch", "state": s, "epoch": 0, "global_epoch": s, "val_acc": vals[s],
-                        "test_acc": acc, "time_s": 1.0, **compute})
+                        "test_acc": acc, "time_s": 1.0, **spent})
         records.append({"kind": "state", "state": s, "final_test_acc": acc, "final_val_acc": vals[s],
                         "best_test_acc": acc, "best_val_acc": vals[s], "params_alive": 100 if s == 0 else 30,
-                        "params_total": 100, "time_s": 2.0, **compute})
+                        "params_total": 100, "time_s": 2.0, **spent})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
 
@@ -119,7 +119,7 @@ def holm(ps):
 
 def test_planted_winner_and_null_at_equal_compute(tmp_path):
     runs, acc = planted(tmp_path)
-    rows = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    rows = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     by_loop = {row.loop: row for row in rows}
     refill, rsst = by_loop["refill loop, 4 × 2 epochs"], by_loop["rsst loop, 4 × 2 epochs"]
     # each loop meets the fine-tune of its own compute: refill 19 vs 19, rsst 26 vs 26.5
@@ -137,7 +137,7 @@ def test_planted_winner_and_null_at_equal_compute(tmp_path):
 
 def test_fine_tune_wins_when_the_loop_is_worse(tmp_path):
     runs, _ = planted(tmp_path, shift=-2.0)
-    rows = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    rows = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     refill = next(r for r in rows if r.loop.startswith("refill"))
     assert refill.test.delta < 0 and refill.verdict.startswith("**prune-and-fine-tune, 2 + 6 epochs** (paired t")
 
@@ -148,7 +148,7 @@ def test_equal_compute_is_within_ten_percent(tmp_path, ft_flops, seeds):
     for seed, e in enumerate([0.0, 0.5, -0.5]):
         runs.append(budget_run(tmp_path, "refill", [70, 60, 62 + e, 61], REFILL_LOOP, seed))
         runs.append(budget_run(tmp_path, "refill", [70, 60 - e], [10, ft_flops], seed, pruned_epochs=6, **FINETUNE))
-    (row,) = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    (row,) = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     assert row.test.n == seeds and row.ratio == pytest.approx(ft_flops / 19)
     if not seeds:
         assert row.verdict == ("no verdict: no seed with the fine-tune's compute within ±10% of the loop's "
@@ -158,7 +158,7 @@ def test_equal_compute_is_within_ten_percent(tmp_path, ft_flops, seeds):
 def test_one_seed_gives_no_verdict(tmp_path):
     runs = [budget_run(tmp_path, "refill", [70, 60, 62, 61], REFILL_LOOP, 0),
             budget_run(tmp_path, "refill", [70, 58], [10, 19], 0, pruned_epochs=6, **FINETUNE)]
-    (row,) = stats.equal_compute_verdicts(stats.equal_compute([report.load_run(r) for r in runs]))
+    (row,) = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     assert row.test.delta == pytest.approx(4.0) and row.verdict == "no verdict: one seed at equal compute (run several seeds)"
 
 
@@ -238,8 +238,8 @@ def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
     from vitprune.model import build_model
     from vitprune.structure import Structure, count, dims
     loop, ft = points(loops), points(finetunes)
-    assert {c.method for c in loop} == {"refill", "rsst"} and all(stats.is_finetune(c.to_dict()) for c in ft)
-    assert {stats.compute_cell_key(c.to_dict()) for c in loop + ft} == {stats.compute_cell_key(loop[0].to_dict())}
+    assert {c.method for c in loop} == {"refill", "rsst"} and all(compute.is_finetune(c.to_dict()) for c in ft)
+    assert {compute.compute_cell_key(c.to_dict()) for c in loop + ft} == {compute.compute_cell_key(loop[0].to_dict())}
     assert {c.seed for c in loop} == {c.seed for c in ft} and len({c.seed for c in loop}) >= 2
     c = loop[0]
     model = build_model(c.model, 100 if c.dataset == "cifar100" else 10, c.img_size, c.patch_size)
@@ -251,7 +251,7 @@ def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
     for c in loop:  # FLOPs per image and epoch; state 0 dense; RSST's state 1 trains its targets too
         cost = c.epochs * dense + (c.states - 1) * c.epochs * ticket + (c.method == "rsst") * c.epochs * (dense - ticket)
         ratios = sorted({(f.epochs * dense + f.pruned_epochs * ticket) / cost for f in ft})
-        assert sum(abs(r - 1) <= stats.EQUAL_COMPUTE for r in ratios) == 1, (c.method, ratios)
+        assert sum(abs(r - 1) <= compute.EQUAL_COMPUTE for r in ratios) == 1, (c.method, ratios)
         assert min(abs(r - 1) for r in ratios) < 0.02, (c.method, ratios)
 
 

@@ -39,7 +39,8 @@ def test_oneshot_compares_state_1_only():
     assert sorted(cell.groups) == ["refill", "rsst"]  # RSST-only flags do not label the columns
     assert cell.pairs() == [("refill", "rsst")] and cell.n == 5
     verdicts = report.Verdicts([cell])
-    rows = {metric: (cells, pairs) for metric, _, cells, pairs in report.comparison(cell, verdicts)}
+    table = report.cell_tables(cell, verdicts)
+    rows = {metric: (cells, pairs) for metric, _, cells, pairs in report.comparison(table)}
     noise = 2 * 2 ** 0.5 * (1 / 3) ** 0.5  # 2√2 × refill's std over states 2-4 (rsst's is 0.29)
     cells, [(delta, verdict)] = rows["state1"]  # 79.0 vs 80.0: 1.0 < 1.63
     assert cells == {"refill": "79.00%", "rsst": "80.00% ⚠"}  # rsst's state 1 kept 35% of its targets

@@ -1,50 +1,46 @@
-"""The report's Markdown: the comparison tables, the state-by-state table, and per dataset the
-runs' states, findings, parameter efficiency and training time."""
+"""The report's Markdown, from its computed numbers (analysis.Analysis): the comparison tables, the
+state-by-state table, and per dataset the runs' states, findings, parameter efficiency and
+training time; the compute section."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
-from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
-from vitprune.report.stats import (ALPHA, EQUAL_COMPUTE, POLICY, RISING, Cell, Verdicts, cell_groups,
-                                   compute_to_reach, equal_compute_verdicts, has_compute, late_start,
-                                   matching_pruned_epochs, mean, run_result, run_stats, std)
+from vitprune.report.analysis import CellTables, ComputeCell, Row, RunNumbers, Section
+from vitprune.report.compute import EQUAL_COMPUTE
+from vitprune.report.policy import ALPHA
+from vitprune.report.runs import BEST_EPOCH, HEADLINE
+from vitprune.report.stats import RISING, Summary
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
 COMPUTE_COLUMN = "Compute to reach this state"
-# The rows of the comparison table: (run_stats key, title); what each may conclude is stats.POLICY.
-ROWS = (("state0", "State 0 (dense)"), ("state1", "State 1 (the methods' tickets)"),
-        ("best", "Best pruned state (by val)"), ("mean", "Mean"), ("std", "Std"),
-        ("retention", "Retention: best pruned / State 0"), ("late", "Late phase mean"), ("last", "Last common state"))
+# The titles of the comparison table's rows (policy.METRICS; what each may conclude is policy.POLICY).
+TITLES = {"state0": "State 0 (dense)", "state1": "State 1 (the methods' tickets)",
+          "best": "Best pruned state (by val)", "mean": "Mean", "std": "Std",
+          "retention": "Retention: best pruned / State 0", "late": "Late phase mean", "last": "Last common state"}
 
 
-def comparison(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
+def comparison(cell: CellTables, key=HEADLINE) -> list:
     """Rows (metric, title, {label: cell}, [(Δ text, verdict) per pair]) of the seed's comparison
     table; only the headline's rows carry verdicts."""
-    n, table = cell.n, []
-    stats = {label: [run_stats(r, n, key) for r in runs] for label, runs in cell.groups.items()}
-    for metric, title in ROWS:
-        title = _row_title(metric, title, n)
-        values = {label: [s[metric] for s in ss if s[metric] is not None] for label, ss in stats.items()}
-        cells = {label: _cell(values[label], ss, metric) + (f" {FLAG}" if _flagged(cell.groups[label], ss, metric, n)
-                                                            else "") for label, ss in stats.items()}
-        policy = POLICY[cell.mode][metric]
-        state = {"state1": 1, "last": n - 1}.get(metric)
-        pairs = [verdicts.verdict(cell, a, b, state)[1:] if policy == "compare" and key == HEADLINE
-                 else ("n/a", policy) for a, b in cell.pairs()]
-        table.append((metric, title, cells, pairs))
-    return table
+    return [(row.metric, _row_title(row.metric, cell), _cells(row), [(_delta(j.test), j.verdict) for j in row.pairs])
+            for row in cell.tables[key]]
 
 
-def _flagged(runs, stats, metric, n) -> bool:
-    """⚠ on a row that shows (or averages) a state whose RSST targets were not driven to zero."""
-    shown = {"state1": lambda s: [1], "last": lambda s: [n - 1], "best": lambda s: [s["best_state"]],
-             "mean": lambda s: range(2, n), "std": lambda s: range(2, n), "late": lambda s: range(late_start(n), n),
-             "retention": lambda s: [s["best_state"]]}.get(metric, lambda s: [])
-    return any(state is not None and r.not_zeroed(state) for r, s in zip(runs, stats) for state in shown(s))
+def _cells(row: Row) -> dict:
+    unit = "" if row.metric == "std" else "%"
+    return {label: _cell(s, unit) + (f" {FLAG}" if row.flagged[label] else "") for label, s in row.values.items()}
 
 
-def _row_title(metric, title, n):
+def _delta(test) -> str:
+    """Δ b − a with its 95% interval (none without spread), n/a where nothing was tested."""
+    if test is None or test.delta is None:
+        return "n/a"
+    return f"{test.delta:+.2f}" + ("" if test.p is None else f" [{test.low:+.2f}, {test.high:+.2f}]")
+
+
+def _row_title(metric, cell: CellTables):
+    n = cell.n
     spans = {"mean": f"Mean, {_span(2, n - 1)}", "std": f"Std over {_span(2, n - 1)}",
-             "late": f"Late phase mean, {_span(late_start(n), n - 1)}", "last": f"Last common state ({n - 1})"}
-    return spans.get(metric, title)
+             "late": f"Late phase mean, {_span(cell.late, n - 1)}", "last": f"Last common state ({n - 1})"}
+    return spans.get(metric, TITLES[metric])
 
 
 def _span(first, last):
@@ -53,63 +49,53 @@ def _span(first, last):
     return f"state {first}" if last == first else f"states {first}–{last}"
 
 
-def _cell(values, stats, metric):
-    if not values:
+def _cell(s: Summary, unit="%"):
+    if not s.n:
         return "n/a"
-    text = f"{mean(values):.2f}" + ("%" if metric != "std" else "")
-    if len(values) >= 2:
-        text += f" ± {std(values):.2f} ({len(values)} seeds)"
-    elif metric == "best":
-        text += f" (state {stats[0]['best_state']})"
+    text = f"{s.mean:.2f}{unit}"
+    if s.n >= 2:
+        text += f" ± {s.std:.2f} ({s.n} seeds)"
+    elif s.state is not None:
+        text += f" (state {s.state})"
     return text
-
-
-def by_state(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
-    """Rows (state, {label: cell}, [(Δ text, verdict) per pair]) comparing the methods state by state."""
-    rows = []
-    for s in range(1, cell.n):
-        values = {label: [r.states[s][key] for r in runs] for label, runs in cell.groups.items()}
-        cells = {label: _cell(v, None, "state") + (f" {FLAG}" if any(r.not_zeroed(s) for r in cell.groups[label]) else "")
-                 for label, v in values.items()}
-        same = cell.mode == "oneshot" and s >= 2
-        rows.append((s, cells, [("n/a", "– (same ticket, retrained)") if same else verdicts.verdict(cell, a, b, s)[1:]
-                                for a, b in cell.pairs()]))
-    return rows
 
 
 def _pct(x, signed=False):
     return "n/a" if x is None else (f"{x:+.2f}" if signed else f"{x:.2f}%")
 
 
-def pair_header(cell: Cell, verdicts: Verdicts) -> list:
-    holm = f" (paired; Holm over {len(verdicts)} tests)" if len(verdicts) else ""
-    return [h for a, b in cell.pairs() for h in (f"Δ {b} − {a} [95% CI]", f"Winner{holm}" if len(cell.pairs()) == 1
-                                                   else f"Winner {a} vs {b}{holm}")]
+def pair_header(cell: CellTables, tests: int) -> list:
+    holm = f" (paired; Holm over {tests} tests)" if tests else ""
+    return [h for a, b in cell.pairs for h in (f"Δ {b} − {a} [95% CI]", f"Winner{holm}" if len(cell.pairs) == 1
+                                                 else f"Winner {a} vs {b}{holm}")]
 
 
-def comparison_table(cell: Cell, verdicts: Verdicts, key=HEADLINE) -> list:
-    rows = comparison(cell, verdicts, key)
+def comparison_table(cell: CellTables, tests: int, key=HEADLINE) -> list:
     headline = key == HEADLINE  # the verdicts are the headline's: the other table describes
-    compute = all(has_compute(r) for runs in cell.groups.values() for r in runs)  # newer records only
-    header = ["Metric", *cell.groups, *(pair_header(cell, verdicts) if headline else []),
-              *([COMPUTE_COLUMN] if compute else [])]
+    header = ["Metric", *cell.labels, *(pair_header(cell, tests) if headline else []),
+              *([COMPUTE_COLUMN] if cell.compute else [])]
     return fmt.table(header, [[t, *cells.values(), *(x for pair in pairs for x in pair if headline),
-                               *([_reach(cell, m, cells, key)] if compute else [])]
-                              for m, t, cells, pairs in rows])
+                               *([_reach(row)] if cell.compute else [])]
+                              for row, (_, t, cells, pairs) in zip(cell.tables[key], comparison(cell, key))])
 
 
-def _reach(cell: Cell, metric, cells, key) -> str:
+def _reach(row: Row) -> str:
     """The compute column: per configuration, in the columns' order; n/a where its cell is."""
-    return " / ".join("n/a" if cells[label].startswith("n/a") else
-                      fmt.flops(compute_to_reach(runs, metric, cell.n, key)) for label, runs in cell.groups.items())
+    return " / ".join("n/a" if not row.values[label].n else fmt.flops(flops) for label, flops in row.reach.items())
 
 
-def verdict_note(verdicts: Verdicts) -> list:
-    if not len(verdicts):
+def headline_tables(section: Section, tests: int) -> list:
+    """The section's headline comparison tables, one per cell, each under its cell's name."""
+    return [line for c in section.cells
+            for line in [f"**{c.name or section.dataset}**", ""] + comparison_table(c, tests) + [""]]
+
+
+def verdict_note(tests: int) -> list:
+    if not tests:
         return ["Winner: no seed-level test in this report (no two seeds in common); one-seed gaps are judged "
                 "against the within-run noise only. imp and dense are references, not contestants.", ""]
     return [f"Winner: paired t-test on the per-seed differences over the seeds both columns have (Δ = mean "
-            f"difference, [95% t-interval]); p-values **Holm-corrected over the {len(verdicts)} tests of this "
+            f"difference, [95% t-interval]); p-values **Holm-corrected over the {tests} tests of this "
             f"report**, a winner needs Holm p < {ALPHA:g}. imp and dense are references, not contestants.", ""]
 
 
@@ -139,23 +125,23 @@ SCHEDULE_NOTE = {
 }
 
 
-def key_result(cell: Cell, verdicts: Verdicts) -> list:
-    groups, n = cell.groups, cell.n
-    if not cell.pairs():
-        return [f"**Key result**: no Refill/RSST pair to compare ({', '.join(groups)}).", ""]
+def key_result(cell: CellTables) -> list:
+    n = cell.n
+    if not cell.pairs:
+        return [f"**Key result**: no Refill/RSST pair to compare ({', '.join(cell.labels)}).", ""]
     if n < 2:
         return ["**Key result**: no pruned state in common yet: nothing to compare.", ""]
-    _, _, cells, pairs = {r[0]: r for r in comparison(cell, verdicts)}["state1" if cell.mode == "oneshot" else "last"]
+    _, _, cells, pairs = {r[0]: r for r in comparison(cell)}["state1" if cell.mode == "oneshot" else "last"]
     what = "State 1" if cell.mode == "oneshot" else f"the last common state ({n - 1})"
-    tests = "; ".join(f"Δ {b} − {a} = {d} → {v}" for (a, b), (d, v) in zip(cell.pairs(), pairs))
+    tests = "; ".join(f"Δ {b} − {a} = {d} → {v}" for (a, b), (d, v) in zip(cell.pairs, pairs))
     return [f"**Key result** (final pruned test accuracy at {what}): " +
             " vs ".join(f"{label} {c}" for label, c in cells.items()) + f"; {tests}.", ""]
 
 
-def dataset_section(title, runs, section_cells, verdicts, png) -> list:
-    n = min(len(r.states) for r in runs)
-    lines = [f"## {title}", ""]
-    for m in dict.fromkeys(c.mode for c in section_cells):
+def dataset_section(section: Section, tests: int, png) -> list:
+    runs, n = [x.run for x in section.runs], section.n
+    lines = [f"## {section.title}", ""]
+    for m in dict.fromkeys(c.mode for c in section.cells):
         lines += [SCHEDULE_NOTE[m], ""]
     counts = {r.name: len(r.states) for r in runs}
     if len(set(counts.values())) > 1:
@@ -165,35 +151,37 @@ def dataset_section(title, runs, section_cells, verdicts, png) -> list:
     if any(r.not_zeroed(s) for r in runs for s in range(len(r.states))):
         lines += [f"{FLAG} = RSST targets not driven to zero at the hard prune (the largest target group kept "
                   f"more than {NOT_ZEROED:g} of its norm): that state's hard prune removed live weights.", ""]
-    if any(c.pairs() for c in section_cells):
-        lines += verdict_note(verdicts)
-    for cell in section_cells:
-        lines += cell_section(cell, verdicts, len(section_cells) > 1)
+    if any(c.pairs for c in section.cells):
+        lines += verdict_note(tests)
+    for cell in section.cells:
+        lines += cell_section(cell, tests, len(section.cells) > 1)
     lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
-    for r in runs:
-        lines += per_state(r)
-    lines += findings(runs, n) + efficiency(runs) + timing(runs)
+    for numbers in section.runs:
+        lines += per_state(numbers)
+    lines += findings(section.runs, n) + efficiency(runs) + timing(section.runs)
     lines += [f"![val accuracy vs epoch]({png['epochs']})", ""]
     return lines
 
 
-def cell_section(cell: Cell, verdicts: Verdicts, named: bool) -> list:
+def cell_section(cell: CellTables, tests: int, named: bool) -> list:
     """One cell's key result, comparison tables and state-by-state table."""
     lines = [f"### Cell: {cell.name}", ""] if named else []
     suffix = f" — {cell.name}" if named else ""
-    lines += key_result(cell, verdicts)
+    lines += key_result(cell)
     for key, heading in ((HEADLINE, "Final pruned test accuracy (headline)"),
                          (BEST_EPOCH, "Best-epoch test accuracy (test acc at the state's epoch of best val acc)")):
-        lines += [f"### {heading}{suffix}", ""] + comparison_table(cell, verdicts, key) + [""]
+        lines += [f"### {heading}{suffix}", ""] + comparison_table(cell, tests, key) + [""]
     if cell.n >= 2:
         lines += [f"### State by state (final pruned test accuracy){suffix}", ""] + fmt.table(
-            ["State", *cell.groups, *pair_header(cell, verdicts)],
-            [[s, *cells.values(), *(x for pair in pairs for x in pair)] for s, cells, pairs in by_state(cell, verdicts)])
+            ["State", *cell.labels, *pair_header(cell, tests)],
+            [[row.metric, *_cells(row).values(), *(x for j in row.pairs for x in (_delta(j.test), j.verdict))]
+             for row in cell.by_state])
         lines += [""]
     return lines
 
 
-def per_state(r: RunRecords) -> list:
+def per_state(numbers: RunNumbers) -> list:
+    r = numbers.run
     rows = [("final test (pruned)", HEADLINE, _num), ("final val (pruned)", "final_val_acc", _num),
             ("best-epoch test", BEST_EPOCH, _num), ("before hard prune (RSST)", "pre_prune_test_acc", _num),
             ("targets' norm at hard prune (RSST)", "target_norm_ratio", _ratio_cell),
@@ -203,7 +191,7 @@ def per_state(r: RunRecords) -> list:
             if any(s.get(key) is not None for s in r.states)]
     planned = r.config.get("states")
     head = f"**{r.name}** ({r.label}, {len(r.states)}" + (f" of {planned}" if planned else "") + f" states, {r.status})"
-    stats = run_stats(r)
+    stats = numbers.own
     trend = "" if stats["best"] is None else (
         f"Best pruned state by val: state {stats['best_state']}, test {stats['best']:.2f}%" +
         (f"; states 2+ range {min(r.acc()[2:]):.2f}–{max(r.acc()[2:]):.2f}%." if len(r.states) > 2 else "."))
@@ -218,11 +206,12 @@ def _ratio_cell(x):
     return f"{x:.3f} {FLAG}" if x > NOT_ZEROED else f"{x:.3f}"
 
 
-def findings(runs, n) -> list:
+def findings(numbers: list, n) -> list:
+    """From each run's RunNumbers: the effect of pruning, state 0's trend, the recovery after pruning."""
     lines = [f"### Finding 1: effect of pruning vs State 0 (common states 0–{n - 1})", ""]
     rows = []
-    for r in runs:
-        s = run_stats(r, n)
+    for x in numbers:
+        r, s = x.run, x.common
         gain = lambda x: None if x is None else x - s["state0"]
         best = "n/a" if s["best"] is None else f"{s['best']:.2f}% (state {s['best_state']})"
         rows.append([r.name, _pct(s["state0"]), best, _pct(gain(s["best"]), True),
@@ -231,23 +220,21 @@ def findings(runs, n) -> list:
 
     lines += ["### Finding 2: is State 0 still improving? (val accuracy per epoch of state 0)", ""]
     rows = []
-    for r in runs:
-        v = r.state_epochs(0)
-        k = min(5, len(v) // 2)
-        if not k:
-            rows.append([r.name, "n/a", "n/a", "n/a", "n/a (needs >= 2 epochs)"])
+    for x in numbers:
+        t = x.trend
+        if t is None:
+            rows.append([x.run.name, "n/a", "n/a", "n/a", "n/a (needs >= 2 epochs)"])
             continue
-        first, last, before = mean(v[:k]), mean(v[-k:]), mean(v[-2 * k:-k])
-        verdict = "still rising" if last - before > RISING else "plateaued"
-        rows.append([r.name, _pct(first), _pct(last), _pct(last - first, True),
-                     f"{verdict} (last {k} vs the {k} before: {last - before:+.2f})"])
+        verdict = "still rising" if t.rising else "plateaued"
+        rows.append([x.run.name, _pct(t.first), _pct(t.last), _pct(t.last - t.first, True),
+                     f"{verdict} (last {t.k} vs the {t.k} before: {t.last - t.before:+.2f})"])
     lines += fmt.table(["Run", "First-k mean", "Last-k mean", "Δ", "Verdict"], rows)
     lines += ["", f"k = min(5, epochs/2); \"still rising\" = the last k epochs beat the k before "
                   f"by > {RISING} points.", ""]
 
     lines += ["### Finding 3: recovery after pruning (test accuracy)", ""]
     rows = []
-    for r in runs:
+    for r in (x.run for x in numbers):
         if len(r.states) < 2:
             rows.append([r.name] + ["n/a"] * 6)
             continue
@@ -281,14 +268,13 @@ def efficiency(runs) -> list:
     return ["### Parameter efficiency (alive after the last state; compression ×)", ""] + fmt.table(header, rows) + [""]
 
 
-def timing(runs) -> list:
+def timing(numbers: list) -> list:
     rows = []
-    for r in runs:
-        t = [s.get("time_s", 0.0) for s in r.states]
-        per_epoch = mean([e["time_s"] for e in r.epochs if e.get("time_s") is not None])
-        rows.append([r.name, fmt.duration(t[0]), fmt.duration(t[1]) if len(t) > 1 else "n/a",
-                     fmt.duration(mean(t[2:])) if len(t) > 2 else "n/a", fmt.duration(sum(t)),
-                     fmt.duration(per_epoch) if per_epoch else "n/a"])
+    for x in numbers:
+        t = x.times
+        rows.append([x.run.name, fmt.duration(t.state0), "n/a" if t.state1 is None else fmt.duration(t.state1),
+                     "n/a" if t.later is None else fmt.duration(t.later), fmt.duration(t.total),
+                     fmt.duration(t.per_epoch) if t.per_epoch else "n/a"])
     return ["### Training time", ""] + fmt.table(
         ["Run", "State 0", "State 1", "States 2+ (mean per state)", "Total", "Per epoch"], rows) + [""]
 
@@ -317,45 +303,35 @@ COMPUTE_NOTE = (
     "the report), a winner named at p < 0.05.")
 
 
-def compute_section(cells, rows, verdicts: Verdicts, pngs) -> list:
-    """Per cell (same model, data, ratio): the accuracy-vs-compute figure, each configuration's
-    compute and result, and the equal-compute verdicts. cells: stats.compute_cells; rows: their
-    stats.equal_compute rows, whose tests are in `verdicts`' Holm family."""
+def compute_section(cells: list, pngs) -> list:
+    """Per compute cell (same model, data, ratio; analysis.ComputeCell): the accuracy-vs-compute figure,
+    each configuration's compute and result, and the equal-compute verdicts."""
     lines = ["## Compute: accuracy vs training compute", ""]
-    if not any(with_ for _, with_, _ in cells):
+    if not any(c.runs for c in cells):
         return lines + ["No compute figure and no equal-compute verdict: no run has `train_flops` in its "
                         "records (written before compute accounting).", ""]
     lines += [COMPUTE_NOTE, ""]
-    judged = iter(equal_compute_verdicts([row for cell in rows for row in cell], verdicts.holm))
-    for (title, with_, without), png, cell_rows in zip(cells, pngs, rows):
-        lines += [f"### {title}", ""]
-        if without:
-            lines += ["No compute figure or verdict for " + ", ".join(r.name for r in without) +
+    for cell, png in zip(cells, pngs):
+        lines += [f"### {cell.title}", ""]
+        if cell.without:
+            lines += ["No compute figure or verdict for " + ", ".join(r.name for r in cell.without) +
                       ": no `train_flops` in their records (written before compute accounting).", ""]
-        if not with_:
+        if not cell.runs:
             continue
-        lines += [f"![test accuracy vs cumulative training compute]({png})", ""] + compute_table(with_) + [""]
-        if not cell_rows:
+        lines += [f"![test accuracy vs cumulative training compute]({png})", ""] + compute_table(cell) + [""]
+        if not cell.equal:
             lines += ["No equal-compute verdict: the cell needs a ticket loop (refill or rsst) and a "
                       "prune-and-fine-tune configuration.", ""]
             continue
         lines += fmt.table(["Ticket loop", "Prune-and-fine-tune", "Compute, fine-tune / loop", "Seeds at equal compute",
                             "Loop", "Fine-tune", "Δ loop − fine-tune [95% CI]", "Winner at equal compute"],
-                           [_equal_row(next(judged)) for _ in cell_rows]) + [""]
+                           [_equal_row(row) for row in cell.equal]) + [""]
     return lines
 
 
-def compute_table(runs) -> list:
-    rows = []
-    for label, group in cell_groups(runs).items():
-        results = [run_result(r) for r in group]
-        accs = [x[0] for x in results if x]
-        total = mean([r.states[-1]["train_flops"] for r in group])
-        seconds = mean([r.states[-1].get("train_time_s") for r in group if r.states[-1].get("train_time_s")])
-        matching = [m for m in map(matching_pruned_epochs, group) if m is not None]
-        rows.append([label, len(group), fmt.flops(total), fmt.duration(seconds) if seconds else "n/a",
-                     _cell(accs, None, "state") if accs else "n/a",
-                     f"`--pruned_epochs={round(mean(matching))}`" if matching else "–"])
+def compute_table(cell: ComputeCell) -> list:
+    rows = [[s.label, s.runs, fmt.flops(s.flops), fmt.duration(s.seconds) if s.seconds else "n/a", _cell(s.acc),
+             "–" if s.pruned_epochs is None else f"`--pruned_epochs={round(s.pruned_epochs)}`"] for s in cell.spent]
     return fmt.table(["Configuration", "Runs", "Training compute (mean)", "Training time (mean)",
                       "Best pruned test accuracy (by val)", "Prune-and-fine-tune of equal compute"], rows)
 
@@ -365,6 +341,5 @@ def _equal_row(row) -> list:
     ci = "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]"
     return [row.loop, row.finetune, "n/a" if row.ratio is None else f"{row.ratio:.2f}",
             f"{t.n} ({', '.join(map(str, sorted(row.loop_acc)))})" if t.n else "0",
-            _cell(list(row.loop_acc.values()), None, "state") if t.n else "n/a",
-            _cell(list(row.finetune_acc.values()), None, "state") if t.n else "n/a",
+            _cell(row.loop_summary), _cell(row.finetune_summary),
             "n/a" if t.delta is None else f"{t.delta:+.2f}{ci}", row.verdict]

@@ -1,5 +1,5 @@
-"""The report's figures: PNG plots of accuracy per state and per epoch, and the optional W&B
-Report (headline tables beside the runs' live curves)."""
+"""The report's figures: PNG plots of accuracy per state and per epoch, of accuracy against
+training compute (from its computed curves), and of RSST's diagnostics over a state."""
 from vitprune.config import NOT_ZEROED
 from vitprune.report.runs import BEST_EPOCH
 
@@ -34,21 +34,16 @@ def plot(dataset, runs, paths):
           title=f"{dataset}: val accuracy per epoch")
 
 
-def compute_plot(title, groups: dict, path):
+def compute_plot(title, curves: list, path):
     """Test accuracy (final pruned) against the cumulative training FLOPs at the end of each state,
-    one curve per configuration ({label: [runs]}, mean over its seeds, std as error bars)."""
+    one curve per configuration (compute.Curve: mean over its seeds, std as error bars)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from vitprune.report.stats import COMPUTE, mean, std
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, runs) in enumerate(groups.items()):
-        n = min(len(r.states) for r in runs)
-        x = [mean([r.states[s][COMPUTE] for r in runs]) for s in range(n)]
-        y = [mean([r.states[s]["final_test_acc"] for r in runs]) for s in range(n)]
-        err = [std([r.states[s]["final_test_acc"] for r in runs]) or 0.0 for s in range(n)]
-        ax.errorbar(x, y, yerr=err, fmt="s--" if label.startswith("prune-and-fine-tune") else "o-", color=f"C{i}",
-                    capsize=3, label=f"{label} ({len(runs)} run{'s' * (len(runs) > 1)})")
+    for i, c in enumerate(curves):
+        ax.errorbar(c.flops, c.acc, yerr=c.err, fmt="s--" if c.label.startswith("prune-and-fine-tune") else "o-",
+                    color=f"C{i}", capsize=3, label=f"{c.label} ({c.runs} run{'s' * (c.runs > 1)})")
     _save(fig, ax, path, integer_x=False, xlabel="cumulative training compute (FLOPs)",
           ylabel="test accuracy (%), final pruned", title=f"{title}: accuracy vs training compute")
 
@@ -64,29 +59,6 @@ def _save(fig, ax, path, integer_x=True, **labels):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ---- the W&B Report ---------------------------------------------------------------------------
-
-def create_wandb_report(target, tables: dict, title):
-    """A W&B Report with, per dataset, the headline table and the runs' curves grouped by method."""
-    import wandb_workspaces.reports.v2 as wr
-    entity, project = target.split("/")
-    blocks = [wr.H1(title), wr.P("Headline: final pruned test accuracy of every state (state/final_test_acc).")]
-    for dataset, table in tables.items():
-        runs = wr.Runset(entity=entity, project=project, name=dataset,
-                         filters=f"Config('dataset') = '{dataset}'", groupby=["group"])
-        panels = [wr.LinePlot(title="final pruned test acc", x="state", y=["state/final_test_acc"]),
-                  wr.LinePlot(title="best-epoch test acc", x="state", y=["state/best_test_acc"]),
-                  wr.LinePlot(title="val acc", x="global_epoch", y=["val_acc"]),
-                  wr.LinePlot(title="params alive", x="state", y=["state/params_alive"]),
-                  wr.LinePlot(title="final pruned test acc vs training FLOPs", x="state/train_flops",
-                              y=["state/final_test_acc"])]
-        blocks += [wr.H2(dataset), wr.MarkdownBlock("\n".join(table)), wr.PanelGrid(runsets=[runs], panels=panels)]
-    report = wr.Report(project=project, entity=entity, title=title, blocks=blocks)
-    report.save()
-    return report.url
-
 
 
 # ---- RSST's diagnostics over a state ------------------------------------------------------------
