@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitprune.bench import _bench_models, bench_train
-from vitprune.export import n_params
+from vitprune.deploy import n_params
 
 ROOT = Path(__file__).parents[1]
 

@@ -157,7 +157,7 @@ def info():
 
 def export(checkpoint, out):
     """Write a physically smaller timm ViT (alive heads and neurons only) from a checkpoint."""
-    from vitprune.export import export as export_checkpoint
+    from vitprune.deploy import export as export_checkpoint
     export_checkpoint(checkpoint, out)
 
 

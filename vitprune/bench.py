@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fmt
-from .export import compact_model, load_checkpoint, masked_model, n_params
+from .deploy import compact_model, load_checkpoint, masked_model, n_params
 from .kernels import PrunableParams, reference, resolve_backend
 from .structure import Structure, count, head_cols, head_rows
 from .timing import device_name, peak_memory, time_side_by_side
@@ -449,7 +449,7 @@ def _bench_onnxruntime(models: dict, batches: list, warmup: int, iters: int):
     fp32 models, timed side by side on the CPU; None without onnxruntime/onnx."""
     import tempfile
 
-    from .export import save_onnx, torch_export
+    from .deploy import save_onnx, torch_export
     try:
         import onnxruntime
     except ImportError:
