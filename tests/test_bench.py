@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitprune.bench import _bench_models, bench_train
+from vitprune.bench.train import _bench_models, bench_train
 from vitprune.deploy import n_params
 
 ROOT = Path(__file__).parents[1]

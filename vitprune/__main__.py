@@ -177,7 +177,7 @@ def _command(fn):
 
 
 def bench():
-    """Side-by-side benchmarks (vitprune/bench.py): kernels, train, export."""
+    """Side-by-side benchmarks (vitprune/bench/): kernels, train, export."""
     from vitprune import bench as benchmarks
     return {name: _command(getattr(benchmarks, f"bench_{name}")) for name in ("kernels", "train", "export")}
 
