@@ -12,7 +12,7 @@ def modules() -> dict:
     """{dotted name: path} of every module; kernels/X.py is vitprune.kernels.X."""
     found = {}
     for package, root in ROOTS.items():
-        for folder, dirs, files in os.walk(root):  # does not enter vitprune/kernels, a link to kernels/
+        for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             prefix = ".".join([package, *Path(folder).relative_to(root).parts])
             for file in files:
