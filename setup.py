@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     # The top-level kernels/ folder is installed as vitprune.kernels, so the package never
     # claims the generic top-level name `kernels`.
-    packages=["vitprune", "vitprune.data", "vitprune.report", "vitprune.kernels"],
+    packages=["vitprune", "vitprune.bench", "vitprune.data", "vitprune.report", "vitprune.kernels"],
     package_dir={"vitprune": "vitprune", "vitprune.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",

@@ -9,19 +9,29 @@
 # OUT gets report.md (device, every table, the time of every step) and one raw log per step:
 # at most 8 files. Needs torch, triton, timm and pytest; not fire or wandb (the Python entry
 # points are called directly, W&B is off) and no network. Exit status 1 if any step failed.
+# It runs this checkout's code whether or not a vitprune is installed, and writes nothing into
+# the checkout: `git status --porcelain --ignored` is the same before and after.
 set -u
 cpu=0
 if [ "${1:-}" = "--cpu" ]; then cpu=1; shift; fi
 [ $# -eq 1 ] || { echo "usage: scripts/gpu_check.sh [--cpu] OUT" >&2; exit 2; }
-out=$1
-cd "$(dirname "$0")/.."
-mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+mkdir -p "$1" && out=$(cd "$1" && pwd) || exit 2
+repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$(command -v python3 || command -v python)}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# setup.py installs kernels/ as vitprune.kernels; without an install, a link does the same.
-[ -e vitprune/kernels ] || ln -s ../kernels vitprune/kernels
-runs=$(mktemp -d)  # run folders (checkpoints): large, not part of the report
-trap 'rm -rf "$runs"' EXIT
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+runs=$tmp/runs  # run folders (checkpoints): large, not part of the report
+mkdir "$runs" "$tmp/vitprune"
+# The package as setup.py installs it (kernels/ as vitprune.kernels), built of links in $tmp:
+# the steps run there, with $tmp first on the path, so `import vitprune` finds it before any
+# installed vitprune and before the checkout's own folder (which has no kernels). No bytecode
+# is written (it would land in the linked folders) and pytest runs without its cache.
+for entry in "$repo"/vitprune/*; do
+    case ${entry##*/} in __pycache__|kernels) ;; *) ln -s "$entry" "$tmp/vitprune/" ;; esac
+done
+ln -s "$repo/kernels" "$tmp/vitprune/kernels"
+cd "$tmp"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$tmp${PYTHONPATH:+:$PYTHONPATH}"
 report=$out/report.md
 start=$(date +%s)
 # Seconds for all steps (GPU_CHECK_BUDGET overrides): a step gets at most what is left, so on
@@ -36,8 +46,8 @@ if [ $cpu = 1 ]; then
     run_flags="model='vit_micro', device='cpu'"
     triton_leg=auto  # the interpreter would take hours: auto shows which backend a CPU run records
     export_args="batches=(1, 8), iters=2, device='cpu', onnxruntime=False"
-    # The plumbing, not the accuracy: a small synthetic set (512 train, 64 val, 128 test).
-    prelude="import functools, vitprune.data as d; d.synthetic = functools.partial(d.synthetic, sizes=(512, 64, 128))
+    # The plumbing, not the accuracy: a small synthetic set (576 images, 10% val; 128 test).
+    prelude="import vitprune.data.synth as synth; synth.SYNTHETIC_SIZES = (512, 64, 128)
 "
 else
     device=cuda
@@ -95,15 +105,17 @@ else:
 # is CPU work, and one process would compile them one after another.
 gpu_tests() {
     local ids shards i pids=() rc=0
-    "$py" -m pytest -q --co -m gpu tests/ > "$runs/collect.log" 2>&1 || { cat "$runs/collect.log"; return 1; }
+    "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" --co -m gpu "$repo/tests" > "$runs/collect.log" 2>&1 ||
+        { cat "$runs/collect.log"; return 1; }
     mapfile -t ids < <(grep '::' "$runs/collect.log")
     [ ${#ids[@]} -gt 0 ] || { echo "no gpu tests collected"; return 1; }
+    ids=("${ids[@]/#/$repo/}")  # test ids are relative to the checkout, and the steps run in $tmp
     shards=$(( $(nproc) < 8 ? $(nproc) : 8 ))
     for ((i = 0; i < shards; i++)); do
         local mine=()
         for ((j = i; j < ${#ids[@]}; j += shards)); do mine+=("${ids[j]}"); done
         [ ${#mine[@]} -gt 0 ] || continue
-        "$py" -m pytest -q -p no:cacheprovider "${mine[@]}" > "$runs/shard$i.log" 2>&1 &
+        "$py" -m pytest -q -p no:cacheprovider --rootdir "$repo" "${mine[@]}" > "$runs/shard$i.log" 2>&1 &
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
@@ -148,7 +160,7 @@ sys.exit(0 if worst <= 3 else 1)"
 }
 
 export -f vp info gpu_tests run_leg compare_runs
-export py runs run_flags triton_leg prelude
+export py repo runs run_flags triton_leg prelude
 echo "vitprune GPU check ($([ $cpu = 1 ] && echo 'CPU dry run' || echo CUDA)) -> $out"
 rm -f "$out/steps.tmp"
 step "device and versions" 30 info.txt info

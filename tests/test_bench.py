@@ -1,6 +1,7 @@
 """`bench train`: dense, pruned and the compacted twin side by side, at any input size; and
 scripts/gpu_check.sh's CPU dry run, end to end."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitprune.bench import _bench_models, bench_train
-from vitprune.export import n_params
+from vitprune.bench.train import _bench_models, bench_train
+from vitprune.deploy import n_params
 
 ROOT = Path(__file__).parents[1]
 
@@ -54,13 +55,23 @@ def test_twin_is_the_pruned_network_with_parameters_of_its_own():
     assert not shared
 
 
+def git(*args, cwd) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """The GPU check's plumbing on the CPU: every step runs and the report holds every table."""
-    out = tmp_path / "check"
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
+    """The GPU check's plumbing on the CPU, in a fresh clone of this repository's committed
+    HEAD: every step runs, the report holds every table, and the clone is left as it was."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs git and a git checkout to clone")
+    clone, out = tmp_path / "clone", tmp_path / "check"
+    git("clone", "--quiet", str(ROOT), str(clone), cwd=tmp_path)
+    before = git("status", "--porcelain", "--ignored", cwd=clone)
+    r = subprocess.run(["bash", str(clone / "scripts" / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
                        text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout + r.stderr
+    assert git("status", "--porcelain", "--ignored", cwd=clone) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.md", "info.txt", "tests.log", "bench_kernels.log", "runs.log", "runs_compared.log",
          "bench_train.log", "bench_export.log"])  # at most 8 files: what a lent GPU machine returns

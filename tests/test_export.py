@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from vitprune import train
 from vitprune import runtime
 from vitprune.errors import ConfigError
 from vitprune.bench import bench_export
-from vitprune.export import compact_model, export, load_checkpoint, load_exported
+from vitprune.deploy import compact_model, export, load_checkpoint, load_exported
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, count
 
@@ -36,7 +35,7 @@ def checkpoints(tmp_path_factory):
 
 
 def pruned_network(ck: dict):
-    """(model, structure): the network training evaluated, rebuilt without vitprune.export."""
+    """(model, structure): the network training evaluated, rebuilt without vitprune.deploy."""
     model = build_model(ck["config"]["model"], num_classes=10)
     model.load_state_dict(ck["model"])
     structure = Structure.from_state_dict(ck["structure"])

@@ -12,7 +12,7 @@ def modules() -> dict:
     """{dotted name: path} of every module; kernels/X.py is vitprune.kernels.X."""
     found = {}
     for package, root in ROOTS.items():
-        for folder, dirs, files in os.walk(root):  # does not enter vitprune/kernels, a link to kernels/
+        for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             prefix = ".".join([package, *Path(folder).relative_to(root).parts])
             for file in files:
@@ -93,7 +93,7 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     graph = import_graph()
     assert "vitprune.kernels.self_check" in graph["vitprune.kernels"]  # `from .self_check import` in a function
     assert "vitprune.kernels.reference" in graph["vitprune.kernels"]  # `from . import reference`
-    assert "vitprune.export" in graph["vitprune"]  # the lazy load_exported
+    assert "vitprune.deploy" in graph["vitprune"]  # the lazy load_exported
     assert "vitprune.train" in graph["vitprune.__main__"]
     assert "vitprune.model" in graph["vitprune.kernels.aot"]
 

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import INTERPRET, compiled_cuda, interpreted  # noqa: E402
-from vitprune.bench import bench_kernels, group_reg_loop  # noqa: E402
+from vitprune.bench.kernels import bench_kernels, group_reg_loop  # noqa: E402
 from vitprune.kernels import PrunableParams, reference  # noqa: E402
 from vitprune.kernels.group_reg import _table, group_reg  # noqa: E402
 from vitprune.kernels.masked_linear import masked_linear  # noqa: E402

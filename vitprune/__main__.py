@@ -136,7 +136,7 @@ def info():
 
 def export(checkpoint, out):
     """Write a physically smaller timm ViT (alive heads and neurons only) from a checkpoint."""
-    from vitprune.export import export as export_checkpoint
+    from vitprune.deploy import export as export_checkpoint
     export_checkpoint(checkpoint, out)
 
 
@@ -156,7 +156,7 @@ def _command(fn):
 
 
 def bench():
-    """Side-by-side benchmarks (vitprune/bench.py): kernels, train, export."""
+    """Side-by-side benchmarks (vitprune/bench/): kernels, train, export."""
     from vitprune import bench as benchmarks
     return {name: _command(getattr(benchmarks, f"bench_{name}")) for name in ("kernels", "train", "export")}
 

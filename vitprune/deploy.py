@@ -1,4 +1,5 @@
-"""Physically compacted export of a pruned checkpoint (its benchmark: `bench.bench_export`).
+"""The deploy formats: the physically compacted export of a pruned checkpoint (its benchmark:
+bench/export.py).
 
 export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config.json (a timm
                VisionTransformer holding only the alive heads and neurons: timm.create_model of the
