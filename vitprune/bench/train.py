@@ -22,7 +22,8 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     torchvision's DataLoader with the classic PIL transforms; then the projected wall time of
     the seed's experiment (16 × 60 epochs of 45k images + evaluation of 15k per epoch).
     img_size/patch_size: the models' input (the synthetic 32-px batch is resized to it)."""
-    from vitprune.data import synthetic, train_batches
+    from vitprune.data.core import train_batches
+    from vitprune.data.synth import synthetic
 
     device = resolve_device(device)
     cuda = device.type == "cuda"
@@ -130,7 +131,7 @@ def _step_fns(net, batch_xy, device, bf16, optimizer, compile):
 
 
 def _tensor_loader_rate(data, batch):
-    from vitprune.data import train_batches
+    from vitprune.data.core import train_batches
     sync = torch.cuda.synchronize if data.train_x.is_cuda else (lambda: None)
     t0 = time.perf_counter()
     n = 0
