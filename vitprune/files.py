@@ -1,14 +1,22 @@
-"""Writing files safely: atomic replace, appends, fsync, and a full disk said in one line.
+"""Writing files safely: atomic replace, appends, fsync, locks, and a full disk said in one line.
 
 Every file vitprune writes (checkpoints, metrics, summaries, caches, exports) goes through
 `write_atomic` or `append_line`, so a crash never leaves a torn file and a full disk is
-caught in one place (`DiskFull`, exit code 75).
+caught in one place (`DiskFull`, exit code 75). Temp files have names of their own (pid and
+random), so two processes writing one file never rename each other's. What must be done by
+one process at a time (a run folder, a shared cache) takes an `exclusive_lock`.
 """
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 from vitprune.errors import ConfigError
@@ -78,7 +86,7 @@ def write_atomic(path, content, before_replace=None):
     and the rename (to verify the new file while the old one stands). Returns (size, sha256);
     raises DiskFull, the old file untouched, when the disk is full."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             w = Writer(f)
@@ -91,6 +99,7 @@ def write_atomic(path, content, before_replace=None):
         if before_replace:
             before_replace(tmp, w.size, w.sha.hexdigest())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     except OSError as e:
         if e.errno in FULL_ERRNOS:
             tmp.unlink(missing_ok=True)
@@ -101,13 +110,29 @@ def write_atomic(path, content, before_replace=None):
     return w.size, w.sha.hexdigest()
 
 
+def temp_name(path: Path) -> Path:
+    """A temp file beside `path` that no other process (or call) uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(folder) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def append_line(path, line: str):
-    """Append one line; on a full disk cut the file back to what it was and raise DiskFull."""
+    """Append one line and fsync it (a checkpoint written after it never runs ahead of the
+    records); on a full disk cut the file back to what it was and raise DiskFull."""
     data = line.encode()
     with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
         size = f.tell()
         try:
             Writer(f).write(data)
+            os.fsync(f.fileno())
         except OSError as e:
             if e.errno not in FULL_ERRNOS:
                 raise
@@ -130,3 +155,67 @@ def check_folder(flag: str, path: str, writable: bool):
         raise ConfigError(f"--{flag}: {path!r} {what}, not a folder; give a folder path")
     if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--{flag}: cannot write in {existing!r}; give a folder you can write to")
+
+
+class Locked(Exception):
+    """Another process holds the lock; str(): who (host, pid, since when), as it wrote."""
+
+
+class Lock:
+    """An exclusive lock on a lock file (fcntl.flock), released by the OS when the process dies,
+    so a killed holder leaves no stale lock. The file is never removed: a removed and re-created
+    lock file could be locked by two processes at once. The holder writes who it is into it.
+    On a filesystem without locks (ENOLCK: some NFS and Lustre mounts) `acquire` says so in one
+    line on stderr and goes on unlocked (`self.locked` False)."""
+
+    def __init__(self, path):
+        self.path, self.fd, self.locked = Path(path), None, False
+
+    def acquire(self, blocking: bool = True) -> "Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(self.fd)
+                self.fd = None
+                raise Locked(self.holder()) from None
+            if e.errno != errno.ENOLCK:
+                raise
+            print(f"warning: {self.path.parent} does not support file locks (ENOLCK); going on without "
+                  f"{self.path.name}: nothing stops another process from using it at the same time", file=sys.stderr)
+            return self
+        self.locked = True
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": stamp}).encode(), 0)
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it: 'host HOST, pid PID, since TIME'."""
+        try:
+            who = json.loads(self.path.read_text())
+            return f"host {who['host']}, pid {who['pid']}, since {who['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process (it has not said who yet)"
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd, self.locked = None, False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Hold an exclusive lock on the lock file `path` for the block, waiting for it if another
+    process holds it (a shared cache: one process builds it, the others then read it)."""
+    with Lock(path):
+        yield
+
