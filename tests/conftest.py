@@ -83,7 +83,7 @@ def kill_mid_state(cmd, run_dir, state: int, next_epoch: int, timeout: float = 6
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if last.exists():
-            ck = torch.load(last, weights_only=False)  # written by rename: never torn
+            ck = torch.load(last, weights_only=True)  # written by rename: never torn
             if (ck["state"], ck["next_epoch"]) == (state, next_epoch):
                 break
         time.sleep(0.05)

@@ -304,8 +304,8 @@ def test_prune_and_fine_tune_run(finetune_run):
     # multistep over the state's 3 epochs: x0.1 from epoch 1.5 on (the default lr is 0.01)
     assert [r["lr"] for r in epochs[1:]] == pytest.approx([0.01, 0.01, 0.001])
     assert not (run_dir / "checkpoints" / "rewind.pt").exists()
-    state0 = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=False)
-    state1 = torch.load(run_dir / "checkpoints" / "state_01.pt", weights_only=False)
+    state0 = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=True)
+    state1 = torch.load(run_dir / "checkpoints" / "state_01.pt", weights_only=True)
     keep = Structure.from_state_dict(state1["structure"])
     assert int(keep.heads.sum()) == 8 and int(keep.neurons.sum()) == 256  # ratio 0.5 of 16 heads, 512 neurons
     data = synthetic(0, sizes=SIZES)
@@ -356,7 +356,7 @@ def test_prune_and_fine_tune_resumes_exactly(finetune_run, tmp_path):
     with pytest.raises(SystemExit) as stopped:
         finetune(tmp_path, "ft", stop_at_step=8)
     assert stopped.value.code == 130
-    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)
     assert (ck["state"], ck["next_epoch"], ck["step"]) == (1, 1, 2)  # inside the fine-tune's second epoch
     finetune(tmp_path, "ft", resume=True)
     strip = lambda run_dir: [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_time_s")}

@@ -114,7 +114,7 @@ def remove_sidecars(ckpt_dir):  # a run folder written before sidecars existed
 def test_damaged_last_pt_resumes_from_the_start_of_the_state(reference, tmp_path, monkeypatch, capsys, damage):
     run_dir = crashed_run(monkeypatch, tmp_path)
     last = run_dir / "checkpoints" / "last.pt"
-    assert torch.load(last, weights_only=False)["next_epoch"] == 1  # state 1, epoch 0 done
+    assert torch.load(last, weights_only=True)["next_epoch"] == 1  # state 1, epoch 0 done
     if damage == "missing":
         last.unlink()
     elif damage == "flipped":
@@ -333,7 +333,7 @@ def test_resumed_online_run_logs_each_epoch_once(reference, tmp_path, monkeypatc
     run_dir = crashed_run(monkeypatch, tmp_path, "refill", 1, 1, "--wandb=online")
     (run_dir / "checkpoints" / "last.pt").unlink()  # state 1's epoch 0 is redone: W&B has it already
     assert vitprune_run(monkeypatch, tmp_path, "r", "--resume", "--wandb=online") == 0
-    run_id = (run_dir / "wandb_id.txt").read_text()
+    run_id = json.loads((run_dir / "wandb_id.txt").read_text())["id"]
     assert wandb.init_ids == [None, run_id] and list(wandb.server) == [run_id]  # the same W&B run
     epochs = [(row["global_epoch"]) for row in wandb.server[run_id] if "global_epoch" in row]
     assert sorted(epochs) == list(range(4))  # each epoch once

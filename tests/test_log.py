@@ -87,13 +87,13 @@ def test_offline_wandb_mirrors_metrics_jsonl(offline, tmp_path):
     steps = {r.metric.name: r.metric.step_metric for r in wandb_file_records(files[0])
              if r.WhichOneof("record_type") == "metric"}
     assert steps["val_acc"] == "global_epoch" and steps["state/final_test_acc"] == "state"
-    assert (run_dir / "wandb_id.txt").read_text() == files[0].stem.split("-")[1]
+    assert json.loads((run_dir / "wandb_id.txt").read_text())["id"] == files[0].stem.split("-")[1]
 
 
 def test_resume_reuses_wandb_run_id(offline, tmp_path):
     run_dir = tmp_path / "r"
     first = write_run(run_dir)
-    run_id = (run_dir / "wandb_id.txt").read_text()
+    run_id = json.loads((run_dir / "wandb_id.txt").read_text())["id"]
     second = RunLog(run_dir, first.config, "offline")
     assert second.wandb_run.id == run_id
     second.close()
@@ -134,7 +134,7 @@ def test_agent_run_id_wins(offline, tmp_path, monkeypatch):
     (tmp_path / "r" / "wandb_id.txt").write_text("stored1")
     monkeypatch.setenv("WANDB_RUN_ID", "agent123")
     log = RunLog(tmp_path / "r", Config().to_dict(), "offline")
-    assert log.wandb_run.id == "agent123" and (tmp_path / "r" / "wandb_id.txt").read_text() == "agent123"
+    assert log.wandb_run.id == "agent123" and json.loads((tmp_path / "r" / "wandb_id.txt").read_text())["id"] == "agent123"
     log.close()
     wandb.teardown()  # forget WANDB_RUN_ID for the next tests
 

@@ -221,7 +221,7 @@ def test_train_flops_of_one_epoch_by_hand(tiny_runs, name):
     full = hand_forward_flops([4] * 4, [128] * 4)
     images = 2 * BATCH  # one epoch: 2 steps of 32
     assert epochs[0]["train_flops"] == 3 * full * images  # state 0: the dense network, forward + backward
-    ticket = Structure.from_state_dict(torch.load(run_dir / "checkpoints" / "state_01.pt")["structure"])
+    ticket = Structure.from_state_dict(torch.load(run_dir / "checkpoints" / "state_01.pt", weights_only=True)["structure"])
     assert not ticket.heads.all() or name == "imp"
     if name.startswith("refill"):  # trains the ticket
         trained = hand_forward_flops(ticket.heads.sum(1).tolist(), ticket.neurons.sum(1).tolist())
@@ -239,7 +239,7 @@ def plain_timm_accuracy(checkpoint, data) -> float:
     """Test accuracy (%) of a state checkpoint in timm's own VisionTransformer (dead groups are
     zero in the weights, so the dense timm model computes the pruned network)."""
     model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, qkv_bias=True, **ALIASES["vit_micro"][1])
-    model.load_state_dict(torch.load(checkpoint)["model"])
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     with torch.inference_mode():
         pred = model.eval()((data.test_x.float() / 255 - 0.5) / 0.5).argmax(1)
     return 100.0 * (pred == data.test_y).sum().item() / len(data.test_y)
@@ -286,14 +286,14 @@ def test_sigint_mid_epoch_with_the_finetune_recipe_resumes_exactly(tmp_path):
     last = tmp_path / "stopped" / "checkpoints" / "last.pt"
     deadline = time.time() + 600
     while time.time() < deadline:  # last.pt is written by rename: never torn
-        ck = torch.load(last, weights_only=False) if last.exists() else {}
+        ck = torch.load(last, weights_only=True) if last.exists() else {}
         if (ck.get("state"), ck.get("next_epoch")) == (1, 0):  # state 1 begins: the teacher is loaded next
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)  # in the middle of state 1's (distilled) epoch
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr[-2000:]
-    ck = torch.load(last, weights_only=False)
+    ck = torch.load(last, weights_only=True)
     assert (ck["state"], ck["next_epoch"]) == (1, 0) and 0 < ck["step"] < 16
     r = subprocess.run([*cmd, "--name=stopped", "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

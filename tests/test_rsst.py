@@ -155,7 +155,7 @@ def zero_outside(state_dict, keep: Structure, heads=4, head_dim=16):
 def test_reported_final_accuracy_is_the_saved_pruned_network(runs, name):
     """state_01.pt in a plain timm ViT gives the state record's final_val_acc exactly. For RSST
     the run without penalty is used, so the hard prune visibly changes the accuracy."""
-    ck = torch.load(runs[name] / "checkpoints" / "state_01.pt", weights_only=False)
+    ck = torch.load(runs[name] / "checkpoints" / "state_01.pt", weights_only=True)
     record = metrics(runs[name], "state")[1]
     assert val_accuracy(plain_vit(ck["model"])) == record["final_val_acc"]
     if name == "sgd_off":
@@ -166,7 +166,7 @@ def test_reported_final_accuracy_is_the_saved_pruned_network(runs, name):
 def test_rsst_epoch_accuracy_is_the_network_without_its_targets(runs):
     """The last epoch record of an RSST state: the weights of last.pt (just before the hard
     prune) with every group outside the saved keep set zeroed, in a plain timm ViT."""
-    ck = torch.load(runs["sgd_off"] / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(runs["sgd_off"] / "checkpoints" / "last.pt", weights_only=True)
     assert (ck["state"], ck["next_epoch"]) == (1, 2)
     keep, alive = Structure.from_state_dict(ck["keep"]), Structure.from_state_dict(ck["alive"])
     assert int(alive.heads.sum()) > int(keep.heads.sum())  # the targets were still alive
@@ -179,8 +179,8 @@ def test_rsst_epoch_accuracy_is_the_network_without_its_targets(runs):
 def test_rsst_keeps_what_refill_keeps(runs):
     rsst, refill = metrics(runs["sgd"], "state")[1], metrics(runs["refill"], "state")[1]
     assert rsst["params_alive"] == refill["params_alive"] < rsst["params_total"]
-    a = torch.load(runs["sgd"] / "checkpoints" / "state_01.pt", weights_only=False)
-    b = torch.load(runs["refill"] / "checkpoints" / "state_01.pt", weights_only=False)
+    a = torch.load(runs["sgd"] / "checkpoints" / "state_01.pt", weights_only=True)
+    b = torch.load(runs["refill"] / "checkpoints" / "state_01.pt", weights_only=True)
     assert torch.equal(a["structure"]["heads"], b["structure"]["heads"])  # same keep sets
     assert torch.equal(a["structure"]["neurons"], b["structure"]["neurons"])
     dead = ~a["structure"]["neurons"][0]  # the saved RSST network is hard-pruned
@@ -189,7 +189,7 @@ def test_rsst_keeps_what_refill_keeps(runs):
 
 @pytest.mark.slow
 def test_imp_reaches_the_scheduled_sparsity_and_dense_keeps_everything(runs, tmp_path):
-    ck = torch.load(runs["imp"] / "checkpoints" / "state_01.pt", weights_only=False)
+    ck = torch.load(runs["imp"] / "checkpoints" / "state_01.pt", weights_only=True)
     weights = [ck["model"][f"blocks.{l}.{n}"] for l in range(4) for n in PRUNABLE_WEIGHTS]
     total = sum(w.numel() for w in weights)
     assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * total)  # global, exact
@@ -212,7 +212,7 @@ def test_late_rewinding_continues_the_schedule_from_epoch_k(tmp_path):
     assert state1[0]["lr"] == state0[1]["lr"] and state1[1]["lr"] == state0[2]["lr"]
     assert len({r["lr"] for r in state0}) == 3  # cosine: every epoch its own lr
     # last.pt: the weights after state 1's last step, before the end of the state zeroes anything
-    ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (ck["state"], ck["next_epoch"]) == (1, 3)
     model = build_model("vit_micro", 10)
     model.load_state_dict(ck["model"])
@@ -261,7 +261,7 @@ def test_reg_reach_prunes_the_targets_early_then_trains_the_pruned_network(runs)
     assert e1["reg_lambda"] == e1["target_norm_ratio"] == e1["target_norm_ratio_max"] == 0.0 and e1["lr"] > 0
     # the state's second half trained the pruned network: its targets are zero in last.pt and the
     # network the epoch evaluated is the saved one (a plain timm ViT, no vitprune code)
-    ck = torch.load(runs["reach"] / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(runs["reach"] / "checkpoints" / "last.pt", weights_only=True)
     assert (ck["state"], ck["next_epoch"]) == (1, 2)
     alive, keep = Structure.from_state_dict(ck["alive"]), Structure.from_state_dict(ck["keep"])
     assert torch.equal(alive.heads, keep.heads) and torch.equal(alive.neurons, keep.neurons)
@@ -279,7 +279,7 @@ def test_sigkill_after_the_early_prune_then_resume(runs, tmp_path):
     flags = [f"--{k}={v}" for k, v in RUNS["reach"].items()] + [f"--out_dir={tmp_path}", "--name=reach"]
     cmd = [sys.executable, "-m", "vitprune", "run", *flags]
     kill_mid_state(cmd, tmp_path / "reach", state=1, next_epoch=1)
-    ck = torch.load(tmp_path / "reach" / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "reach" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["pruned"] is not None and torch.equal(ck["alive"]["heads"], ck["keep"]["heads"])  # after the prune
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

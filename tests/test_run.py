@@ -67,7 +67,7 @@ def test_pruned_states_count_and_zeros(demo):
     L, H, hd, D, M = dims(model)
     states = records(run_dir, "state")
     for s in (1, 2):
-        ck = torch.load(run_dir / "checkpoints" / f"state_{s:02d}.pt", weights_only=False)
+        ck = torch.load(run_dir / "checkpoints" / f"state_{s:02d}.pt", weights_only=True)
         st = Structure.from_state_dict(ck["structure"])
         # ratio 0.7: round(0.3 · 16) heads and round(0.3 · 512) neurons are kept
         assert int(st.heads.sum()) == 5 and int(st.neurons.sum()) == 154
@@ -124,14 +124,14 @@ def test_sigint_mid_epoch_then_the_printed_resume_command_equals_uninterrupted(d
     last = run_dir / "checkpoints" / "last.pt"
 
     def in_state_1_epoch_1():  # last.pt is written by rename: never torn
-        ck = torch.load(last, weights_only=False) if last.exists() else {}
+        ck = torch.load(last, weights_only=True) if last.exists() else {}
         return (ck.get("state"), ck.get("next_epoch")) == (1, 1)
     wait_for(in_state_1_epoch_1)
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of state 1's second epoch
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    ck = torch.load(last, weights_only=False)
+    ck = torch.load(last, weights_only=True)
     assert (ck["state"], ck["next_epoch"]) == (1, 1) and 0 < ck["step"] < 31  # inside the epoch
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["states_done"]) == ("interrupted", 1)

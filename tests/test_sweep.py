@@ -188,12 +188,27 @@ def test_failed_run_exits_nonzero_after_the_rest(tmp_path, monkeypatch):
     ("method: grid\nparameters: {method: {values: [prune_all]}}\ncommand: [python, -m, vitprune, run, '${args}']\n",
      "--method: unknown value 'prune_all'"),
     ("method: grid\nparameters: {out_dir: {value: x}}\n", "remove out_dir"),
-    ("method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [python, train.py, '${args}']\n", "must run"),
+    ("method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [python, train.py, '${args}']\n", "must be `python -m"),
+    # words that contain `vitprune run` but run a shell: refused, nothing runs
+    ("method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [/bin/sh, -c, 'touch pwned', vitprune, run, '${args}']\n",
+     "must be `python -m"),
+    ("method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [python, -m, vitprune, run, '${args}', ';', rm]\n",
+     "must be `python -m"),
 ])
 def test_bad_sweeps_raise_one_line(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as e:
         sweep.main(str(write_sweep(tmp_path, text)), dry_run=True, out_dir=str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_a_sweep_command_that_is_not_vitprune_run_runs_nothing(tmp_path, monkeypatch):
+    """The local runner runs `python -m vitprune run FLAGS` only: a YAML whose command merely
+    contains those words (a shell here) is refused, and its command never runs."""
+    monkeypatch.chdir(tmp_path)
+    text = "method: grid\nparameters: {lr: {value: 0.1}}\ncommand: [/bin/sh, -c, 'touch pwned', vitprune, run]\n"
+    with pytest.raises(ConfigError, match="must be `python -m vitprune run"):
+        sweep.main(str(write_sweep(tmp_path, text)), out_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
 
 
 def test_missing_sweep_file(tmp_path):

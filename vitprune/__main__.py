@@ -11,7 +11,7 @@ import textwrap
 import fire
 
 from vitprune.config import FIELDS, base_type, from_flags
-from vitprune.errors import ConfigError
+from vitprune.errors import ConfigError, RunLocked
 from vitprune.files import DiskFull
 from vitprune.runfolder import claim, resumed_config, run_name
 
@@ -165,12 +165,9 @@ def main():
     commands = {"run": run, "report": report, "sweep": sweep, "export": export, "info": info, "bench": bench}
     try:
         fire.Fire(commands, name="vitprune")
-    except ConfigError as e:
+    except (ConfigError, DiskFull, RunLocked) as e:  # one line, and an exit code per kind
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except DiskFull as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(DiskFull.EXIT_CODE)
+        sys.exit(e.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,21 @@ sidecar (a run folder from before sidecars) is verified by loading it.
 """
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
+from vitprune.errors import ConfigError
 from vitprune.files import write_atomic, write_json
 
 
 class Damaged(Exception):
     """A checkpoint that cannot be used; str(): why, in a few words."""
+
+
+class NeedsPickle(ConfigError):
+    """A checkpoint that would need pickle to load: refused in one line (exit 2)."""
 
 
 def sidecar(path: Path) -> Path:
@@ -54,6 +60,11 @@ def save(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f), before_replace=verify_then_record)
 
 
+def recorded_checksums(path: Path) -> set:
+    """The SHA-256 checksums the sidecar accepts for `path` (empty without a sidecar)."""
+    return {sha for _, sha in _entries(path)}
+
+
 def verify(path: Path):
     """Raises Damaged unless `path` matches its sidecar (without one: nothing to check here)."""
     if not path.is_file():
@@ -69,13 +80,25 @@ def verify(path: Path):
 
 
 def load(path, map_location="cpu") -> dict:
-    """The verified checkpoint at `path`; raises Damaged (missing, checksum, unreadable)."""
+    """The verified checkpoint at `path`, loaded without pickle (weights_only: tensors and plain
+    data only, so a checkpoint from elsewhere cannot run code). Raises Damaged (missing,
+    checksum, unreadable) and NeedsPickle (a file holding other Python objects: refused,
+    never treated as damaged)."""
     path = Path(path)
     verify(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torn zip, pickle error: say what, not the traceback
-        raise Damaged(f"unreadable ({(str(e).strip().splitlines() or [type(e).__name__])[0][:100]})") from None
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # what the weights-only unpickler refuses to build
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                   "not tensors and plain data")
+        raise NeedsPickle(f"{path} holds Python objects that only pickle can load ({why[:120]}); vitprune loads "
+                          f"checkpoints without pickle, so that a run folder cannot run code: refusing it") from None
+    except Exception as e:  # torn zip: say what, not the traceback
+        raise Damaged(f"unreadable ({_first_line(e)[:100]})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def remove(path: Path):

@@ -163,33 +163,37 @@ class Locked(Exception):
 
 class Lock:
     """An exclusive lock on a lock file (fcntl.flock), released by the OS when the process dies,
-    so a killed holder leaves no stale lock. The file is never removed: a removed and re-created
-    lock file could be locked by two processes at once. The holder writes who it is into it.
-    On a filesystem without locks (ENOLCK: some NFS and Lustre mounts) `acquire` says so in one
-    line on stderr and goes on unlocked (`self.locked` False)."""
+    so a killed holder leaves no stale lock. The holder writes who it is into the file and
+    removes it on release; a process that locked a file already removed (or replaced) by the
+    time it got the lock tries again, so there are never two holders. On a filesystem without
+    locks (ENOLCK: some NFS and Lustre mounts) `acquire` says so in one line on stderr and goes
+    on unlocked (`self.locked` False)."""
 
     def __init__(self, path):
         self.path, self.fd, self.locked = Path(path), None, False
 
     def acquire(self, blocking: bool = True) -> "Lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                os.close(self.fd)
-                self.fd = None
-                raise Locked(self.holder()) from None
-            if e.errno != errno.ENOLCK:
-                raise
-            print(f"warning: {self.path.parent} does not support file locks (ENOLCK); going on without "
-                  f"{self.path.name}: nothing stops another process from using it at the same time", file=sys.stderr)
-            return self
-        self.locked = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise Locked(self.holder()) from None
+                if e.errno != errno.ENOLCK:
+                    raise
+                print(f"warning: {self.path.parent} does not support file locks (ENOLCK); going on without "
+                      f"{self.path.name}: nothing stops another process from doing the same at the same time",
+                      file=sys.stderr)
+                return self
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder before us removed the file while we waited: lock the current one
+        self.fd, self.locked = fd, True
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": stamp}).encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": stamp}).encode(), 0)
         return self
 
     def holder(self) -> str:
@@ -202,6 +206,7 @@ class Lock:
 
     def release(self):
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: see the class docstring
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd, self.locked = None, False
 
@@ -210,6 +215,14 @@ class Lock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ W&B is a mirror only: any failure there warns once and training goes on.
 import json
 import netrc
 import os
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -97,6 +98,18 @@ def wandb_group(config: dict) -> str:
     return "/".join([dataset_name(str(c.get("dataset"))), str(c.get("method")), f"r{c.get('ratio', 0):g}", *rest])
 
 
+def _wandb_run_of(folder: Path):
+    """The W&B run id another run folder logs to, None if it has none (or is gone)."""
+    try:
+        text = (folder / "wandb_id.txt").read_text().strip()
+    except OSError:
+        return None
+    try:
+        return json.loads(text).get("id")
+    except (ValueError, AttributeError):
+        return text
+
+
 class RunLog:
     """Appends records to metrics.jsonl and mirrors them to W&B (one W&B run per run folder)."""
 
@@ -128,9 +141,7 @@ class RunLog:
             self._warn(f"W&B unavailable ({type(e).__name__}: {e}); logging to metrics.jsonl only")
             return None
         c = self.config
-        id_file = self.run_dir / "wandb_id.txt"
-        # A resumed run continues its W&B run; under `wandb agent` the agent's WANDB_RUN_ID rules.
-        run_id = id_file.read_text().strip() if id_file.exists() and not os.environ.get("WANDB_RUN_ID") else None
+        run_id, copy = self._wandb_id()
         kwargs = dict(
             project=c.get("wandb_project") or "vitprune", entity=c.get("wandb_entity"),
             name=self.run_dir.name, config={**c, **self.runtime}, dir=str(self.run_dir), id=run_id, resume="allow",
@@ -145,9 +156,13 @@ class RunLog:
             except Exception as e:  # bad key, no network, service crash: fall back, never stop
                 error = error or e
                 continue
-            write_atomic(id_file, run.id)
+            here = {"id": run.id, "folder": str(self.run_dir.resolve()), "host": socket.gethostname()}
+            write_json(self.run_dir / "wandb_id.txt", here)
             if run_id is not None:  # resumed: W&B has its steps 0 .. step-1 already
                 self.wandb_has = int(getattr(run, "step", 0) or 0)
+            if copy:
+                print(f"W&B: {self.run_dir} is a copy of {copy[0]}, which logs to W&B run {copy[1]}: this copy logs "
+                      f"to a W&B run of its own, {run.id}", file=sys.stderr)
             if error is not None:
                 self._warn(f"W&B online failed ({type(error).__name__}: {error}); logging offline, "
                            f"upload later with `wandb sync {run.settings.sync_dir}`")
@@ -159,6 +174,26 @@ class RunLog:
         self._warn(f"W&B stopped mirroring: init failed ({type(error).__name__}: {error}); "
                    f"metrics.jsonl holds every record")
         return None
+
+    def _wandb_id(self):
+        """(the W&B run this folder continues or None, (original folder, its W&B run) when the
+        folder is a copy).
+        A resumed run continues the run of its wandb_id.txt, also when the folder was moved (or
+        taken to another machine); a copy resumed beside its original, which still holds that
+        run, gets a run of its own. Under `wandb agent` the agent's WANDB_RUN_ID rules."""
+        path = self.run_dir / "wandb_id.txt"
+        if os.environ.get("WANDB_RUN_ID") or not path.is_file():
+            return None, None
+        text = path.read_text().strip()
+        try:
+            saved = json.loads(text)
+        except ValueError:
+            saved = {"id": text}  # written before copies were told apart: the id alone
+        origin = Path(saved.get("folder") or self.run_dir)
+        same_machine = saved.get("host", socket.gethostname()) == socket.gethostname()
+        if same_machine and origin != self.run_dir.resolve() and _wandb_run_of(origin) == saved.get("id"):
+            return None, (origin, saved["id"])
+        return saved.get("id"), None
 
     def _wandb_log(self, record: dict):
         if self.wandb_run is None:

@@ -1,15 +1,18 @@
 """Where the loop stands (Position), as checkpoints save it, and which checkpoint a resumed run
-continues from: the newest that verifies (last.pt, else the current state's start, else the
-end of the latest state), its old keys migrated, and one line saying what was lost."""
+continues from: the newest that verifies and that metrics.jsonl reaches (last.pt, else the
+current state's start, else the end of the latest state), its old keys migrated, and one line
+saying what was lost. With none, the run starts again from scratch; a damaged rewind point θ0
+is rebuilt from the seed when its checksum says it is the same."""
 import dataclasses
+import hashlib
+import io
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from vitprune import checkpoint
-from vitprune.config import Config
-from vitprune.errors import ConfigError
+from vitprune.config import EXECUTION_FLAGS, FIELDS, Config
 from vitprune.structure import Structure
 
 
@@ -58,28 +61,69 @@ def checkpoint_candidates(ckpt_dir: Path) -> list:
     return [ckpt_dir / "last.pt", *found]
 
 
-def newest_good_checkpoint(ckpt_dir: Path, device):
-    """(path, loaded checkpoint, what was skipped and why); ConfigError when none is usable."""
-    damaged = []
+def newest_good_checkpoint(ckpt_dir: Path, device, records: list):
+    """(path, loaded checkpoint, what was skipped and why) of the newest checkpoint that verifies
+    and that `records` (metrics.jsonl) reach; path None when there is none. A checkpoint that
+    needs pickle stops the resume (checkpoint.NeedsPickle), as anything not ours would."""
+    skipped = []
     for path in checkpoint_candidates(ckpt_dir):
         try:
-            return path, checkpoint.load(path, device), damaged
+            ck = checkpoint.load(path, device)
         except checkpoint.Damaged as e:
-            damaged.append(f"{path.name} {e}" if str(e) == "missing" else f"{path.name} damaged ({e})")
-    raise ConfigError(f"--resume: no usable checkpoint in {ckpt_dir} ({'; '.join(damaged)}); "
-                      f"start the run again with --overwrite")
+            skipped.append(f"{path.name} {e}" if str(e) == "missing" else f"{path.name} damaged ({e})")
+            continue
+        gap = records_gap(records, *reached(path, ck))
+        if gap is None:
+            return path, ck, skipped
+        skipped.append(f"{path.name} is ahead of metrics.jsonl ({gap})")
+    return None, None, skipped
+
+
+def reached(path: Path, ck: dict) -> tuple:
+    """(state, epoch records of that state) the records must hold for the loop at checkpoint `ck`."""
+    if path.name.startswith("state_"):  # the end of a state: its record is written before it
+        return ck["state"] + 1, 0
+    return ck["state"], len(ck.get("history", []))
+
+
+def records_gap(records: list, state: int, epochs: int) -> Optional[str]:
+    """What metrics.jsonl lacks for the loop to continue at `state` after `epochs` of its epochs
+    (a power loss can lose appends the checkpoint's rename survived); None when nothing."""
+    done = {r["state"] for r in records if r.get("kind") == "state"}
+    missing = [s for s in range(state) if s not in done]
+    if missing:
+        return f"it has no record of state {missing[0]}"
+    have = sum(r.get("kind") == "epoch" and r.get("state") == state for r in records)
+    return None if have >= epochs else f"it has {have} of the {epochs} epoch records of state {state} the checkpoint saw"
 
 
 def rewind_point(ckpt_dir: Path) -> Optional[dict]:
-    """The saved rewind point (rewind.pt) once the run has reached it, else None."""
+    """The saved rewind point (rewind.pt) once the run has reached it, else None; raises
+    checkpoint.Damaged when it is damaged (see rebuilt_rewind_point)."""
     path = ckpt_dir / "rewind.pt"
-    if not path.is_file():
-        return None
-    try:
-        return checkpoint.load(path)
-    except checkpoint.Damaged as e:
-        raise ConfigError(f"--resume: {path} is damaged ({e}): the rewind point is lost; "
-                          f"start the run again with --overwrite") from None
+    return checkpoint.load(path) if path.is_file() else None
+
+
+def rebuilt_rewind_point(ckpt_dir: Path, point: dict, write: bool = True) -> bool:
+    """Whether `point` (θ0 rebuilt from the seed or the pretrained weights) is, byte for byte,
+    the rewind.pt the run saved (its sidecar's checksum); if so it is written back (`write`)."""
+    buffer = io.BytesIO()
+    torch.save(point, buffer)
+    path = ckpt_dir / "rewind.pt"
+    if hashlib.sha256(buffer.getvalue()).hexdigest() not in checkpoint.recorded_checksums(path):
+        return False
+    if write:
+        checkpoint.save(point, path)
+    return True
+
+
+def config_edits(config: dict, trained: dict) -> Optional[str]:
+    """The first flag that config.json (`config`) sets otherwise than the checkpoint was trained
+    with (`trained`), flags that may change on --resume aside: "--lr is 0.1, trained with 0.05"."""
+    for key, value in trained.items():
+        if key in FIELDS and key not in EXECUTION_FLAGS and key in config and config[key] != value:
+            return f"--{key} is {config[key]!r} there, but the run was trained with {value!r}"
+    return None
 
 
 def where(path: Path, pos: Position) -> str:
@@ -91,7 +135,7 @@ def where(path: Path, pos: Position) -> str:
     return f"state {pos.state}, epoch {pos.next_epoch}, step {pos.step}"
 
 
-def what_was_lost(damaged: list, path: Path, pos: Position, dropped: int) -> str:
+def what_was_lost(skipped: list, path: Path, pos: Position, dropped: int) -> str:
     """The line a resume from an older checkpoint than last.pt prints."""
-    return (f"{'; '.join(damaged)}; resuming from {path.name}, {where(path, pos)}: "
+    return (f"{'; '.join(skipped)}; resuming from {path.name}, {where(path, pos)}: "
             f"{dropped} epoch record{'s' * (dropped != 1)} after it dropped from metrics.jsonl and redone")

@@ -1,13 +1,18 @@
 """Run a W&B grid sweep locally, one run after another.
 
-The YAML is the one `wandb sweep` takes. Every grid point runs the command line `wandb agent`
-would run for it, built with wandb's own sweep-command helpers, plus `--out_dir` (and `--name`
-when two points would share a run folder). Re-running the sweep skips finished runs and
-resumes an interrupted one, so an interrupted sweep is continued by running it again; a folder
-that holds another configuration stops the sweep before anything runs.
+The YAML is the one `wandb sweep` takes. Its `command:` must be `python -m vitprune run
+${args}` (wandb's sweep-command helpers expand it; anything else is refused: `wandb agent` is
+the tool for other commands), and every grid point runs `python -m vitprune run` with that
+point's flags, `--out_dir` (and `--name` when two points would share a run folder).
+Re-running the sweep skips finished runs and resumes an interrupted one; a folder that holds
+another configuration stops the sweep before anything runs. Several runners may share one
+--out_dir: a point whose folder another process holds (its lock, runfolder.py) is left to it
+and looked at again at the end, so every point is trained once, and the last line says what
+happened to every point.
 """
 import itertools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -16,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from vitprune.config import from_flags
-from vitprune.errors import ConfigError
-from vitprune.runfolder import NAME_FIELDS, config_difference, run_name, saved_config
+from vitprune.errors import ConfigError, RunLocked
+from vitprune.runfolder import NAME_FIELDS, config_difference, run_name, saved_config, take_lock
 
 
 def load_sweep(path) -> dict:
@@ -93,18 +98,24 @@ def plan(path, out_dir="runs") -> list:
         run_dir = Path(out_dir) / name
         _check_same_experiment(run_dir, cfg)
         status = _status(run_dir)
-        extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(status, [])
-        runs.append((command + extra, run_dir, status))
+        command = [sys.executable, "-m", "vitprune", "run", *_run_flags(command)]
+        runs.append((command + _status_flags(status), run_dir, status))
     return runs
 
 
+def _status_flags(status: str) -> list:
+    return {"resume": ["--resume"], "restart": ["--overwrite"]}.get(status, [])
+
+
 def _run_flags(command: list) -> list:
-    """The flags after `vitprune run` (the sweep's command must run the vitprune CLI)."""
-    try:
-        return command[command.index("run", command.index("vitprune")) + 1:]
-    except ValueError:
-        raise ConfigError(f"sweep: `command:` must run `python -m vitprune run ${{args}}`, "
-                          f"got {shlex.join(command)}") from None
+    """The flags of `[/usr/bin/env] PYTHON -m vitprune run FLAGS...`, the only command the local
+    runner runs; ConfigError for any other command."""
+    words = command[1:] if command[:1] == ["/usr/bin/env"] else command
+    python = bool(words) and (words[0] == sys.executable or re.fullmatch(r"python[0-9.]*", words[0]))
+    if not python or words[1:4] != ["-m", "vitprune", "run"] or not all(w.startswith("--") for w in words[4:]):
+        raise ConfigError(f"sweep: `command:` must be `python -m vitprune run ${{args}}` (the local runner runs "
+                          f"nothing else; `wandb agent` runs other commands), got {shlex.join(command)}")
+    return words[4:]
 
 
 def _check_same_experiment(run_dir: Path, cfg):
@@ -129,18 +140,56 @@ def _status(run_dir: Path) -> str:
     return "resume" if any((run_dir / "checkpoints").glob("*.pt")) else "restart"
 
 
+def _look(command: list, run_dir: Path):
+    """(status, command) of a point as it is now, looked at under its folder's lock so that no
+    runner reads a folder another is changing; status "elsewhere" when another process holds it."""
+    try:
+        lock = take_lock(run_dir)
+    except RunLocked:
+        return "elsewhere", command
+    try:
+        status = _status(run_dir)
+    finally:
+        lock.release()
+    base = [w for w in command if w not in ("--resume", "--overwrite")]
+    return status, base + _status_flags(status)
+
+
+# What happened to a point, as the last line counts it.
+OUTCOMES = ("trained here", "finished already", "finished by another runner", "running elsewhere", "failed")
+
+
+def _run_point(i: int, n: int, command: list, run_dir: Path, first_pass: bool) -> str:
+    """Run one point unless it is finished or held elsewhere; its outcome (OUTCOMES)."""
+    status, command = _look(command, run_dir)
+    head = f"[{i}/{n}] {run_dir}"
+    if status == "finished":
+        print(f"# {head}: finished, skipped" if first_pass else f"# {head}: finished by another runner")
+        return "finished already" if first_pass else "finished by another runner"
+    if status == "elsewhere":
+        print(f"# {head}: running elsewhere (another process holds it){'; back to it at the end' * first_pass}")
+        return "running elsewhere"
+    print(f"{head} ({status}): {shlex.join(command)}", flush=True)
+    code = subprocess.run(command).returncode
+    return {0: "trained here", RunLocked.EXIT_CODE: "running elsewhere"}.get(code, "failed")
+
+
 def main(path, dry_run=False, out_dir="runs"):
     runs = plan(path, out_dir)
-    failed = []
-    for i, (command, run_dir, status) in enumerate(runs, 1):
-        head = f"[{i}/{len(runs)}] {run_dir}"
-        if status == "finished":
-            print(f"# {head}: finished, skipped")
-            continue
-        print(shlex.join(command) if dry_run else f"{head} ({status}): {shlex.join(command)}", flush=True)
-        if not dry_run and subprocess.run(command).returncode != 0:
-            failed.append(str(run_dir))
+    if dry_run:
+        for command, run_dir, status in runs:
+            print(f"# {run_dir}: finished, skipped" if status == "finished" else shlex.join(command))
+        return
+    outcome = {}
+    for i, (command, run_dir, _) in enumerate(runs, 1):
+        outcome[run_dir] = _run_point(i, len(runs), command, run_dir, first_pass=True)
+    for i, (command, run_dir, _) in enumerate(runs, 1):  # what another runner held: finished since, or died?
+        if outcome[run_dir] == "running elsewhere":
+            outcome[run_dir] = _run_point(i, len(runs), command, run_dir, first_pass=False)
+    counts = [(k, sum(v == k for v in outcome.values())) for k in OUTCOMES]
+    failed = [str(d) for d, v in outcome.items() if v == "failed"]
+    print(f"sweep: {len(runs)} points: " + ", ".join(f"{n} {k}" for k, n in counts if n) +
+          (f" ({', '.join(failed)}; run the sweep again to resume them)" if failed else ""),
+          file=sys.stderr if failed else sys.stdout)
     if failed:
-        print(f"sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; "
-              f"run the sweep again to resume them", file=sys.stderr)
         raise SystemExit(1)

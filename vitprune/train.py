@@ -24,10 +24,11 @@ from vitprune import checkpoint, fmt, log
 from vitprune.config import NOT_ZEROED, Config
 from vitprune.data.core import train_batches
 from vitprune.distill import training_loss
-from vitprune.files import write_json
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
-from vitprune.resume import Position, newest_good_checkpoint, rewind_point, what_was_lost
-from vitprune.runfolder import RunFolder, run_name
+from vitprune.errors import ConfigError
+from vitprune.resume import (Position, config_edits, newest_good_checkpoint, rebuilt_rewind_point, rewind_point,
+                             what_was_lost)
+from vitprune.runfolder import RunFolder, claim, run_name
 from vitprune.runtime import Run, setup
 from vitprune.step import make_optimizer, train_step
 from vitprune.stopping import Interrupted, StopRequest, resume_command
@@ -44,9 +45,10 @@ class StepTools(NamedTuple):
 # ---- the loop -------------------------------------------------------------------------------
 
 def run(cfg: Config, folder: RunFolder = None) -> Path:
-    """Train the run `cfg` describes in its folder (`folder`: runfolder.claim's, else claimed here)."""
+    """Train the run `cfg` describes in its folder (`folder`: runfolder.claim's, else claimed here),
+    holding the folder's lock until the run ends."""
     stop = StopRequest()
-    with stop.handling_signals():
+    with folder or claim(cfg) as folder, stop.handling_signals():
         r = setup(cfg, folder)
         pos, tools, rewind = resume(r) if cfg.resume else begin(r)
         run_start, epoch_times, first = time.time(), [], pos.state
@@ -76,8 +78,7 @@ def run(cfg: Config, folder: RunFolder = None) -> Path:
 def begin(r: Run):
     """A new run: its config, the rewind point θ0 (for --rewind=init), then state 0.
     Returns (position, tools, rewind point or None)."""
-    if r.main:
-        write_json(r.run_dir / "config.json", r.cfg.to_dict())
+    if r.main:  # config.json is written when the folder is made (runfolder.RunFolder.prepare)
         write_summary(r, "running", 0)
     rewind = save_rewind_point(r, 0) if r.cfg.rewind_epoch == 0 else None
     full = Structure.full(r.model)
@@ -85,10 +86,16 @@ def begin(r: Run):
 
 
 def resume(r: Run):
-    """Continue from the newest checkpoint that verifies: the position, model, optimizer,
-    schedule and RNG, and the rewind point once reached. Returns (position, tools, rewind)."""
-    path, ck, damaged = newest_good_checkpoint(r.ckpt_dir, r.device)
-    rewind = rewind_point(r.ckpt_dir)
+    """Continue from the newest usable checkpoint (resume.py): the position, model, optimizer,
+    schedule and RNG, and the rewind point once reached; with none, start again from scratch.
+    Returns (position, tools, rewind)."""
+    rewind, lost = resumed_rewind_point(r)  # first: the model still holds θ0
+    path, ck, skipped = newest_good_checkpoint(r.ckpt_dir, r.device, log.read_metrics(r.run_dir))
+    if lost or path is None:
+        return restart(r, lost or "; ".join(skipped))
+    edited = config_edits(r.cfg.to_dict(), ck.get("config", {}))
+    if edited:
+        raise ConfigError(f"--resume: {r.run_dir / 'config.json'} was edited: {edited} in {path.name}; restore it")
     if path.name.startswith("state_"):
         pos, tools = after_state(r, ck, rewind)
     else:
@@ -108,11 +115,35 @@ def resume(r: Run):
             write_summary(r, "finished", r.cfg.states, last_state=ck["record"])
         else:
             write_summary(r, "running", pos.state)
-    if damaged:
-        r.say(what_was_lost(damaged, path, pos, dropped))
+    if skipped:
+        r.say(what_was_lost(skipped, path, pos, dropped))
     r.say(f"resuming {r.run_dir} at state {pos.state}, epoch {pos.next_epoch}"
           + (f", step {pos.step}" if pos.step else "") + " (counted from 0)")
     return pos, tools, rewind
+
+
+def resumed_rewind_point(r: Run):
+    """(the rewind point or None, why it is lost or None). A damaged θ0 (--rewind=init) is
+    rebuilt from the freshly built model when that is, byte for byte, what the run saved."""
+    try:
+        return rewind_point(r.ckpt_dir), None
+    except checkpoint.Damaged as e:
+        theta0 = rewind_state(r, 0) if r.cfg.rewind_epoch == 0 else None
+        if theta0 and rebuilt_rewind_point(r.ckpt_dir, theta0, write=r.main):
+            r.say(f"rewind.pt damaged ({e}); θ0 rebuilt from the seed: its checksum is the one the run recorded")
+            return theta0, None
+        return None, f"rewind.pt damaged ({e}), and the rewind point cannot be rebuilt"
+
+
+def restart(r: Run, why: str):
+    """No checkpoint to continue from: the run starts again from scratch (the model still holds
+    θ0), without what it wrote before; one line says why."""
+    r.say(f"--resume: nothing to continue from ({why}); starting the run again from scratch")
+    if r.main:
+        for path in r.ckpt_dir.glob("*.pt"):
+            checkpoint.remove(path)
+        r.log.truncate(0, 0)
+    return begin(r)
 
 
 def after_state(r: Run, ck: dict, rewind: Optional[dict]):
@@ -324,13 +355,18 @@ def write_summary(r: Run, status: str, states_done: int, **more):
                    "config": r.cfg.to_dict(), **more})
 
 
-def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:
+def rewind_state(r: Run, epoch: int, tools: StepTools = None) -> dict:
     """The rewind point: weights after `epoch` epochs of state 0 and, for late rewinding, the
-    optimizer and LR schedule there too. Kept in memory on every process; the first saves it."""
+    optimizer and LR schedule there too."""
     cpu = lambda sd: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in sd.items()}
-    point = {"model": cpu(r.model.state_dict()), "epoch": epoch,
-             "optimizer": copy.deepcopy(tools.opt.state_dict()) if tools else None,
-             "scheduler": tools.sched.state_dict() if tools else None}
+    return {"model": cpu(r.model.state_dict()), "epoch": epoch,
+            "optimizer": copy.deepcopy(tools.opt.state_dict()) if tools else None,
+            "scheduler": tools.sched.state_dict() if tools else None}
+
+
+def save_rewind_point(r: Run, epoch: int, tools: StepTools = None) -> dict:
+    """The rewind point (rewind_state), kept in memory on every process; the first saves it."""
+    point = rewind_state(r, epoch, tools)
     if r.main:
         checkpoint.save(point, r.ckpt_dir / "rewind.pt")
     return point
