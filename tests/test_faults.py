@@ -146,20 +146,155 @@ def test_state_end_checkpoint_when_last_and_start_are_damaged(reference, tmp_pat
     assert comparable(run_dir) == comparable(reference["rsst"])  # state 1's transition redone exactly
 
 
-def test_every_checkpoint_damaged_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+def test_every_checkpoint_damaged_starts_the_run_again_with_one_line(reference, tmp_path, monkeypatch, capsys):
+    """Nothing to continue from: --resume starts again from scratch (a sweep that resumes the
+    folder never loops on it) and ends where an uninterrupted run ends."""
     run_dir = crashed_run(monkeypatch, tmp_path)
     ckpts = run_dir / "checkpoints"
     truncate(ckpts / "last.pt")
     flip(ckpts / "start_01.pt")
     (ckpts / "state_00.pt").unlink()
-    before = {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume") == 2
+    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "from scratch" in line]
+    assert len(said) == 1 and said[0].startswith("--resume: nothing to continue from (last.pt damaged (truncated")
+    assert said[0].endswith("start_01.pt damaged (checksum mismatch)); starting the run again from scratch")
+    assert comparable(run_dir) == comparable(reference["refill"])
+
+
+def test_a_run_that_died_in_its_first_evaluation_starts_again(reference, tmp_path, monkeypatch, capsys):
+    """Only rewind.pt was written (the run died evaluating state 0's start): the folder resumes
+    by starting again, once."""
+    run_dir = crashed_run(monkeypatch, tmp_path, "refill", 0, 0)
+    for path in run_dir.glob("checkpoints/*.pt"):
+        if path.name != "rewind.pt":
+            checkpoint.remove(path)
+    assert [p.name for p in run_dir.glob("checkpoints/*.pt")] == ["rewind.pt"]
+    assert sweep_status(run_dir) == "resume"
+    capsys.readouterr()
+    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume") == 0
+    assert "starting the run again from scratch" in capsys.readouterr().out
+    assert comparable(run_dir) == comparable(reference["refill"])
+
+
+def sweep_status(run_dir):
+    from vitprune.sweep import _status
+    return _status(run_dir)
+
+
+@pytest.mark.parametrize("rebuilt", [True, False])
+def test_a_damaged_rewind_point_is_rebuilt_from_the_seed(reference, tmp_path, monkeypatch, capsys, rebuilt):
+    """--rewind=init: θ0 is rebuilt from the seed and accepted when its checksum is the one
+    recorded; otherwise the run starts again. Either way it ends as an uninterrupted run."""
+    run_dir = crashed_run(monkeypatch, tmp_path)
+    rewind = run_dir / "checkpoints" / "rewind.pt"
+    saved = rewind.read_bytes()
+    flip(rewind)
+    if not rebuilt:  # another θ0 than the seed gives now (say, another torch): never used silently
+        side = json.loads(checkpoint.sidecar(rewind).read_text())
+        checkpoint.sidecar(rewind).write_text(json.dumps({**side, "sha256": "0" * 64}))
+    capsys.readouterr()
+    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume") == 0
+    out = capsys.readouterr().out
+    if rebuilt:
+        assert "rewind.pt damaged (checksum mismatch); θ0 rebuilt from the seed" in out
+        assert rewind.read_bytes() == saved
+    else:
+        assert "rewind.pt damaged (checksum mismatch), and the rewind point cannot be rebuilt); starting the run " \
+               "again from scratch" in out
+    assert comparable(run_dir) == comparable(reference["refill"])
+
+
+def test_a_checkpoint_ahead_of_the_metrics_is_passed_over(reference, tmp_path, monkeypatch, capsys):
+    """A power loss can keep last.pt's rename and lose the append before it: --resume says so
+    and continues from the newest checkpoint the records reach."""
+    run_dir = crashed_run(monkeypatch, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["kind"] == "epoch" and json.loads(lines[-1])["state"] == 1
+    (run_dir / "metrics.jsonl").write_text("".join(lines[:-1]))
+    capsys.readouterr()
+    assert vitprune_run(monkeypatch, tmp_path, "r", "--resume") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "resuming from" in line]
+    assert said == ["last.pt is ahead of metrics.jsonl (it has 0 of the 1 epoch records of state 1 the checkpoint "
+                    "saw); resuming from start_01.pt, the start of state 1 (epoch 0): 0 epoch records after it "
+                    "dropped from metrics.jsonl and redone"], said
+    assert comparable(run_dir) == comparable(reference["refill"])
+
+
+def test_an_edited_config_json_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    run_dir = crashed_run(monkeypatch, tmp_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "run", "--resume", f"--out_dir={tmp_path}", "--name=r") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: --resume: no usable checkpoint in {ckpts} "
-                                                   f"(last.pt damaged (truncated"), err
-    assert err.rstrip().endswith("start_01.pt damaged (checksum mismatch)); start the run again with --overwrite")
-    assert {p.name: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing touched
+    assert err.count("\n") == 1 and "config.json was edited: --lr is 0.5 there, but the run was trained with 0.001" \
+        in err, err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_appends_are_durable_before_each_checkpoint_and_renames_are_fsynced(tmp_path, monkeypatch):
+    """The order a power loss needs (it cannot be caused here, so the calls are recorded): every
+    record appended to metrics.jsonl is fsynced before the next checkpoint replaces its
+    predecessor, and every rename is followed by an fsync of its folder."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+    with monkeypatch.context() as mp:
+        mp.setattr(files.os, "fsync", fsync)
+        mp.setattr(files.os, "replace", replace)
+        mp.setattr(train.log, "append_line", lambda path, line: (events.append(("append", str(path))),
+                                                                 files.append_line(path, line))[1])
+        assert vitprune_run(mp, tmp_path, "r", "--method=refill") == 0
+    run_dir = str(tmp_path / "r")
+    appended = [i for i, e in enumerate(events) if e == ("append", f"{run_dir}/metrics.jsonl")]
+    assert len(appended) == 6  # 4 epochs, 2 states
+    for i in appended:  # its fsync comes before any later rename
+        fsynced = next(j for j in range(i, len(events)) if events[j] == ("fsync", f"{run_dir}/metrics.jsonl"))
+        renamed = next((j for j in range(i, len(events)) if events[j][0] == "replace"), len(events))
+        assert fsynced < renamed
+    for i, (kind, dst) in enumerate(events):
+        if kind == "replace":
+            assert events[i + 1] == ("fsync", str(Path(dst).parent)), events[i:i + 2]
+
+
+class WritesAFile:
+    """Unpickling it runs code: it would create the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("sidecar", ["matching sidecar", "no sidecar"])
+def test_a_checkpoint_that_needs_pickle_is_refused_not_run(tmp_path, monkeypatch, capsys, sidecar):
+    """A received run folder is data: a checkpoint holding a Python object that unpickling would
+    run is refused with a line naming pickle (not treated as damaged, no fall-back), its code never
+    runs, and nothing in the folder changes."""
+    run_dir = crashed_run(monkeypatch, tmp_path)
+    last, pwned = run_dir / "checkpoints" / "last.pt", tmp_path / "pwned"
+    ck = torch.load(last, weights_only=True)
+    checkpoint.save({**ck, "history": [WritesAFile(pwned)]}, last)  # checksum and all: it verifies
+    if sidecar == "no sidecar":
+        checkpoint.sidecar(last).unlink()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(monkeypatch, "run", "--resume", f"--out_dir={tmp_path}", "--name=r") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {last} holds Python objects that only pickle can load" in err, err
+    assert "GLOBAL" in err and "without pickle" in err
+    assert not pwned.exists()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_a_checkpoint_is_verified_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
@@ -201,7 +336,8 @@ def disk_fills(monkeypatch, name: str, nth: int):
     seen = []
 
     def write(self, data):
-        if Path(self.f.name).name in (name, name + ".tmp") and self.size == 0:
+        written = Path(self.f.name).name  # the file itself (an append), or its temp file NAME.PID.RANDOM.tmp
+        if (written == name or (written.startswith(name + ".") and written.endswith(".tmp"))) and self.size == 0:
             if id(self) not in seen:
                 seen.append(id(self))
             if len(seen) == nth and seen[-1] == id(self):

@@ -143,6 +143,8 @@ def _status(run_dir: Path) -> str:
 def _look(command: list, run_dir: Path):
     """(status, command) of a point as it is now, looked at under its folder's lock so that no
     runner reads a folder another is changing; status "elsewhere" when another process holds it."""
+    if not run_dir.parent.is_dir():  # no --out_dir yet: nothing to look at, nothing to lock
+        return "new", command
     try:
         lock = take_lock(run_dir)
     except RunLocked:

@@ -1,0 +1,229 @@
+"""Many processes on one machine, run folders passed between people: a run folder is held by
+one process (its lock), `--overwrite` removes only a vitprune run folder, sweep runners that
+share an --out_dir train every point once and say what happened, and a received folder is data:
+its checkpoints load without pickle, and it resumes where it is."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from vitprune import runfolder, sweep
+from vitprune.config import Config
+from vitprune.errors import ConfigError, RunLocked
+from vitprune.files import Lock
+
+RUNNER = Path(__file__).with_name("fault_runner.py")
+REPO = Path(__file__).parent.parent
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cfg(out, **flags):
+    return Config(**{"dataset": "synthetic", "model": "vit_micro", "out_dir": str(out), "name": "r",
+                     "wandb": "disabled", **flags})
+
+
+# ---- the lock ---------------------------------------------------------------------------------
+
+def test_a_held_run_folder_is_refused_naming_its_holder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg(tmp_path).to_dict()))
+    held = runfolder.take_lock(tmp_path / "r")  # another process's run, as far as flock can tell
+    before = snapshot(tmp_path / "r")
+    for more in (["--resume"], ["--overwrite"], []):
+        capsys.readouterr()
+        code = run_cli(monkeypatch, "run", "--dataset=synthetic", "--model=vit_micro", f"--out_dir={tmp_path}",
+                       "--name=r", "--wandb=disabled", *more)
+        err = capsys.readouterr().err
+        assert code == RunLocked.EXIT_CODE == 73, (more, err)
+        assert err.count("\n") == 1 and f"run folder {tmp_path / 'r'} is in use by host " in err
+        assert f"pid {os.getpid()}, since " in err
+    assert snapshot(tmp_path / "r") == before
+    held.release()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); from vitprune.files import Lock; "
+            f"Lock({str(tmp_path / '.r.lock')!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert (tmp_path / ".r.lock").exists()  # its file stays, its lock went with the process
+    runfolder.take_lock(tmp_path / "r").release()
+
+
+def test_two_holders_never(tmp_path):
+    """A process that got the lock of a file its holder removed on release locks the current file."""
+    first = Lock(tmp_path / "x.lock").acquire()
+    with pytest.raises(Exception):
+        Lock(tmp_path / "x.lock").acquire(blocking=False)
+    first.release()
+    assert not (tmp_path / "x.lock").exists()  # removed while still held
+    second = Lock(tmp_path / "x.lock").acquire(blocking=False)
+    with pytest.raises(Exception):
+        Lock(tmp_path / "x.lock").acquire(blocking=False)
+    second.release()
+
+
+def test_a_filesystem_without_locks_is_said_in_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / "out").mkdir()
+    folder = runfolder.claim(cfg(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not support file locks (ENOLCK)" in err
+    assert not folder.lock.locked
+    folder.prepare()
+    assert (tmp_path / "out" / "r" / "config.json").is_file()
+
+
+def test_the_lock_outlives_an_overwrite(tmp_path):
+    folder = runfolder.claim(cfg(tmp_path, overwrite=True))
+    folder.prepare()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    folder.prepare()  # --overwrite empties the folder: the lock, beside it, stays held
+    with pytest.raises(RunLocked):
+        runfolder.claim(cfg(tmp_path, overwrite=True))
+    folder.release()
+
+
+# ---- --overwrite removes only a vitprune run folder ------------------------------------------
+
+@pytest.mark.parametrize("contents", ["thesis", "decode cache", "a foreign config.json", "broken config.json"])
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys, contents):
+    target = tmp_path / "r"
+    target.mkdir()
+    if contents == "thesis":
+        (target / "thesis.tex").write_text("\\chapter{Results}")
+    elif contents == "decode cache":
+        (target / "decoded").mkdir()
+        (target / "decoded" / "flowers_32px_0123.pt").write_bytes(b"tensors")
+    elif contents == "a foreign config.json":
+        (target / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    else:
+        (target / "config.json").write_text("{not json")
+    before = snapshot(target)
+    code = run_cli(monkeypatch, "run", "--dataset=synthetic", "--model=vit_micro", f"--out_dir={tmp_path}",
+                   "--name=r", "--wandb=disabled", "--overwrite")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err and "not a vitprune run folder" in err, err
+    assert snapshot(target) == before
+
+
+def test_overwrite_replaces_a_run_folder_and_the_skeleton_of_one(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg(tmp_path).to_dict()))
+    (run / "metrics.jsonl").write_text('{"kind": "epoch"}\n')
+    skeleton = tmp_path / "skeleton"
+    (skeleton / "checkpoints").mkdir(parents=True)  # died before writing config.json
+    for name in ("run", "skeleton"):
+        with runfolder.claim(cfg(tmp_path, name=name, overwrite=True)) as folder:
+            folder.prepare()
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["checkpoints", "config.json"]
+
+
+# ---- sweep runners sharing an --out_dir ------------------------------------------------------
+
+GRID = """
+method: grid
+parameters:
+  method: {values: [refill, rsst]}
+  dataset: {value: synthetic}
+command: ["${interpreter}", -m, vitprune, run, "${args}"]
+"""
+
+
+def write_grid(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(GRID)
+    return path
+
+
+def fake_runs(monkeypatch, codes=None):
+    ran = []
+
+    def run(cmd):
+        ran.append(cmd)
+        return type("P", (), {"returncode": (codes or {}).get(len(ran), 0)})
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    return ran
+
+
+def test_a_runner_leaves_a_point_another_process_holds(tmp_path, monkeypatch, capsys):
+    """Another runner's run has claimed point 1 and not checkpointed yet: this runner neither
+    restarts it (--overwrite would remove it) nor counts it as failed."""
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    (command, held_dir, _), (_, other_dir, _) = sweep.plan(path, out)
+    held_dir.mkdir(parents=True)
+    (held_dir / "config.json").write_text(json.dumps(sweep.parse_run_flags(sweep._run_flags(command)).to_dict()))
+    (held_dir / "checkpoints").mkdir()
+    before = snapshot(held_dir)
+    lock = runfolder.take_lock(held_dir)
+    ran = fake_runs(monkeypatch)
+    sweep.main(str(path), out_dir=str(out))
+    lock.release()
+    assert [c[4] for c in ran] == ["--method=rsst"]  # only the free point ran
+    assert snapshot(held_dir) == before
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "sweep: 2 points: 1 trained here, 1 running elsewhere", lines
+
+
+def test_a_run_that_finds_its_point_held_is_running_elsewhere_not_failed(tmp_path, monkeypatch, capsys):
+    """Two runners started at once: this runner's child finds the point taken (exit 73)."""
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    fake_runs(monkeypatch, codes={1: RunLocked.EXIT_CODE, 3: RunLocked.EXIT_CODE})  # and when looked at again
+    sweep.main(str(path), out_dir=str(out))  # no SystemExit: nothing failed
+    captured = capsys.readouterr()
+    assert "failed" not in captured.out + captured.err
+    assert captured.out.splitlines()[-1] == "sweep: 2 points: 1 trained here, 1 running elsewhere"
+
+
+def test_a_point_whose_holder_died_is_resumed_at_the_end(tmp_path, monkeypatch, capsys):
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    ran = fake_runs(monkeypatch, codes={1: RunLocked.EXIT_CODE})  # held at first, free when looked at again
+    sweep.main(str(path), out_dir=str(out))
+    assert [c[4] for c in ran] == ["--method=refill", "--method=rsst", "--method=refill"]
+    assert capsys.readouterr().out.splitlines()[-1] == "sweep: 2 points: 2 trained here"
+
+
+# ---- run folders from others: data, never code ---------------------------------------------
+
+def test_resumed_config_writes_where_the_folder_is(tmp_path):
+    moved = tmp_path / "new_place"
+    moved.mkdir()
+    saved = {**cfg(tmp_path / "old_place").to_dict(), "name": None}
+    (moved / "r").mkdir()
+    (moved / "r" / "config.json").write_text(json.dumps(saved))
+    resumed = runfolder.resumed_config(cfg(moved, resume=True), {"resume": True, "name": "r"})
+    assert resumed.out_dir == str(moved) and runfolder.run_dir(resumed) == moved / "r"
+
+
+@pytest.mark.parametrize("name", ["config.json", "summary.json"])
+def test_a_hand_edited_file_that_is_not_json_is_one_line(tmp_path, monkeypatch, capsys, name):
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg(tmp_path).to_dict()))
+    (tmp_path / "r" / name).write_text('{"status": "running",')  # an edit cut short
+    code = run_cli(monkeypatch, "run", "--resume", f"--out_dir={tmp_path}", "--name=r")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'r' / name}: not readable as JSON" in err, err
+
+
+def test_a_sweep_with_a_hand_broken_config_json_is_one_line(tmp_path):
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    _, run_dir, _ = sweep.plan(path, out)[0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="not readable as JSON") as e:
+        sweep.main(str(path), out_dir=str(out))
+    assert "\n" not in str(e.value)
