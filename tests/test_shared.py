@@ -227,3 +227,77 @@ def test_a_sweep_with_a_hand_broken_config_json_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="not readable as JSON") as e:
         sweep.main(str(path), out_dir=str(out))
     assert "\n" not in str(e.value)
+
+
+# ---- real processes -----------------------------------------------------------------------
+
+def write_images(root, per_class=10):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            rgb = np.clip(np.roll([200.0, 60.0, 60.0], c) + rng.normal(0, 40, (20, 24, 3)), 0, 255)
+            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"img_{i:03d}.png")
+    return root
+
+
+def folder_grid(images, data_dir, methods=("refill", "rsst"), seeds=(0,)):
+    return f"""
+method: grid
+parameters:
+  method: {{values: [{', '.join(methods)}]}}
+  seed: {{values: [{', '.join(map(str, seeds))}]}}
+  dataset: {{value: "folder:{images}"}}
+  data_dir: {{value: "{data_dir}"}}
+  model: {{value: vit_micro}}
+  img_size: {{value: 16}}
+  batch_size: {{value: 4}}
+  val_size: {{value: 4}}
+  states: {{value: 2}}
+  epochs: {{value: 2}}
+  optimizer: {{value: adamw}}
+  lr: {{value: 0.001}}
+  wandb: {{value: disabled}}
+command: ["${{interpreter}}", -m, vitprune, run, "${{args}}"]
+"""
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: parallel = serial numbers
+
+
+def epochs_of(run_dir):
+    return [(r["state"], r["epoch"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "epoch"]
+
+
+@pytest.mark.slow
+def test_a_second_runner_started_after_the_first_checkpoint_trains_nothing_twice(tmp_path):
+    """Runner A's run of point 1 pauses right after its first epoch (last.pt written); runner B
+    then sweeps the grid: it trains point 2, leaves point 1 to A, and says so. A finishes point 1:
+    every epoch recorded once, one process wrote it."""
+    images, out = write_images(tmp_path / "images"), tmp_path / "runs"
+    path = tmp_path / "grid.yaml"
+    path.write_text(folder_grid(images, tmp_path / "data"))
+    (command, first, _), (_, second, _) = sweep.plan(path, out)
+    go = tmp_path / "go"
+    a = subprocess.Popen([sys.executable, str(RUNNER), "run", *command[4:]], env={**ENV, "FAULT_PAUSE": f"1:{go}"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not Path(f"{go}.paused").exists():
+        assert a.poll() is None and time.time() < deadline, a.stdout.read() if a.poll() is not None else "timeout"
+        time.sleep(0.1)
+    b = subprocess.run([sys.executable, "-m", "vitprune", "sweep", str(path), f"--out_dir={out}"], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    go.touch()
+    a_out, _ = a.communicate(timeout=600)
+    assert a.returncode == 0, a_out
+    assert b.returncode == 0, b.stdout + b.stderr
+    lines = b.stdout.splitlines()
+    assert lines[-1] == "sweep: 2 points: 1 trained here, 1 running elsewhere", lines
+    assert f"[1/2] {first}: running elsewhere" in b.stdout and f"[2/2] {second} (new)" in b.stdout
+    for run_dir in (first, second):
+        assert epochs_of(run_dir) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert a_out.count("state 0 epoch 1 |") == 1 and "resuming" not in a_out
