@@ -297,6 +297,22 @@ def test_a_checkpoint_that_needs_pickle_is_refused_not_run(tmp_path, monkeypatch
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_moved_run_folder_resumes_where_it_is(reference, tmp_path, monkeypatch):
+    """--resume continues the folder --out_dir/--name finds (here the default --out_dir=runs),
+    whatever out_dir its config.json saved: a copy taken elsewhere is written there, and the
+    original is left as it was."""
+    import shutil
+    run_dir = crashed_run(monkeypatch, tmp_path / "here")
+    shutil.copytree(run_dir, tmp_path / "there" / "runs" / "r")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path / "there")
+    assert run_cli(monkeypatch, "run", "--resume", "--name=r") == 0
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    moved = tmp_path / "there" / "runs" / "r"
+    assert comparable(moved) == comparable(reference["refill"])
+    assert json.loads((moved / "summary.json").read_text())["config"]["out_dir"] == "runs"
+
+
 def test_a_checkpoint_is_verified_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
     """A write whose bytes do not read back leaves the previous file and its sidecar."""
     path = tmp_path / "last.pt"

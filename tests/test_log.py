@@ -99,6 +99,29 @@ def test_resume_reuses_wandb_run_id(offline, tmp_path):
     second.close()
 
 
+def test_a_copy_beside_its_original_gets_a_wandb_run_of_its_own(offline, tmp_path, capsys):
+    """Copies share wandb_id.txt: a copy resumed while its original (on this machine) still logs
+    to that W&B run gets its own, with one line; a moved folder keeps its run."""
+    import shutil
+    original = tmp_path / "r"
+    first = write_run(original)
+    run_id = json.loads((original / "wandb_id.txt").read_text())["id"]
+    shutil.copytree(original, tmp_path / "copy")
+    capsys.readouterr()
+    copy = RunLog(tmp_path / "copy", first.config, "offline")
+    assert copy.wandb_run.id != run_id
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("W&B: ")]
+    assert said == [f"W&B: {tmp_path / 'copy'} is a copy of {original}, which logs to W&B run {run_id}: this copy "
+                    f"logs to a W&B run of its own, {copy.wandb_run.id}"]
+    own = copy.wandb_run.id
+    copy.close()
+    assert json.loads((tmp_path / "copy" / "wandb_id.txt").read_text())["id"] == own
+    shutil.move(original, tmp_path / "moved")  # moved, not copied: the same W&B run goes on
+    moved = RunLog(tmp_path / "moved", first.config, "offline")
+    assert moved.wandb_run.id == run_id
+    moved.close()
+
+
 def test_wandb_init_failure_warns_once_and_keeps_logging(offline, tmp_path, monkeypatch):
     import wandb
 
