@@ -4,7 +4,6 @@ share an --out_dir train every point once and say what happened, and a received 
 its checkpoints load without pickle, and it resumes where it is."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -301,3 +300,56 @@ def test_a_second_runner_started_after_the_first_checkpoint_trains_nothing_twice
         assert epochs_of(run_dir) == [(0, 0), (0, 1), (1, 0), (1, 1)]
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     assert a_out.count("state 0 epoch 1 |") == 1 and "resuming" not in a_out
+
+
+def comparable(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("time_s")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_line_counts(text):
+    """{outcome: count} of a runner's last line: 'sweep: 6 points: 2 trained here, 4 ...'."""
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("sweep: 6 points: "), line
+    return {part.split(" ", 1)[1]: int(part.split(" ", 1)[0]) for part in line[len("sweep: 6 points: "):].split(", ")}
+
+
+@pytest.mark.slow
+def test_soak_sweep_runners_sharing_an_out_dir_train_every_point_once(tmp_path):
+    """Three runners start together on one --out_dir over a 6-point grid on an image folder none
+    has decoded, a fourth joins once the first point has finished. Every point finishes, each
+    is started once, each run's records equal a serial run's, and every runner's last line adds
+    up to the truth."""
+    images = write_images(tmp_path / "images")
+    path = tmp_path / "grid.yaml"
+    path.write_text(folder_grid(images, tmp_path / "data", seeds=(0, 1, 2)))
+    out = tmp_path / "runs"
+    sweep_cmd = [sys.executable, "-m", "vitprune", "sweep", str(path), f"--out_dir={out}"]
+    start = lambda: subprocess.Popen(sweep_cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runners = [start() for _ in range(3)]
+    points = [run_dir for _, run_dir, _ in sweep.plan(path, out)]
+    deadline = time.time() + 900
+    while not any((d / "summary.json").is_file() and json.loads((d / "summary.json").read_text())["status"] ==
+                  "finished" for d in points):
+        assert time.time() < deadline and all(r.poll() is None for r in runners)
+        time.sleep(0.2)
+    runners.append(start())  # mid-way
+    outputs = [r.communicate(timeout=900)[0] for r in runners]
+    assert all(r.returncode == 0 for r in runners), outputs
+    counts = [last_line_counts(text) for text in outputs]
+    assert sum(c.get("trained here", 0) for c in counts) == 6, [o.splitlines()[-1] for o in outputs]
+    assert all(sum(c.values()) == 6 and "failed" not in c for c in counts)
+    assert counts[3].get("trained here", 0) <= 6 - sum(c.get("trained here", 0) for c in counts[:3])
+    everything = "".join(outputs)
+    assert "resuming" not in everything and "Traceback" not in everything
+    for d in points:
+        starts = [line for line in everything.splitlines() if line.startswith(f"{d.name}: ")]
+        assert len(starts) == 1, (d.name, starts)  # the run's start-up line, once: trained once
+        assert json.loads((d / "summary.json").read_text())["status"] == "finished"
+    assert len(list((tmp_path / "data" / "decoded").glob("*.pt"))) == 1  # the images decoded once
+    serial = tmp_path / "serial"
+    done = subprocess.run([*sweep_cmd[:-1], f"--out_dir={serial}"], env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for d in points:
+        assert comparable(d) == comparable(serial / d.name), d.name
