@@ -1,6 +1,7 @@
 """Command line: python -m vitprune run|report|sweep|bench|export|info (Fire).
 
-Bad input ends with one line naming the flag and the valid values, exit code 2.
+Bad input ends with one line naming the flag and the valid values, exit code 2; a full disk
+with one line, exit 75; a run folder another process holds with one line naming it, exit 73.
 """
 import functools
 import inspect
