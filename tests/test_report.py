@@ -251,6 +251,28 @@ def test_report_from_wandb_project_equals_report_from_folders(tmp_path, monkeypa
     assert {tuple(p.y) for p in panels[0].panels} >= {("state/final_test_acc",), ("val_acc",)}
 
 
+def test_wandb_report_sections_of_several_schedules_filter_by_both(tmp_path, monkeypatch):
+    """A dataset with a oneshot and a geometric section: each section's runset selects its runs by
+    dataset and schedule (not by the section's title, which no run has as its dataset)."""
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    from wandb_workspaces.expr import expr_to_filters
+    monkeypatch.setenv("WANDB_MODE", "online")
+    saved = []
+    monkeypatch.setattr(wr.Report, "save", lambda self, **kw: saved.append(self))
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example/report"))
+    runs = [write_run(tmp_path, m, [70, 60, 55], schedule=schedule, name=f"{m}_{schedule}")
+            for m in ("refill", "rsst") for schedule in ("oneshot", "geometric")]
+    report.main(*map(str, runs), out=str(tmp_path / "r.md"), wandb_report="me/vitprune")
+    grids = [b for b in saved[0].blocks if isinstance(b, wr.PanelGrid)]
+    found = {}
+    for grid in grids:
+        filters = expr_to_filters(grid.runsets[0].filters) if isinstance(grid.runsets[0].filters, str) \
+            else grid.runsets[0].filters
+        found[grid.runsets[0].name] = {f.key.name: f.value for f in filters.filters or [filters]}
+    assert found == {"cifar100 — oneshot": {"dataset": "cifar100", "schedule": "oneshot"},
+                     "cifar100 — geometric": {"dataset": "cifar100", "schedule": "geometric"}}
+
+
 def test_resumed_records_count_once(tmp_path):
     run_dir = tmp_path / "r"
     shutil.copytree(REFILL, run_dir)
