@@ -11,6 +11,7 @@ from scipy.stats import ttest_rel
 from vitprune import report
 from vitprune.config import Config, from_flags
 from vitprune.report import compute, stats
+from vitprune.report.identity import strategy
 
 from conftest import run_cli
 
@@ -40,12 +41,16 @@ def test_pruned_epochs_refused_where_it_cannot_apply(tmp_path, monkeypatch, caps
     assert not out.exists()
 
 
-def test_prune_and_fine_tune_is_a_configuration_of_the_loop():
+def test_the_ways_of_retraining_are_configurations_of_the_loop():
     cfg = from_flags({"method": "refill", "states": 2, "rewind": "none", "pruned_epochs": 900})
-    assert compute.is_finetune(cfg.to_dict()) and cfg.rewind_epoch is None
-    assert not compute.is_finetune(Config().to_dict())
-    assert not compute.is_finetune(Config(states=2).to_dict())  # one round of the lottery ticket: rewinds
-    assert not compute.is_finetune(Config(method="rsst", states=2, rewind="none").to_dict())
+    assert strategy(cfg.to_dict()) == "learning-rate rewinding" and cfg.rewind_epoch is None
+    assert strategy(Config().to_dict()) == "weight rewinding"
+    assert strategy(Config(states=2).to_dict()) == "weight rewinding"  # one round of the lottery ticket
+    assert strategy(Config(rewind="epoch:3").to_dict()) == "weight rewinding"
+    assert strategy(Config(method="rsst", states=2, rewind="none").to_dict()) == "learning-rate rewinding"
+    assert strategy({"rewind": "none", "retrain_lr": "final"}) == "fine-tuning"
+    assert strategy({"rewind": "random", "pruned_epochs": 6}) == "scratch"
+    assert strategy({"rewind": "none"}) == "learning-rate rewinding"  # records before --retrain_lr
 
 
 # ---- the paired test --------------------------------------------------------------------------
@@ -79,16 +84,18 @@ def budget_run(root, method, finals, flops, seed, vals=None, epochs=2, **flags):
     vals, records = vals or finals, []
     for s, (acc, f) in enumerate(zip(finals, flops)):
         spent = {} if f is None else {"train_flops": f * P, "train_time_s": 10.0 * (s + 1)}
+        # an epoch of State 0's network (dense): 5 P; of every ticket: 1.5 P
+        ticket = {} if f is None else {"ticket_epoch_flops": (5.0 if s == 0 else 1.5) * P}
         records.append({"kind": "epoch", "state": s, "epoch": 0, "global_epoch": s, "val_acc": vals[s],
                         "test_acc": acc, "time_s": 1.0, **spent})
         records.append({"kind": "state", "state": s, "final_test_acc": acc, "final_val_acc": vals[s],
                         "best_test_acc": acc, "best_val_acc": vals[s], "params_alive": 100 if s == 0 else 30,
-                        "params_total": 100, "time_s": 2.0, **spent})
+                        "params_total": 100, "time_s": 2.0, **spent, **ticket})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
 
 
-FINETUNE = dict(rewind="none")
+LR_REWINDING = dict(rewind="none")
 REFILL_LOOP = [10, 13, 16, 19]  # state 0 dense: 10; each ticket state: 3
 RSST_LOOP = [10, 20, 23, 26]    # state 1 trains its targets too: dense again
 
@@ -103,8 +110,8 @@ def planted(root, shift=2.0):
         runs.append(budget_run(root, "refill", [70, 55, 60 + shift + e, 66], REFILL_LOOP, seed,
                                vals=[70, 55, 63, 61]))
         runs.append(budget_run(root, "rsst", [70, 55, 60 + e, 66], RSST_LOOP, seed, vals=[70, 55, 63, 61]))
-        runs.append(budget_run(root, "refill", [70, 60 + e + f6], [10, 19], seed, pruned_epochs=6, **FINETUNE))
-        runs.append(budget_run(root, "refill", [70, 60 + e + f11], [10, 26.5], seed, pruned_epochs=11, **FINETUNE))
+        runs.append(budget_run(root, "refill", [70, 60 + e + f6], [10, 19], seed, pruned_epochs=6, **LR_REWINDING))
+        runs.append(budget_run(root, "refill", [70, 60 + e + f11], [10, 26.5], seed, pruned_epochs=11, **LR_REWINDING))
         acc["refill"][seed], acc["rsst"][seed] = 60 + shift + e, 60 + e
         acc["ft6"][seed], acc["ft11"][seed] = 60 + e + f6, 60 + e + f11
     return runs, acc
@@ -120,26 +127,28 @@ def holm(ps):
 def test_planted_winner_and_null_at_equal_compute(tmp_path):
     runs, acc = planted(tmp_path)
     rows = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
-    by_loop = {row.loop: row for row in rows}
+    by_loop = {row.a: row for row in rows}
+    assert len(rows) == 2  # each loop against the learning-rate rewinding of its compute
     refill, rsst = by_loop["refill loop, 4 × 2 epochs"], by_loop["rsst loop, 4 × 2 epochs"]
-    # each loop meets the fine-tune of its own compute: refill 19 vs 19, rsst 26 vs 26.5
-    assert refill.finetune == "prune-and-fine-tune, 2 + 6 epochs" and refill.ratio == pytest.approx(1.0)
-    assert rsst.finetune == "prune-and-fine-tune, 2 + 11 epochs" and rsst.ratio == pytest.approx(26.5 / 26)
-    assert refill.loop_acc == acc["refill"] and refill.finetune_acc == acc["ft6"]  # state 2: best by val
+    # each loop meets the learning-rate rewinding of its own compute: refill 19 vs 19, rsst 26 vs 26.5
+    assert refill.b == "refill learning-rate rewinding, 2 + 6 epochs" and refill.ratio == pytest.approx(1.0)
+    assert rsst.b == "refill learning-rate rewinding, 2 + 11 epochs" and rsst.ratio == pytest.approx(26.5 / 26)
+    assert refill.a_acc == acc["refill"] and refill.b_acc == acc["ft6"]  # state 2: best by val
     p_refill = ttest_rel([acc["refill"][s] for s in range(3)], [acc["ft6"][s] for s in range(3)]).pvalue
     p_rsst = ttest_rel([acc["rsst"][s] for s in range(3)], [acc["ft11"][s] for s in range(3)]).pvalue
     adjusted = holm([p_refill, p_rsst])
     assert refill.test.p == pytest.approx(p_refill) and refill.test.n == 3
-    assert refill.verdict == f"**refill loop, 4 × 2 epochs** (paired t, Holm p={adjusted[p_refill]:.3f}, 3 seeds)"
-    assert adjusted[p_refill] < 0.05 < adjusted[p_rsst]
-    assert rsst.verdict == f"within noise (paired t, Holm p={adjusted[p_rsst]:.2f}, 3 seeds)"
+    assert refill.verdict == (f"**refill loop, 4 × 2 epochs** (Holm p={adjusted[p_refill]:.3f}, p={p_refill:.3f}; "
+                              f"paired over 3 seeds)")
+    assert adjusted[p_refill] < 0.05 < adjusted[p_rsst] and p_rsst > 0.05
+    assert rsst.verdict == f"within noise (Holm p={adjusted[p_rsst]:.2f}, p={p_rsst:.2f}; paired over 3 seeds)"
 
 
 def test_fine_tune_wins_when_the_loop_is_worse(tmp_path):
     runs, _ = planted(tmp_path, shift=-2.0)
     rows = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
-    refill = next(r for r in rows if r.loop.startswith("refill"))
-    assert refill.test.delta < 0 and refill.verdict.startswith("**prune-and-fine-tune, 2 + 6 epochs** (paired t")
+    refill = next(r for r in rows if r.a.startswith("refill"))
+    assert refill.test.delta < 0 and refill.verdict.startswith("**refill learning-rate rewinding, 2 + 6 epochs** (Holm")
 
 
 @pytest.mark.parametrize("ft_flops, seeds", [(19 * 1.09, 3), (19 * 1.11, 0), (19 * 0.91, 3), (19 * 0.89, 0)])
@@ -147,17 +156,16 @@ def test_equal_compute_is_within_ten_percent(tmp_path, ft_flops, seeds):
     runs = []
     for seed, e in enumerate([0.0, 0.5, -0.5]):
         runs.append(budget_run(tmp_path, "refill", [70, 60, 62 + e, 61], REFILL_LOOP, seed))
-        runs.append(budget_run(tmp_path, "refill", [70, 60 - e], [10, ft_flops], seed, pruned_epochs=6, **FINETUNE))
+        runs.append(budget_run(tmp_path, "refill", [70, 60 - e], [10, ft_flops], seed, pruned_epochs=6, **LR_REWINDING))
     (row,) = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     assert row.test.n == seeds and row.ratio == pytest.approx(ft_flops / 19)
     if not seeds:
-        assert row.verdict == ("no verdict: no seed with the fine-tune's compute within ±10% of the loop's "
-                               f"(fine-tune / loop = {ft_flops / 19:.2f})")
+        assert row.verdict == f"no verdict: no seed whose two runs' compute lie within ±10% (B / A = {ft_flops / 19:.2f})"
 
 
 def test_one_seed_gives_no_verdict(tmp_path):
     runs = [budget_run(tmp_path, "refill", [70, 60, 62, 61], REFILL_LOOP, 0),
-            budget_run(tmp_path, "refill", [70, 58], [10, 19], 0, pruned_epochs=6, **FINETUNE)]
+            budget_run(tmp_path, "refill", [70, 58], [10, 19], 0, pruned_epochs=6, **LR_REWINDING)]
     (row,) = compute.equal_compute_verdicts(compute.equal_compute([report.load_run(r) for r in runs]))
     assert row.test.delta == pytest.approx(4.0) and row.verdict == "no verdict: one seed at equal compute (run several seeds)"
 
@@ -180,27 +188,29 @@ def test_report_shows_the_compute_figure_column_and_verdict(tmp_path, monkeypatc
     curves = {label.split(" (")[0]: x for label, x in plotted["budget_compute.png"].items()}
     assert curves["refill loop, 4 × 2 epochs"] == [f * P for f in REFILL_LOOP]  # state points at cumulative FLOPs
     assert curves["rsst loop, 4 × 2 epochs"] == [f * P for f in RSST_LOOP]
-    assert curves["prune-and-fine-tune, 2 + 11 epochs"] == [10 * P, 26.5 * P]
-    # the fine-tune each loop needs: what it spent after State 0 in epochs of its last state (1.5 P each)
+    assert curves["refill learning-rate rewinding, 2 + 11 epochs"] == [10 * P, 26.5 * P]
+    # the 2-state retraining each loop needs: what it spent after State 0 in epochs of its ticket (1.5 P each)
     assert "| refill loop, 4 × 2 epochs | 3 | 19 PFLOP | 40.0 s | 62.03% ± 0.35 (3 seeds) | `--pruned_epochs=6` |" in md
     assert "| rsst loop, 4 × 2 epochs | 3 | 26 PFLOP | 40.0 s | 60.03% ± 0.35 (3 seeds) | `--pruned_epochs=11` |" in md
-    assert "| prune-and-fine-tune, 2 + 6 epochs | 3 | 19 PFLOP | 20.0 s | 60.10% ± 0.10 (3 seeds) | – |" in md
+    assert ("| refill learning-rate rewinding, 2 + 6 epochs | 3 | 19 PFLOP | 20.0 s | 60.10% ± 0.10 (3 seeds) | "
+            "`--pruned_epochs=6` |") in md  # itself
     p = ttest_rel([acc["refill"][s] for s in range(3)], [acc["ft6"][s] for s in range(3)])
     ci = p.confidence_interval(0.95)
-    assert (f"| refill loop, 4 × 2 epochs | prune-and-fine-tune, 2 + 6 epochs | 1.00 | 3 (0, 1, 2) | "
+    assert (f"| refill loop, 4 × 2 epochs | refill learning-rate rewinding, 2 + 6 epochs | 1.00 | 3 (0, 1, 2) | "
             f"62.03% ± 0.35 (3 seeds) | 60.10% ± 0.10 (3 seeds) | +1.93 [{ci.low:+.2f}, {ci.high:+.2f}] | "
-            f"**refill loop, 4 × 2 epochs** (paired t") in md
-    assert "differ by at most 10% of the loop's" in md  # the definition of equal compute, stated
+            f"**refill loop, 4 × 2 epochs** (Holm p=") in md
+    assert "| Δ A − B [95% CI, unadjusted] | Winner at equal compute |" in md
+    assert "whose training FLOPs differ by at most 10%" in md  # the definition of equal compute, stated
     # the comparison tables: compute to reach each state, per configuration in the columns' order
-    # (the loops and each fine-tune are cells of their own there: they differ in more than method;
+    # (the loops and each learning-rate rewinding are cells of their own there: they differ in more than method;
     # Holm over 2 tests: the two equal-compute verdicts, State 1 having no seed variance)
     assert "| Winner (paired; Holm over 2 tests) | Compute to reach this state |" in md
     assert "| State 0 (dense) |" in md and "| 10 PFLOP / 10 PFLOP |" in md
     assert "| State 1 (the methods' tickets) | 55.00% ± 0.00 (3 seeds) | 55.00% ± 0.00 (3 seeds) | +0.00 " \
         "| n/a (no seed variance) | 13 PFLOP / 20 PFLOP |" in md
-    assert "| State 1 (the methods' tickets) | 60.10% ± 0.10 (3 seeds) | 19 PFLOP |" in md  # the fine-tunes
+    assert "| State 1 (the methods' tickets) | 60.10% ± 0.10 (3 seeds) | 19 PFLOP |" in md  # the 2-state runs
     assert "| State 1 (the methods' tickets) | 60.00% ± 0.62 (3 seeds) | 26.5 PFLOP |" in md
-    assert "| Mean, states 2+ (none) | n/a | n/a |" in md  # a fine-tune has no state 2: nothing reached
+    assert "| Mean, states 2+ (none) | n/a | n/a |" in md  # a 2-state run has no state 2: nothing reached
 
 
 def test_old_records_get_no_compute_figure_and_say_why(tmp_path):
@@ -217,7 +227,7 @@ def test_old_records_get_no_compute_figure_and_say_why(tmp_path):
     report.main(*map(str, runs), str(old), out=str(out))
     md = out.read_text()
     assert f"No compute figure or verdict for {old.name}: no `train_flops` in their records" in md
-    assert "**refill loop, 4 × 2 epochs** (paired t" in md
+    assert "**refill loop, 4 × 2 epochs** (Holm p=" in md
     loops = md.split("### Final pruned test accuracy (headline) — pruned_epochs=None")[1].split("\n\n")[1]
     assert "Compute to reach this state" not in loops  # the loops' cell mixes runs with and without
 
@@ -238,7 +248,8 @@ def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
     from vitprune.model import build_model
     from vitprune.structure import Structure, count, dims
     loop, ft = points(loops), points(finetunes)
-    assert {c.method for c in loop} == {"refill", "rsst"} and all(compute.is_finetune(c.to_dict()) for c in ft)
+    assert {c.method for c in loop} == {"refill", "rsst"} and all(strategy(c.to_dict()) == "weight rewinding" for c in loop)
+    assert all(strategy(c.to_dict()) == "learning-rate rewinding" and c.states == 2 for c in ft)
     assert {compute.compute_cell_key(c.to_dict()) for c in loop + ft} == {compute.compute_cell_key(loop[0].to_dict())}
     assert {c.seed for c in loop} == {c.seed for c in ft} and len({c.seed for c in loop}) >= 2
     c = loop[0]
@@ -339,11 +350,11 @@ def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
         md[md.index("## Compute"):][:600]
     assert (out.parent / "budget_cpu_compute.png").stat().st_size > 1000
     assert "tests) | Compute to reach this state |" in md  # the loops' cell: its verdict and compute columns
-    verdicts = [line for line in md.splitlines() if line.startswith(("| refill loop, 3 × 1 epochs | prune",
-                                                                     "| rsst loop, 3 × 1 epochs | prune"))]
+    verdicts = [line for line in md.splitlines() if line.startswith(("| refill loop, 3 × 1 epochs | refill learning",
+                                                                     "| rsst loop, 3 × 1 epochs | refill learning"))]
     assert len(verdicts) == 2, verdicts
-    assert "| refill loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 2 epochs | 1.00 | 2 (0, 1) |" in md
-    assert "| rsst loop, 3 × 1 epochs | prune-and-fine-tune, 1 + 4 epochs |" in md
+    assert "| refill loop, 3 × 1 epochs | refill learning-rate rewinding, 1 + 2 epochs | 1.00 | 2 (0, 1) |" in md
+    assert "| rsst loop, 3 × 1 epochs | refill learning-rate rewinding, 1 + 4 epochs |" in md
     assert "| `--pruned_epochs=2` |" in md and "| `--pruned_epochs=4` |" in md  # what the sweeps run
     assert all(v.rstrip(" |").endswith(("2 seeds)", "(no seed variance)")) for v in verdicts), verdicts
 

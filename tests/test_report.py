@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from scipy.stats import t as t_dist, ttest_1samp
+from scipy.stats import norm, t as t_dist, ttest_1samp
 
 from vitprune import report
 from vitprune.config import Config
@@ -41,15 +41,17 @@ def test_oneshot_compares_state_1_only():
     verdicts = report.Verdicts([cell])
     table = report.cell_tables(cell, verdicts)
     rows = {metric: (cells, pairs) for metric, _, cells, pairs in report.comparison(table)}
-    noise = 2 * 2 ** 0.5 * (1 / 3) ** 0.5  # 2√2 × refill's std over states 2-4 (rsst's is 0.29)
-    cells, [(delta, verdict)] = rows["state1"]  # 79.0 vs 80.0: 1.0 < 1.63
+    noise = 2 ** 0.5 * (1 / 3) ** 0.5  # √2 × refill's std over states 2-4 (rsst's is 0.29)
+    p = 2 * norm.sf(1.0 / noise)  # the one test: its Holm p is its p
+    cells, [(delta, verdict)] = rows["state1"]  # 79.0 vs 80.0: z = 1.22
     assert cells == {"refill": "79.00%", "rsst": "80.00% ⚠"}  # rsst's state 1 kept 35% of its targets
-    assert delta == "+1.00" and verdict == f"within noise (2√2σ = {noise:.2f}, within-run; one seed)"
+    assert delta == "+1.00" and verdict == f"within noise (z = 1.22 against √2σ = {noise:.2f}; Holm p={p:.2f}, " \
+                                           f"p={p:.2f}; one seed)"
     for metric in ("best", "mean", "late", "last", "retention"):  # states >= 2: the same ticket, retrained
         assert rows[metric][1][0][0] == "n/a" and "same ticket, retrained" in rows[metric][1][0][1], metric
     assert rows["state0"][1][0][1].startswith("– (dense")
     assert rows["best"][0] == {"refill": "83.00% (state 3)", "rsst": "80.50% (state 3)"}
-    assert len(verdicts) == 0  # one seed: no seed-level test
+    assert len(verdicts) == 1  # one seed: its test against the within-run noise joins Holm
 
 
 def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
@@ -67,13 +69,13 @@ def test_markdown_and_plots(tmp_path, capsys, monkeypatch):
     report.main(str(REFILL), str(RSST), out=str(out))
     md = out.read_text()
     assert len(ticks) == 4 and all(t == int(t) for axis in ticks for t in axis)  # states and epochs: integers
-    assert "| Metric | refill | rsst | Δ rsst − refill [95% CI] | Winner |" in md
+    assert "| Metric | refill | rsst | Δ rsst − refill [95% CI, unadjusted] | Winner (paired; Holm over 1 tests) |" in md
     assert "**final pruned test accuracy**" in md and "### Best-epoch test accuracy" in md
     assert "cifar10_refill_vit_small_r0.7_s0: 6, cifar10_rsst_vit_small_r0.7_s0: 5" in md
     assert "| Metric | refill | rsst |\n" in md  # the best-epoch table describes: no verdict
     assert "Only **State 1** can tell the methods apart" in md
     assert ("**Key result** (final pruned test accuracy at State 1): refill 79.00% vs rsst 80.00% ⚠; "
-            "Δ rsst − refill = +1.00 → within noise (2√2σ = 1.63, within-run; one seed).") in md
+            "Δ rsst − refill = +1.00 → within noise (z = 1.22 against √2σ = 0.82; Holm p=0.22, p=0.22; one seed).") in md
     assert "| Mean, states 2–4 | 82.33% | 80.17% | n/a | – (same ticket, retrained) |" in md
     assert "| 3 | 83.00% | 80.50% | n/a | – (same ticket, retrained) |" in md  # state by state
     assert "⚠ = RSST targets not driven to zero at the hard prune" in md
@@ -194,7 +196,7 @@ def test_short_runs_give_na(tmp_path):
     assert "**Key result**: no pruned state in common yet: nothing to compare." in md
     assert "| Mean, states 2+ (none) | n/a | n/a | n/a | – (same ticket, retrained) |" in md
     assert "| final test (pruned) | 50.00 | 45.00 |" in md
-    assert report.decide(report.paired_test({0: 1.0}, {0: 0.5}), None, {"a": None, "b": 0.1}, "oneshot", "a", "b") \
+    assert report.decide(report.paired_test({0: 1.0}, {0: 0.5}), None, {"a": None, "b": 0.1}, "oneshot", "a", "b", 0) \
         == "no verdict: one seed, and within-run noise needs >= 4 states"
 
 
@@ -219,7 +221,9 @@ class FakeWandbRun:
     def __init__(self, run_dir):
         self.name = run_dir.name
         self.config = {**json.loads((run_dir / "config.json").read_text()), "_wandb": {"x": 1}}
-        self.state = json.loads((run_dir / "summary.json").read_text())["status"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        self.state = summary["status"]
+        self.summary_metrics = {k: v for k, v in summary.items() if k not in ("config", "last_state")}
         self.rows = [{**wandb_names(r), "_step": i, "_runtime": 1.0} for i, r in enumerate(read_metrics(run_dir))]
 
     def scan_history(self):
@@ -245,6 +249,28 @@ def test_report_from_wandb_project_equals_report_from_folders(tmp_path, monkeypa
     panels = [b for b in saved[0].blocks if isinstance(b, wr.PanelGrid)]
     assert panels[0].runsets[0].groupby == ["group"]
     assert {tuple(p.y) for p in panels[0].panels} >= {("state/final_test_acc",), ("val_acc",)}
+
+
+def test_wandb_report_sections_of_several_schedules_filter_by_both(tmp_path, monkeypatch):
+    """A dataset with a oneshot and a geometric section: each section's runset selects its runs by
+    dataset and schedule (not by the section's title, which no run has as its dataset)."""
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    from wandb_workspaces.expr import expr_to_filters
+    monkeypatch.setenv("WANDB_MODE", "online")
+    saved = []
+    monkeypatch.setattr(wr.Report, "save", lambda self, **kw: saved.append(self))
+    monkeypatch.setattr(wr.Report, "url", property(lambda self: "https://wandb.example/report"))
+    runs = [write_run(tmp_path, m, [70, 60, 55], schedule=schedule, name=f"{m}_{schedule}")
+            for m in ("refill", "rsst") for schedule in ("oneshot", "geometric")]
+    report.main(*map(str, runs), out=str(tmp_path / "r.md"), wandb_report="me/vitprune")
+    grids = [b for b in saved[0].blocks if isinstance(b, wr.PanelGrid)]
+    found = {}
+    for grid in grids:
+        filters = expr_to_filters(grid.runsets[0].filters) if isinstance(grid.runsets[0].filters, str) \
+            else grid.runsets[0].filters
+        found[grid.runsets[0].name] = {f.key.name: f.value for f in filters.filters or [filters]}
+    assert found == {"cifar100 — oneshot": {"dataset": "cifar100", "schedule": "oneshot"},
+                     "cifar100 — geometric": {"dataset": "cifar100", "schedule": "geometric"}}
 
 
 def test_resumed_records_count_once(tmp_path):

@@ -4,7 +4,7 @@ Expected p-values are recomputed here with scipy's one-sample t-test on the diff
 import re
 
 import pytest
-from scipy.stats import ttest_1samp
+from scipy.stats import norm, ttest_1samp
 
 from test_report import holm_by_hand, write_run
 from vitprune import report
@@ -38,7 +38,7 @@ def test_ratio_sweep_rsst_wins_every_cell(tmp_path):
     report.main(*map(str, runs), out=str(out))
     md = out.read_text()
     assert "Holm-corrected over the 4 tests of this report" in md  # one test per ratio: State 1
-    assert md.count("| Metric | refill | rsst | Δ rsst − refill [95% CI] | Winner (paired; Holm over 4 tests) |") == 4
+    assert md.count("| Metric | refill | rsst | Δ rsst − refill [95% CI, unadjusted] | Winner (paired; Holm over 4 tests) |") == 4
     holm = holm_by_hand({r: ttest_1samp(d, 0).pvalue for r, d in diffs.items()})
     results = key_results(md)
     assert len(results) == 4
@@ -85,24 +85,30 @@ def test_one_spurious_state_among_eight_is_no_winner_after_holm(tmp_path):
     holm = holm_by_hand(ps)
     assert "Holm-corrected over the 7 tests of this report" in md
     row = next(line for line in md.splitlines() if line.startswith("| 4 |"))
-    assert f"within noise (Holm p={holm[4]:.2f}, p={ps[4]:.2f}; paired over 3 seeds)" in row
+    # its raw interval excludes 0: the verdict says why that is no winner
+    assert f"within noise: not significant after Holm over 7 tests (Holm p={holm[4]:.2f}, p={ps[4]:.3f}; " \
+        f"paired over 3 seeds)" in row
     assert "**rsst**" not in md and "**refill**" not in md
 
 
 def test_one_seed_gap_of_2_5_sigma_is_no_winner(tmp_path):
     """One seed each: states 2-4 spread with std 1.0 in both runs; State 1 apart by 2.5σ. The
-    difference of two single values has std √2·σ: the bar is 2√2σ = 2.83."""
+    difference of two single values has std √2·σ: z = 2.5 / √2 = 1.77, p = 0.077 (the one test)."""
     refill = write_run(tmp_path, "refill", [70, 50.0, 60, 61, 59])
     rsst = write_run(tmp_path, "rsst", [70, 52.5, 55, 56, 54])
     out = tmp_path / "r.md"
     report.main(str(refill), str(rsst), out=str(out))
     md = out.read_text()
     [line] = key_results(md)
-    assert line.endswith("Δ rsst − refill = +2.50 → within noise (2√2σ = 2.83, within-run; one seed).")
-    far = write_run(tmp_path / "far", "rsst", [70, 53.0, 55, 56, 54])  # 3σ: beyond the bar, labelled
+    p = 2 * norm.sf(2.5 / 2 ** 0.5)
+    assert line.endswith(f"Δ rsst − refill = +2.50 → within noise (z = 1.77 against √2σ = 1.41; Holm p={p:.2f}, "
+                         f"p={p:.2f}; one seed).")
+    far = write_run(tmp_path / "far", "rsst", [70, 53.0, 55, 56, 54])  # 3σ: z = 2.12, p = 0.034, labelled
     report.main(str(refill), str(far), out=str(out))
     [line] = key_results(out.read_text())
-    assert "**rsst** beyond within-run noise (2√2σ = 2.83; one seed: not a seed-to-seed result)" in line
+    p = 2 * norm.sf(3 / 2 ** 0.5)
+    assert f"**rsst** beyond within-run noise (z = 2.12 against √2σ = 1.41; Holm p={p:.3f}, p={p:.3f}; one seed: " \
+        "not a seed-to-seed result)" in line
 
 
 def test_rewind_none_compares_states_after_the_first(tmp_path):

@@ -28,17 +28,18 @@ def main(*run_dirs, out="report.md", wandb_project=None, wandb_entity=None, wand
     out.parent.mkdir(parents=True, exist_ok=True)
     title = "Structured pruning of ViTs: " + " vs ".join(dict.fromkeys(r.config.get("method", "?") for r in runs))
     numbers = analyse(runs)
-    lines = markdown.heading(title, runs)
-    tables, figures = {}, 0  # section title -> headline tables, for the W&B Report; PNGs written
+    lines = markdown.heading(title, runs, numbers)
+    tables, figures = [], 0  # per section its headline tables, for the W&B Report; PNGs written
     for section in numbers.sections:
         stem = file_stem(section.dataset) + (f"_{section.schedule}" if section.several else "")
         png = {kind: f"{out.stem}_{stem}_{kind}.png" for kind in ("states", "epochs")}
-        lines += markdown.dataset_section(section, numbers.tests, png)
+        lines += markdown.dataset_section(section, numbers.tests, png, numbers.one_seed)
         plots.plot(section.title, [x.run for x in section.runs], {k: out.parent / v for k, v in png.items()})
         diagnostics = rsst_figures(section.title, section.rsst, out, stem)
         lines += diagnostics
         figures += len(png) + sum(line.startswith("![") for line in diagnostics)
-        tables[section.title] = markdown.headline_tables(section, numbers.tests)
+        tables.append((section.title, section.dataset, section.schedule if section.several else None,
+                       markdown.headline_tables(section, numbers.tests)))
     pngs = [f"{out.stem}_compute{'' if len(numbers.compute) == 1 else i + 1}.png" for i in range(len(numbers.compute))]
     lines += markdown.compute_section(numbers.compute, pngs)
     for cell, png in zip(numbers.compute, pngs):

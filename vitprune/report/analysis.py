@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 from vitprune.report.compute import (compute_cells, compute_to_reach, curves, equal_compute, equal_compute_keys,
                                      equal_compute_verdicts, has_compute, spent)
-from vitprune.report.policy import METRICS, POLICY, Cell, Judged, Verdicts, cells, configurations
+from vitprune.report.policy import METRICS, POLICY, Cell, Judged, Verdicts, cells, configurations, split_by
 from vitprune.report.runs import BEST_EPOCH, HEADLINE, RunRecords
 from vitprune.report.stats import Times, Trend, late_start, run_stats, run_times, state0_trend, summarize
 
@@ -71,9 +71,13 @@ class ComputeCell(NamedTuple):
 @dataclass(eq=False)
 class Analysis:
     """What a report shows, computed."""
-    sections: list  # [Section]
-    compute: list   # [ComputeCell]
-    tests: int      # the paired tests Holm-corrected together
+    sections: list    # [Section]
+    compute: list     # [ComputeCell]
+    tests: int        # the paired tests Holm-corrected together
+    one_seed: int     # of them, one-seed comparisons against the within-run noise
+    split_by: list    # the fields that split the cells shown
+    refused: list     # [(seed, run name, run name)]: runs of one seed not paired, their splits differ
+    unverified: list  # the names of runs paired without a split fingerprint (older records)
 
 
 def analyse(runs) -> Analysis:
@@ -93,7 +97,11 @@ def analyse(runs) -> Analysis:
     for (dataset, schedule), subset in members.items():
         several = sum(d == dataset for d, _ in members) > 1
         sections.append(section(dataset, schedule, subset, section_cells[(dataset, schedule)], verdicts, several))
-    return Analysis(sections, compute, len(verdicts))
+    split = list(dict.fromkeys(k for subset in members.values() for k in split_by(subset)))
+    pairings = verdicts.pairings + [row.pairing for row in flat]
+    refused = dict.fromkeys((seed, a.name, b.name) for _, no in pairings for seed, a, b in no)
+    unverified = dict.fromkeys(r.name for pairs, _ in pairings for rs in pairs.values() for r in rs if r.split is None)
+    return Analysis(sections, compute, len(verdicts), verdicts.one_seed, split, list(refused), list(unverified))
 
 
 def section(dataset, schedule, runs, section_cells, verdicts: Verdicts, several: bool) -> Section:

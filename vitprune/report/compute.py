@@ -1,50 +1,50 @@
-"""The compute analysis: accuracy per training FLOP, prune-and-fine-tune as a configuration of the
-loop, and the equal-compute verdict; the numbers of the compute tables and figures. Imports no torch."""
+"""The compute analysis: accuracy per training FLOP, the four ways of retraining a ticket as
+configurations of the loop, the equal-compute verdicts between them and the --pruned_epochs of
+equal compute; the numbers of the compute tables and figures. Imports no torch."""
 import math
 from typing import NamedTuple, Optional
 
-from vitprune.config import applies, configuration
-from vitprune.report.policy import ALPHA
+from vitprune.report.identity import OWN, STRATEGIES, complete, identity, pair_by_seed, retraining, strategy
+from vitprune.report.policy import CONTESTANTS, significance
 from vitprune.report.runs import HEADLINE, RunRecords
 from vitprune.report.stats import Paired, Summary, holm, mean, paired_test, run_stats, std, summarize
 
 # Records written since compute accounting carry, in every epoch and state record, the training
 # FLOPs (`train_flops`) and wall seconds (`train_time_s`) of the run so far. Older records have
 # neither: their runs get no compute figure and no equal-compute verdict, and the report says so.
-# - prune-and-fine-tune is the loop configured as refill, 2 states, --rewind=none: prune once after
-#   State 0 and train the ticket one long state (--pruned_epochs) from State 0's weights;
-# - a cell is the set of runs that agree on everything except how the loop is shaped (method,
-#   states, epochs, pruned_epochs, rewind, schedule) and seed: same model, data, ratio, recipe;
+# - the four ways of retraining a ticket (identity.STRATEGIES) are configurations of the loop:
+#   weight rewinding (--rewind=init|epoch:K: the ticket loop), learning-rate rewinding
+#   (--rewind=none: the trained weights, the LR schedule replayed; Renda et al. 2020), fine-tuning
+#   (--rewind=none --retrain_lr: the trained weights at a constant LR) and scratch (--rewind=random:
+#   the ticket's structure from a fresh init; Liu et al. 2019's Scratch-E/B);
+# - a cell is the set of runs that agree on everything except the shape of the loop (SHAPE: method,
+#   states, epochs, pruned_epochs, retraining, schedule), the methods' own flags and the seed;
 # - a run's result is its best pruned state by validation accuracy (its test accuracy), charged
 #   with the compute of the whole run: choosing a state by val needs every state trained;
-# - equal compute: the fine-tune run of the same seed whose total training FLOPs are within
-#   EQUAL_COMPUTE (10%) of the loop's; the verdict is a paired t-test over those seeds, Holm-
-#   corrected together with every other test of the report, a winner named at p < 0.05.
+# - equal compute: two runs of one seed, their splits agreeing, whose total training FLOPs are
+#   within EQUAL_COMPUTE (10%) of each other; every pair of configurations that retrain
+#   differently (each configuration against the closest in compute of every later strategy) gets
+#   a paired t-test over those seeds, Holm-corrected with every other test of the report.
 COMPUTE = "train_flops"
 EQUAL_COMPUTE = 0.10
-LOOP_SHAPE = ("method", "states", "epochs", "pruned_epochs", "rewind", "schedule")
+SHAPE = ("method", "states", "epochs", "pruned_epochs", "retraining", "schedule")
 
 
 def has_compute(run: RunRecords) -> bool:
     return bool(run.states) and all(s.get(COMPUTE) is not None for s in run.states)
 
 
-def is_finetune(config: dict) -> bool:
-    """Prune-and-fine-tune: refill pruning once after State 0, one state trained from its weights."""
-    return config.get("method") == "refill" and config.get("states") == 2 and config.get("rewind") == "none"
-
-
-def compute_cell_key(config: dict) -> tuple:
-    """What a run computes, apart from the shape of its loop and its seed (see above)."""
-    return tuple(sorted((k, str(v)) for k, v in configuration(config).items()
-                        if k not in LOOP_SHAPE and applies(k, {**config, "method": "refill"})))
+def compute_cell_key(config: dict, recorded: dict = None) -> tuple:
+    """What a run computes, apart from the shape of its loop, its method's own flags and its seed."""
+    what = identity({**config, "method": "refill"}, recorded or {})  # every structured flag, RSST's too
+    return tuple(sorted((k, str(v)) for k, v in what.items() if k not in SHAPE and k not in OWN))
 
 
 def compute_cells(runs) -> list:
     """[(title, runs with train_flops, runs without)] per cell, in the order of the runs."""
     cells = {}
     for r in runs:
-        cells.setdefault(compute_cell_key(r.config), []).append(r)
+        cells.setdefault(compute_cell_key(r.config, r.resolved), []).append(r)
     keys = [dict(k) for k in cells]
     shown = ["dataset", "model", "ratio"] + [k for k in dict.fromkeys(f for c in keys for f in c)
                                              if k not in ("dataset", "model", "ratio") and len({c.get(k) for c in keys}) > 1]
@@ -62,51 +62,65 @@ def run_result(run: RunRecords):
     return None if best is None or not has_compute(run) else (best, run.states[-1][COMPUTE])
 
 
-def matching_pruned_epochs(run: RunRecords) -> Optional[float]:
-    """--pruned_epochs of the prune-and-fine-tune whose training compute equals this loop's: what
-    the loop spent after State 0, in epochs of its last state (the final ticket, trained as the
-    fine-tune trains it, teacher included), from its records. None without compute or pruned state."""
-    if not has_compute(run) or len(run.states) < 2 or is_finetune(run.config):
+def ticket_epoch_flops(run: RunRecords) -> Optional[float]:
+    """The training FLOPs of one epoch of the run's final, pruned network as a one-state retraining
+    trains it, teacher included: its last state record's `ticket_epoch_flops`. Older records: State
+    0's images per epoch (its train_flops / (epochs × 3 × flops_total), forward and backward of the
+    dense network) × (3 × the last state's flops_alive + under --distill the teacher's forward, the
+    dense model's: a pruned teacher from a state dict costs less). None where a count is missing."""
+    first, last = run.states[0], run.states[-1]
+    if last.get("ticket_epoch_flops"):
+        return last["ticket_epoch_flops"]
+    if None in (first.get(COMPUTE), first.get("flops_total"), last.get("flops_alive")):
         return None
-    c = run.config
-    rewind = str(c.get("rewind", "init"))
-    epochs = (c.get("pruned_epochs") or c.get("epochs")) - (int(rewind[6:]) if rewind.startswith("epoch:") else 0)
-    flops = [s[COMPUTE] for s in run.states]
-    per_epoch = (flops[-1] - flops[-2]) / epochs
-    return (flops[-1] - flops[0]) / per_epoch if per_epoch > 0 else None
+    c = complete(run.config)
+    images = first[COMPUTE] / (c["epochs"] * 3 * first["flops_total"])
+    return images * (3 * last["flops_alive"] + (first["flops_total"] if c["distill"] != "none" else 0))
+
+
+def matching_pruned_epochs(run: RunRecords) -> Optional[float]:
+    """--pruned_epochs of the 2-state retraining (any strategy) whose training compute equals this
+    run's: what it spent after State 0 over the per-epoch cost of training its final ticket, from
+    its records, whatever the loop's shape (RSST's targets, geometric states, --reg_reach, a
+    teacher). None without compute or pruned state."""
+    per_epoch = ticket_epoch_flops(run) if has_compute(run) and len(run.states) >= 2 else None
+    return (run.states[-1][COMPUTE] - run.states[0][COMPUTE]) / per_epoch if per_epoch else None
 
 
 class EqualCompute(NamedTuple):
-    """A ticket-loop configuration against prune-and-fine-tune in one cell, at equal compute."""
-    loop: str
-    finetune: str
-    ratio: Optional[float]   # fine-tune / loop training FLOPs, mean over the paired seeds
-    loop_acc: dict           # {seed: accuracy} of the seeds at equal compute
-    finetune_acc: dict
-    loop_summary: Summary    # over those seeds
-    finetune_summary: Summary
+    """Two configurations of one cell that retrain differently, at equal compute; Δ = a − b."""
+    a: str
+    b: str
+    ratio: Optional[float]   # b / a training FLOPs, mean over the paired seeds
+    a_acc: dict              # {seed: accuracy} of the seeds at equal compute
+    b_acc: dict
+    a_summary: Summary       # over those seeds
+    b_summary: Summary
     test: Paired
     verdict: str
+    pairing: tuple           # the runs paired by seed, those refused (identity.pair_by_seed)
 
 
 def shape_label(config: dict) -> str:
-    """A configuration of a cell by the shape of its loop: 'refill loop, 16 × 60 epochs',
-    'prune-and-fine-tune, 60 + 900 epochs'."""
-    epochs, later = config.get("epochs"), config.get("pruned_epochs") or config.get("epochs")
-    if is_finetune(config):
-        return f"prune-and-fine-tune, {epochs} + {later} epochs"
-    text = f"{config.get('method')} loop, {config.get('states')} × {epochs} epochs"
-    text += f" (states ≥ 1: {later})" if later != epochs else ""
-    extra = [config.get(k) for k in ("schedule", "rewind") if config.get(k) not in (None, "oneshot", "init")]
-    return text + "".join(f", {x}" for x in extra)
+    """A configuration of a cell by the shape of its loop and its retraining: 'refill loop, 16 × 60
+    epochs' (weight rewinding: the ticket loop), 'refill learning-rate rewinding, 60 + 900 epochs',
+    'refill fine-tuning at lr=final, 60 + 900 epochs', 'refill scratch, 60 + 900 epochs'."""
+    c = complete(config)
+    epochs, later, states, how = c["epochs"], c["pruned_epochs"] or c["epochs"], c["states"], retraining(c)
+    span = f"{states} × {epochs} epochs" + (f" (states ≥ 1: {later})" if later != epochs else "")
+    if strategy(c) == "weight rewinding":
+        text = f"{c['method']} loop, {span}" + ("" if how == "weight rewinding to init" else f", {how}")
+    else:
+        text = f"{c['method']} {how}, " + (f"{epochs} + {later} epochs" if states == 2 else span)
+    return text + ("" if c["schedule"] == "oneshot" else f", {c['schedule']}")
 
 
 def cell_groups(cell_runs) -> dict:
     """{label: [runs]} of one cell's configurations, labelled by shape_label and what else differs."""
-    key = lambda r: tuple(sorted((k, str(v)) for k, v in configuration(r.config).items()))
+    key = lambda r: tuple(sorted((k, str(v)) for k, v in r.identity.items()))
     keys = [dict(k) for k in dict.fromkeys(key(r) for r in cell_runs)]
     differing = [k for k in dict.fromkeys(f for c in keys for f in c)
-                 if k not in LOOP_SHAPE and len({c[k] for c in keys if k in c}) > 1]
+                 if k not in SHAPE and len({c[k] for c in keys if k in c}) > 1]
     groups = {}
     for r in cell_runs:
         c = dict(key(r))
@@ -116,34 +130,38 @@ def cell_groups(cell_runs) -> dict:
 
 
 def equal_compute(cell_runs) -> list:
-    """An EqualCompute per refill/rsst loop configuration of a cell holding a prune-and-fine-tune
-    configuration (the fine-tune closest in compute when it holds several); verdicts uncorrected."""
+    """An EqualCompute per pair of a cell's refill/rsst configurations that retrain differently:
+    each configuration against the closest in compute of every later strategy (STRATEGIES' order);
+    verdicts not yet drawn."""
     groups = cell_groups(cell_runs)
-    finetunes = {k: g for k, g in groups.items() if is_finetune(g[0].config)}
-    loops = {k: g for k, g in groups.items() if k not in finetunes and g[0].config.get("method") in ("refill", "rsst")}
+    of = {s: {k: g for k, g in groups.items() if strategy(g[0].config) == s and g[0].config.get("method") in
+              CONTESTANTS} for s in STRATEGIES}
     rows = []
-    for label, loop in loops.items():
-        pairs = {f: _pairs(loop, ft) for f, ft in finetunes.items()}
-        if not pairs:
-            continue
-        distance = lambda k: abs(math.log(pairs[k][1])) if pairs[k][1] else math.inf  # in compute
-        f = max(pairs, key=lambda k: (len(pairs[k][0]), -distance(k)))
-        within, ratio = pairs[f]
-        loop_acc, ft_acc = {s: a for s, (a, _) in within.items()}, {s: b for s, (_, b) in within.items()}
-        rows.append(EqualCompute(label, f, ratio, loop_acc, ft_acc, summarize(list(loop_acc.values())),
-                                 summarize(list(ft_acc.values())), paired_test(loop_acc, ft_acc), ""))
+    for i, first in enumerate(STRATEGIES):
+        for second in STRATEGIES[i + 1:]:
+            for label, runs in of[first].items():
+                pairs = {b: _pairs(runs, other) for b, other in of[second].items()}
+                if pairs:
+                    distance = lambda k: abs(math.log(pairs[k][1])) if pairs[k][1] else math.inf  # in compute
+                    b = max(pairs, key=lambda k: (len(pairs[k][0]), -distance(k)))
+                    rows.append(_row(label, b, *pairs[b]))
     return rows
 
 
-def _pairs(loop, finetune):
-    """({seed: (loop acc, fine-tune acc)} of the seeds at equal compute, mean FLOPs ratio fine-tune /
-    loop over every seed both have (None if none))."""
-    results = lambda runs: {r.config.get("seed"): run_result(r) for r in runs if run_result(r)}
-    a, b = results(loop), results(finetune)
-    seeds = sorted(a.keys() & b.keys())
-    ratios = {s: b[s][1] / a[s][1] for s in seeds}
-    within = {s: (a[s][0], b[s][0]) for s in seeds if abs(ratios[s] - 1) <= EQUAL_COMPUTE}
-    return within, mean(list(ratios.values()))
+def _row(a, b, within, ratio, pairing) -> EqualCompute:
+    a_acc, b_acc = {s: x for s, (x, _) in within.items()}, {s: y for s, (_, y) in within.items()}
+    return EqualCompute(a, b, ratio, a_acc, b_acc, summarize(list(a_acc.values())), summarize(list(b_acc.values())),
+                        paired_test(a_acc, b_acc), "", pairing)
+
+
+def _pairs(runs_a, runs_b):
+    """({seed: (acc of a, acc of b)} of the seeds at equal compute, the mean FLOPs ratio b / a over
+    the seeds paired (None if none), the pairing by seed)."""
+    pairing = pair_by_seed([r for r in runs_a if run_result(r)], [r for r in runs_b if run_result(r)])
+    results = {s: (run_result(ra), run_result(rb)) for s, (ra, rb) in pairing[0].items()}
+    ratios = {s: b[1] / a[1] for s, (a, b) in results.items()}
+    within = {s: (a[0], b[0]) for s, (a, b) in results.items() if abs(ratios[s] - 1) <= EQUAL_COMPUTE}
+    return within, mean(list(ratios.values())), pairing
 
 
 def equal_compute_keys(rows: list) -> dict:
@@ -155,23 +173,20 @@ def equal_compute_verdicts(rows: list, adjusted: dict = None) -> list:
     """The rows with their verdicts, Holm-adjusted p from `adjusted` (Verdicts.holm: every test
     of the report; default: the rows' own tests as the family)."""
     adjusted = holm({k: p for k, p in equal_compute_keys(rows).items() if p is not None}) if adjusted is None else adjusted
-    return [row._replace(verdict=_equal_verdict(row, adjusted.get(("equal compute", i))))
+    return [row._replace(verdict=_equal_verdict(row, adjusted.get(("equal compute", i)), len(adjusted)))
             for i, row in enumerate(rows)]
 
 
-def _equal_verdict(row: EqualCompute, p_holm) -> str:
+def _equal_verdict(row: EqualCompute, p_holm, family: int) -> str:
     t = row.test
     if t.n == 0:
-        near = "" if row.ratio is None else f" (fine-tune / loop = {row.ratio:.2f})"
-        return f"no verdict: no seed with the fine-tune's compute within ±{EQUAL_COMPUTE:.0%} of the loop's{near}"
+        near = "" if row.ratio is None else f" (B / A = {row.ratio:.2f})"
+        return f"no verdict: no seed whose two runs' compute lie within ±{EQUAL_COMPUTE:.0%}{near}"
     if t.n == 1:
         return "no verdict: one seed at equal compute (run several seeds)"
     if t.p is None:
         return "n/a (no seed variance)"
-    if p_holm >= ALPHA:
-        return f"within noise (paired t, Holm p={p_holm:.2f}, {t.n} seeds)"
-    winner = row.loop if t.delta > 0 else row.finetune
-    return f"**{winner}** (paired t, Holm p={p_holm:.3f}, {t.n} seeds)"
+    return significance(row.a if t.delta > 0 else row.b, p_holm, t.p, family, f"paired over {t.n} seeds")
 
 
 # The state a row of the comparison table is about, for its "compute to reach this state" column:
@@ -197,7 +212,7 @@ class Spent(NamedTuple):
     flops: float                    # mean training FLOPs of a whole run
     seconds: Optional[float]        # mean training time of the runs that logged it
     acc: Summary                    # best pruned test accuracy (by val), over its runs
-    pruned_epochs: Optional[float]  # mean --pruned_epochs of the prune-and-fine-tune of equal compute
+    pruned_epochs: Optional[float]  # mean --pruned_epochs of the 2-state retraining of equal compute
 
 
 def spent(cell_runs) -> list:
@@ -216,6 +231,7 @@ class Curve(NamedTuple):
     """A configuration's final pruned test accuracy against the cumulative training FLOPs at the end
     of each state its runs have in common: means over the runs, their std (0: one run) as error."""
     label: str
+    strategy: str  # how it retrains (identity.STRATEGIES): the figure draws each its own way
     runs: int
     flops: list
     acc: list
@@ -227,7 +243,8 @@ def curves(cell_runs) -> list:
     out = []
     for label, runs in cell_groups(cell_runs).items():
         n = min(len(r.states) for r in runs)
-        out.append(Curve(label, len(runs), [mean([r.states[s][COMPUTE] for r in runs]) for s in range(n)],
+        out.append(Curve(label, strategy(runs[0].config), len(runs),
+                         [mean([r.states[s][COMPUTE] for r in runs]) for s in range(n)],
                          [mean([r.states[s][HEADLINE] for r in runs]) for s in range(n)],
                          [std([r.states[s][HEADLINE] for r in runs]) or 0.0 for s in range(n)]))
     return out

@@ -3,14 +3,15 @@ state-by-state table, and per dataset the runs' states, findings, parameter effi
 training time; the compute section."""
 from vitprune import fmt
 from vitprune.config import NOT_ZEROED
-from vitprune.report.analysis import CellTables, ComputeCell, Row, RunNumbers, Section
+from vitprune.report.analysis import Analysis, CellTables, ComputeCell, Row, RunNumbers, Section
 from vitprune.report.compute import EQUAL_COMPUTE
-from vitprune.report.policy import ALPHA
+from vitprune.report.policy import ALPHA, NO_REWIND
 from vitprune.report.runs import BEST_EPOCH, HEADLINE
 from vitprune.report.stats import RISING, Summary
 
 FLAG = "⚠"  # marks RSST states whose targets were not driven to zero
 COMPUTE_COLUMN = "Compute to reach this state"
+CI = "95% CI, unadjusted"  # the raw t-interval: the verdict beside it is Holm's
 # The titles of the comparison table's rows (policy.METRICS; what each may conclude is policy.POLICY).
 TITLES = {"state0": "State 0 (dense)", "state1": "State 1 (the methods' tickets)",
           "best": "Best pruned state (by val)", "mean": "Mean", "std": "Std",
@@ -66,7 +67,7 @@ def _pct(x, signed=False):
 
 def pair_header(cell: CellTables, tests: int) -> list:
     holm = f" (paired; Holm over {tests} tests)" if tests else ""
-    return [h for a, b in cell.pairs for h in (f"Δ {b} − {a} [95% CI]", f"Winner{holm}" if len(cell.pairs) == 1
+    return [h for a, b in cell.pairs for h in (f"Δ {b} − {a} [{CI}]", f"Winner{holm}" if len(cell.pairs) == 1
                                                  else f"Winner {a} vs {b}{holm}")]
 
 
@@ -90,20 +91,40 @@ def headline_tables(section: Section, tests: int) -> list:
             for line in [f"**{c.name or section.dataset}**", ""] + comparison_table(c, tests) + [""]]
 
 
-def verdict_note(tests: int) -> list:
+def verdict_note(tests: int, one_seed: int) -> list:
     if not tests:
-        return ["Winner: no seed-level test in this report (no two seeds in common); one-seed gaps are judged "
-                "against the within-run noise only. imp and dense are references, not contestants.", ""]
-    return [f"Winner: paired t-test on the per-seed differences over the seeds both columns have (Δ = mean "
-            f"difference, [95% t-interval]); p-values **Holm-corrected over the {tests} tests of this "
-            f"report**, a winner needs Holm p < {ALPHA:g}. imp and dense are references, not contestants.", ""]
+        return ["Winner: no test in this report (no seed in common, or no within-run noise to judge one seed "
+                "by). imp and dense are references, not contestants.", ""]
+    of = f" ({one_seed} of them one-seed)" if one_seed else ""
+    return [f"Winner: paired t-test on the per-seed differences over the seeds both columns have whose splits "
+            f"agree (Δ = mean difference, [raw 95% t-interval, not adjusted for the number of tests]); with one "
+            f"seed, the gap against the within-run noise (z = Δ / √2σ, normal p). p-values **Holm-corrected over "
+            f"the {tests} tests of this report**{of}, a winner needs Holm p < {ALPHA:g}; where the raw interval "
+            f"excludes 0 but Holm names no winner, the verdict says so. imp and dense are references, not "
+            f"contestants.", ""]
 
 
-def heading(title, runs) -> list:
-    """The report's title, what its headline number is, and the table of its runs."""
+CELLS_NOTE = ("Cells: runs are compared only inside a cell, the runs of one data set and schedule that agree on "
+              "every flag but method, seed and RSST's own `--reg_*` (what is pruned, how much, how the keep set is "
+              "chosen, the recipe, the retraining) and on the numerics they ran with (precision, device type, "
+              "kernel backend, `--compile`, as recorded; older records: their flags). Records written before a "
+              "flag existed are read with the value it had then.")
+
+
+def heading(title, runs, numbers: Analysis) -> list:
+    """The report's title, what its headline number is, what splits its cells, which runs it did
+    not pair, and the table of its runs."""
     lines = [f"# {title}", "",
              "Headline numbers are the **final pruned test accuracy** of each state: the network after the "
-             "state's pruning (RSST: after its hard prune). Best-epoch accuracies are shown separately, labelled.", ""]
+             "state's pruning (RSST: after its hard prune). Best-epoch accuracies are shown separately, labelled.", "",
+             f"{CELLS_NOTE} Cells are split in this report by: "
+             f"{', '.join(numbers.split_by) or 'none (one cell per data set and schedule)'}.", ""]
+    if numbers.refused:
+        lines += ["Refused pairs (the runs' val/test splits differ: `split_fingerprint`): " +
+                  ", ".join(f"{a} × {b} (seed {seed})" for seed, a, b in numbers.refused) + ".", ""]
+    if numbers.unverified:
+        lines += ["Paired without a split fingerprint (records written before it was recorded): " +
+                  ", ".join(numbers.unverified) + ".", ""]
     return lines + fmt.table(["Run", "Dataset", "Method", "Model", "Ratio", "Seed", "States", "Epochs/state", "Status"],
                              [[r.name, *(r.config.get(k) for k in ("dataset", "method", "model", "ratio", "seed")),
                                f"{len(r.states)}/{r.config.get('states', '?')}", r.config.get("epochs"), r.status]
@@ -115,10 +136,10 @@ SCHEDULE_NOTE = {
                "retrains the same ticket from the rewind point (same keep set, no RSST targets). Only **State 1** "
                "can tell the methods apart; states ≥ 2 measure the noise of retraining a ticket and carry no "
                "winner.",
-    "oneshot, no rewind": "Schedule **oneshot** with `--rewind=none`: every state ≥ 1 keeps the groups of "
-                          "state 1, but without rewinding each method carries its own trained weights into states "
-                          "≥ 2, so those states differ between methods: they are compared one by one, like "
-                          "geometric states, with no within-run noise estimate.",
+    NO_REWIND: "Schedule **oneshot** with `--rewind=none` (learning-rate rewinding, or fine-tuning with "
+               "`--retrain_lr`): every state ≥ 1 keeps the groups of state 1, but without weight rewinding each "
+               "method carries its own trained weights into states ≥ 2, so those states differ between methods: "
+               "they are compared one by one, like geometric states, with no within-run noise estimate.",
     "geometric": "Schedule **geometric**: every state prunes further, so each state has its own sparsity and the "
                  "methods select their own tickets from state 2 on. States are compared one by one, over seeds; "
                  "there is no within-run noise estimate.",
@@ -138,7 +159,7 @@ def key_result(cell: CellTables) -> list:
             " vs ".join(f"{label} {c}" for label, c in cells.items()) + f"; {tests}.", ""]
 
 
-def dataset_section(section: Section, tests: int, png) -> list:
+def dataset_section(section: Section, tests: int, png, one_seed: int = 0) -> list:
     runs, n = [x.run for x in section.runs], section.n
     lines = [f"## {section.title}", ""]
     for m in dict.fromkeys(c.mode for c in section.cells):
@@ -152,7 +173,7 @@ def dataset_section(section: Section, tests: int, png) -> list:
         lines += [f"{FLAG} = RSST targets not driven to zero at the hard prune (the largest target group kept "
                   f"more than {NOT_ZEROED:g} of its norm): that state's hard prune removed live weights.", ""]
     if any(c.pairs for c in section.cells):
-        lines += verdict_note(tests)
+        lines += verdict_note(tests, one_seed)
     for cell in section.cells:
         lines += cell_section(cell, tests, len(section.cells) > 1)
     lines += [f"![accuracy vs state]({png['states']})", "", "### Per-state accuracy", ""]
@@ -295,12 +316,16 @@ def rsst_diagnostics(label, png) -> list:
 COMPUTE_NOTE = (
     "Training compute: the FLOPs of every training step a run took (forward and backward of the network "
     "as it trains, plus a teacher's forward), from `train_flops` in its records; evaluation is not counted. "
-    "**Prune-and-fine-tune**: refill with 2 states and `--rewind=none`: prune once after State 0, then train "
-    "the ticket one long state from State 0's weights. A run's result is its best pruned state by validation "
-    "accuracy (its test accuracy), charged with the compute of the whole run. **Equal compute**: a fine-tune "
-    f"run and a loop run of the same seed whose training FLOPs differ by at most {EQUAL_COMPUTE:.0%} of the "
-    "loop's; the verdict is a paired t-test over those seeds (Holm-corrected together with every other test of "
-    "the report), a winner named at p < 0.05.")
+    "The four ways of retraining a ticket are configurations of the loop: **weight rewinding** "
+    "(`--rewind=init|epoch:K`, the ticket loop), **learning-rate rewinding** (`--rewind=none`: State 0's "
+    "trained weights, the LR schedule replayed; Renda et al. 2020), **fine-tuning** (`--rewind=none "
+    "--retrain_lr=final|VALUE`: the trained weights at a constant LR) and **scratch** (`--rewind=random`: the "
+    "ticket's structure from a fresh init; Liu et al. 2019, Scratch-E/B). A run's result is its best pruned "
+    "state by validation accuracy (its test accuracy), charged with the compute of the whole run. **Equal "
+    f"compute**: two runs of one seed whose training FLOPs differ by at most {EQUAL_COMPUTE:.0%}; each "
+    "configuration is compared with the closest in compute of every other strategy, by a paired t-test over "
+    "those seeds (Holm-corrected together with every other test of the report), a winner named at Holm "
+    "p < 0.05; the interval is the raw 95% t-interval.")
 
 
 def compute_section(cells: list, pngs) -> list:
@@ -320,11 +345,11 @@ def compute_section(cells: list, pngs) -> list:
             continue
         lines += [f"![test accuracy vs cumulative training compute]({png})", ""] + compute_table(cell) + [""]
         if not cell.equal:
-            lines += ["No equal-compute verdict: the cell needs a ticket loop (refill or rsst) and a "
-                      "prune-and-fine-tune configuration.", ""]
+            lines += ["No equal-compute verdict: the cell needs refill or rsst configurations of two ways of "
+                      "retraining (weight rewinding, learning-rate rewinding, fine-tuning, scratch).", ""]
             continue
-        lines += fmt.table(["Ticket loop", "Prune-and-fine-tune", "Compute, fine-tune / loop", "Seeds at equal compute",
-                            "Loop", "Fine-tune", "Δ loop − fine-tune [95% CI]", "Winner at equal compute"],
+        lines += fmt.table(["Configuration A", "Configuration B", "Compute, B / A", "Seeds at equal compute",
+                            "A", "B", f"Δ A − B [{CI}]", "Winner at equal compute"],
                            [_equal_row(row) for row in cell.equal]) + [""]
     return lines
 
@@ -333,13 +358,13 @@ def compute_table(cell: ComputeCell) -> list:
     rows = [[s.label, s.runs, fmt.flops(s.flops), fmt.duration(s.seconds) if s.seconds else "n/a", _cell(s.acc),
              "–" if s.pruned_epochs is None else f"`--pruned_epochs={round(s.pruned_epochs)}`"] for s in cell.spent]
     return fmt.table(["Configuration", "Runs", "Training compute (mean)", "Training time (mean)",
-                      "Best pruned test accuracy (by val)", "Prune-and-fine-tune of equal compute"], rows)
+                      "Best pruned test accuracy (by val)", "2-state retraining of equal compute"], rows)
 
 
 def _equal_row(row) -> list:
     t = row.test
     ci = "" if t.low is None else f" [{t.low:+.2f}, {t.high:+.2f}]"
-    return [row.loop, row.finetune, "n/a" if row.ratio is None else f"{row.ratio:.2f}",
-            f"{t.n} ({', '.join(map(str, sorted(row.loop_acc)))})" if t.n else "0",
-            _cell(row.loop_summary), _cell(row.finetune_summary),
+    return [row.a, row.b, "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+            f"{t.n} ({', '.join(map(str, sorted(row.a_acc)))})" if t.n else "0",
+            _cell(row.a_summary), _cell(row.b_summary),
             "n/a" if t.delta is None else f"{t.delta:+.2f}{ci}", row.verdict]

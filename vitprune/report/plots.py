@@ -34,16 +34,21 @@ def plot(dataset, runs, paths):
           title=f"{dataset}: val accuracy per epoch")
 
 
+# How each way of retraining is drawn: the ticket loop solid, the baselines dashed, a marker each.
+STYLE = {"weight rewinding": "o-", "learning-rate rewinding": "s--", "fine-tuning": "^--", "scratch": "D:"}
+
+
 def compute_plot(title, curves: list, path):
     """Test accuracy (final pruned) against the cumulative training FLOPs at the end of each state,
-    one curve per configuration (compute.Curve: mean over its seeds, std as error bars)."""
+    one curve per configuration (compute.Curve: mean over its seeds, std as error bars), drawn by
+    how it retrains (STYLE)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, c in enumerate(curves):
-        ax.errorbar(c.flops, c.acc, yerr=c.err, fmt="s--" if c.label.startswith("prune-and-fine-tune") else "o-",
-                    color=f"C{i}", capsize=3, label=f"{c.label} ({c.runs} run{'s' * (c.runs > 1)})")
+        ax.errorbar(c.flops, c.acc, yerr=c.err, fmt=STYLE.get(c.strategy, "o-"), color=f"C{i}", capsize=3,
+                    label=f"{c.label} ({c.runs} run{'s' * (c.runs > 1)})")
     _save(fig, ax, path, integer_x=False, xlabel="cumulative training compute (FLOPs)",
           ylabel="test accuracy (%), final pruned", title=f"{title}: accuracy vs training compute")
 

@@ -6,15 +6,16 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
-from vitprune.config import FIELDS, METHODS, configuration
+from vitprune.config import METHODS
+from vitprune.report.identity import OWN, complete, pair_by_seed
 from vitprune.report.runs import HEADLINE
-from vitprune.report.stats import Paired, holm, mean, paired_test, run_stats
+from vitprune.report.stats import Paired, holm, mean, one_seed_z, paired_test, run_stats
 
 
 def configurations(runs) -> dict:
-    """{label: [runs]} for the runs of one dataset; label = method (+ what else differs and
-    applies to the run's method). The runs keep their own labels (cells() gives them)."""
-    key = lambda r: tuple(sorted((k, str(v)) for k, v in configuration(r.config).items()))
+    """{label: [runs]} for runs of one dataset; label = method (+ what else of their identity
+    differs). The runs keep their own labels (cells() gives them)."""
+    key = lambda r: tuple(sorted((k, str(v)) for k, v in r.identity.items()))
     keys = [dict(k) for k in dict.fromkeys(key(r) for r in runs)]
     differing = [k for k in dict.fromkeys(f for c in keys for f in c)
                  if k != "method" and len({c[k] for c in keys if k in c}) > 1]
@@ -37,34 +38,43 @@ def within_run_noise(groups: dict, n: int, mode: str, key=HEADLINE) -> dict:
 
 # ---- the verdict policy -------------------------------------------------------------------
 # What is compared, and when a winner is named:
-# - a *cell* = the runs of one dataset and schedule that agree on every field that applies to
-#   every method (configuration() without method, seed and the method-only flags); execution
-#   flags never split cells. Inside a cell, a configuration = the runs that differ only in seed;
-#   its label is the method and the method's own flags that differ in the cell;
-# - within a cell the structured methods (Refill, RSST, and RSST/Refill variants) are compared
-#   pairwise, Refill vs RSST first; imp and dense are reference columns, never contestants. Cells
-#   are never compared with each other (a ratio sweep compares the methods at each ratio);
-# - a comparison is a PAIRED t-test on the per-seed differences over the seeds both
-#   configurations have (two runs of one seed share State 0, the val split and the data order):
-#   mean Δ with its 95% t-interval. A report makes many tests (pairs × cells × states), so the
-#   p-values are Holm-corrected over all of them, and a winner needs Holm p < 0.05;
+# - a *cell* = the runs of one dataset and schedule of one identity (identity.py) but for method,
+#   seed and a method's own tuning flags (RSST's --reg_*): every flag that sets what is pruned, how
+#   much, how the keep set is chosen, the recipe and the retraining splits cells, and so do the
+#   numerics the runs resolved (precision, device type, kernel backend, --compile): a bf16 run and
+#   an fp32 run are not compared, since their gap may be the numerics'. Inside a cell, a
+#   configuration = the runs that differ only in seed; its label is the method and the method's own
+#   flags that differ in the cell. imp and dense (references, which have no selection flags) join
+#   every cell whose flags they share;
+# - within a cell the structured methods (Refill, RSST, and RSST variants) are compared pairwise,
+#   Refill vs RSST first; imp and dense are reference columns, never contestants. Cells are never
+#   compared with each other (an mlp_ratio sweep compares the methods at each mlp_ratio);
+# - a comparison is a PAIRED t-test on the per-seed differences over the seeds both configurations
+#   have whose splits agree (split_fingerprint; records without one are paired as before): mean Δ
+#   with its raw 95% t-interval. A report makes many tests (pairs × cells × states), so the
+#   p-values are Holm-corrected over all of them, and a winner needs Holm p < 0.05. The interval
+#   is unadjusted: where it excludes 0 (raw p < 0.05) but Holm does not name a winner, the verdict
+#   says "not significant after Holm over N tests";
 # - any "best state" is chosen by VALIDATION accuracy (over states >= 1) and reported with its test
 #   accuracy: a maximum over noisy test scores would select on the test set;
 # - oneshot with rewinding: every state >= 2 retrains the same ticket for every method (same
 #   keep set, no RSST targets), so only State 1 can tell the methods apart; states >= 2 carry no
-#   winner and their spread is the within-run noise. With --rewind=none each method carries its
-#   own weights into states >= 2, so they are compared one by one, like geometric states;
+#   winner and their spread is the within-run noise. Without weight rewinding (--rewind=none)
+#   each method carries its own weights into states >= 2, so they are compared one by one;
 # - geometric: every state has its own sparsity: no within-run noise; compared state by state;
-# - one seed in common: no seed-level verdict. Under oneshot (rewinding) a gap beyond 2·√2·σ
-#   (σ the larger within-run std; the difference of two single values has std √2·σ) is named
-#   as "beyond within-run noise", never as a seed-to-seed result; otherwise no verdict;
+# - one seed in common (oneshot with rewinding): the gap is judged against the within-run noise,
+#   z = Δ / (√2·σ) (σ the larger within-run std; the difference of two single values has std
+#   √2·σ), with the two-sided normal p of z, which joins the Holm family like any other test:
+#   many one-seed cells would otherwise name chance winners. A winner is named "beyond within-run
+#   noise", never as a seed-to-seed result;
 # - an RSST state whose targets (the largest group's norm ratio; the aggregate for old records)
 #   kept more than NOT_ZEROED at the hard prune is flagged wherever the report shows that state.
 # METRICS: the rows of a comparison (run_stats keys), in the order the tables show them;
 # POLICY: what each row may conclude, per mode (see `mode`): "compare" (a winner can be named),
 # or the reason none can.
+NO_REWIND = "oneshot, no weight rewinding"
 METRICS = ("state0", "state1", "best", "mean", "std", "retention", "late", "last")
-_FINE_TUNE = "– (states carry each method's own weights: see state by state)"
+_CARRIED = "– (states carry each method's own weights: see state by state)"
 POLICY = {
     "oneshot": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
                 "best": "– (states ≥ 2: same ticket, retrained)", "mean": "– (same ticket, retrained)",
@@ -74,9 +84,9 @@ POLICY = {
                   "best": "– (states differ in sparsity)", "mean": "– (states differ in sparsity)",
                   "std": "– (states differ in sparsity: not noise)", "retention": "– (states differ in sparsity)",
                   "late": "– (states differ in sparsity)", "last": "compare"},
-    "oneshot, no rewind": {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
-                           "best": _FINE_TUNE, "mean": _FINE_TUNE, "std": "– (not noise: states differ)",
-                           "retention": _FINE_TUNE, "late": _FINE_TUNE, "last": "compare"},
+    NO_REWIND: {"state0": "– (dense: the same recipe for every method)", "state1": "compare",
+                "best": _CARRIED, "mean": _CARRIED, "std": "– (not noise: states differ)",
+                "retention": _CARRIED, "late": _CARRIED, "last": "compare"},
 }
 ALPHA = 0.05
 CONTESTANTS = ("refill", "rsst")  # imp and dense are reference columns
@@ -84,14 +94,18 @@ CONTESTANTS = ("refill", "rsst")  # imp and dense are reference columns
 
 def mode(schedule: str, rewind: str) -> str:
     """The POLICY that fits: without rewinding, oneshot states >= 2 are not the same experiment."""
-    return "oneshot, no rewind" if schedule == "oneshot" and rewind == "none" else schedule
+    return NO_REWIND if schedule == "oneshot" and rewind == "none" else schedule
 
 
-def cell_key(config: dict) -> tuple:
-    """What every method of a cell shares: the configuration without method, seed and the flags
-    that apply to some methods only."""
-    return tuple(sorted((k, json.dumps(v)) for k, v in configuration(config).items()
-                        if k != "method" and "method" not in FIELDS[k].metadata["requires"]))
+def cell_key(run) -> tuple:
+    """What every method of a cell shares: the run's identity without method and the methods' own
+    tuning flags; values as JSON."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in run.identity.items() if k != "method" and k not in OWN))
+
+
+def differing(keys) -> list:
+    """The fields whose values differ among the keys ({field: value} each; a missing field counts)."""
+    return [k for k in dict.fromkeys(f for key in keys for f in key) if len({key.get(k) for key in keys}) > 1]
 
 
 @dataclass(eq=False)
@@ -112,29 +126,41 @@ class Cell:
     def tested_states(self) -> list:
         return list(range(1, min(self.n, 2) if self.mode == "oneshot" else self.n))
 
-    def values(self, label, state, key=HEADLINE) -> dict:
-        return {r.config.get("seed"): r.states[state][key] for r in self.groups[label]}
+    def paired(self, a, b, state, key=HEADLINE):
+        """({seed: value} of a, of b) over the seeds both have whose splits agree."""
+        pairs, _ = pair_by_seed(self.groups[a], self.groups[b])
+        return ({s: ra.states[state][key] for s, (ra, _) in pairs.items()},
+                {s: rb.states[state][key] for s, (_, rb) in pairs.items()})
 
 
 def cells(runs) -> list:
-    """The cells of the runs of one dataset and schedule, named by what sets them apart."""
+    """The cells of the runs of one dataset and schedule, named by what sets them apart. A
+    reference run (imp, dense) joins every contestants' cell whose flags it shares."""
+    contest = dict.fromkeys(cell_key(r) for r in runs if r.config.get("method") in CONTESTANTS)
     by_key = {}
     for r in runs:
-        by_key.setdefault(cell_key(r.config), []).append(r)
-    differing = [k for k in dict.fromkeys(f for key in by_key for f, _ in key)
-                 if len({dict(key).get(k) for key in by_key}) > 1]
+        key = cell_key(r)
+        homes = [key] if key in contest else [k for k in contest if set(key) <= set(k)] or [key]
+        for k in homes:
+            by_key.setdefault(k, []).append(r)
+    fields = [dict(key) for key in by_key]
+    split = differing(fields)
     result = []
-    for key, members in by_key.items():
-        fields = dict(key)
-        name = ", ".join(f"{k}={json.loads(fields[k])}" for k in differing if k in fields)
-        rewind = members[0].config.get("rewind", FIELDS["rewind"].default)
+    for key, members in zip(fields, by_key.values()):
+        name = ", ".join(f"{k}={json.loads(key[k])}" for k in split if k in key)
         groups = configurations(members)
         for label, group in groups.items():  # a run is named by its cell's column in every table and plot
             for r in group:
                 r.label = label
-        result.append(Cell(name, groups, min(len(r.states) for r in members),
-                           mode(members[0].config.get("schedule", "oneshot"), rewind)))
+        first = complete(members[0].config)
+        result.append(Cell(name, groups, min(len(r.states) for r in members), mode(first["schedule"], first["rewind"])))
     return result
+
+
+def split_by(runs) -> list:
+    """The fields that split these runs (one dataset and schedule) into cells."""
+    return differing([dict(k) for k in dict.fromkeys(cell_key(r) for r in runs
+                                                     if r.config.get("method") in CONTESTANTS)])
 
 
 class Judged(NamedTuple):
@@ -146,17 +172,29 @@ class Judged(NamedTuple):
 
 class Verdicts:
     """Every paired test a report makes, Holm-corrected together before any verdict is written:
-    the cells' tests and `extra` ({key: p}: the equal-compute comparisons)."""
+    the cells' tests (one-seed ones against the within-run noise) and `extra` ({key: p}: the
+    equal-compute comparisons). `pairings`: per pair of configurations, the runs paired by seed
+    and those refused (identity.pair_by_seed)."""
 
     def __init__(self, all_cells, extra: dict = None):
-        self.tests = {(cell, a, b, s): paired_test(cell.values(b, s), cell.values(a, s))
+        self.tests = {(cell, a, b, s): paired_test(*reversed(cell.paired(a, b, s)))
                       for cell in all_cells for a, b in cell.pairs() for s in cell.tested_states()}
-        ps = {k: t.p for k, t in self.tests.items() if t.p is not None}
-        self.holm = holm({**ps, **{k: p for k, p in (extra or {}).items() if p is not None}})
         self.noise = {cell: within_run_noise(cell.groups, cell.n, cell.mode) for cell in all_cells}
+        ps = {k: self.p(k) for k in self.tests}
+        self.one_seed = sum(p is not None and self.tests[k].n == 1 for k, p in ps.items())
+        self.holm = holm({k: p for k, p in {**ps, **(extra or {})}.items() if p is not None})
+        self.pairings = [pair_by_seed(cell.groups[a], cell.groups[b]) for cell in all_cells for a, b in cell.pairs()]
 
     def __len__(self):
         return len(self.holm)
+
+    def p(self, key):
+        """The test's p: the paired t-test's, or for one seed the normal p against the within-run noise."""
+        t, (cell, a, b, _) = self.tests[key], key
+        if t.n != 1:
+            return t.p
+        sigma = one_seed_sigma(self.noise[cell], a, b, cell.mode)
+        return None if not sigma else one_seed_z(t.delta, sigma)[1]
 
     def verdict(self, cell, a, b, state) -> Judged:
         """The test of b against a (Δ = b − a) at one state, and its verdict."""
@@ -164,27 +202,47 @@ class Verdicts:
         if key not in self.tests:
             return Judged(None, "–")
         t = self.tests[key]
-        return Judged(t, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b))
+        return Judged(t, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b, len(self)))
 
 
-def decide(t: Paired, p_holm, noise: dict, mode: str, a: str, b: str) -> str:
-    """The verdict of the paired test t of b against a (Δ = b − a), as the policy above says."""
+def one_seed_sigma(noise: dict, a, b, mode):
+    """σ of a one-seed comparison: the larger within-run std of the two (None where there is none)."""
+    if mode != "oneshot" or noise.get(a) is None or noise.get(b) is None:
+        return None
+    return max(noise[a], noise[b])
+
+
+def significance(winner, p_holm, p, family: int, how: str, bar: str = "") -> str:
+    """A verdict from its Holm-adjusted and raw p: the winner, or within noise, saying "not
+    significant after Holm" where the raw p (and so the raw 95% interval) alone would name one."""
+    bar = f"{bar}; " if bar else ""
+    if p_holm < ALPHA:
+        return f"**{winner}** ({bar}Holm p={p_holm:.3f}, p={p:.3f}; {how})"
+    if p < ALPHA:
+        return f"within noise: not significant after Holm over {family} tests ({bar}Holm p={p_holm:.2f}, " \
+               f"p={p:.3f}; {how})"
+    return f"within noise ({bar}Holm p={p_holm:.2f}, p={p:.2f}; {how})"
+
+
+def decide(t: Paired, p_holm, noise: dict, mode: str, a: str, b: str, family: int) -> str:
+    """The verdict of the paired test t of b against a (Δ = b − a), as the policy above says;
+    family: the tests Holm corrects over."""
     winner = b if (t.delta or 0) > 0 else a
     if t.n == 0:
         return "no verdict: no seed in common"
     if t.n >= 2:
-        if t.p is None:
-            return "n/a (no seed variance)"
-        seeds = f"paired over {t.n} seeds"
-        if p_holm < ALPHA:
-            return f"**{winner}** (Holm p={p_holm:.3f}, p={t.p:.3f}; {seeds})"
-        return f"within noise (Holm p={p_holm:.2f}, p={t.p:.2f}; {seeds})"
+        return "n/a (no seed variance)" if t.p is None else significance(winner, p_holm, t.p, family,
+                                                                          f"paired over {t.n} seeds")
     if mode != "oneshot":
         return f"no verdict: one seed, and no within-run noise under {mode} (run several seeds)"
-    if noise.get(a) is None or noise.get(b) is None:
+    sigma = one_seed_sigma(noise, a, b, mode)
+    if sigma is None:
         return "no verdict: one seed, and within-run noise needs >= 4 states"
-    bar = 2 * math.sqrt(2) * max(noise[a], noise[b])
-    if abs(t.delta) > bar:
-        return f"**{winner}** beyond within-run noise (2√2σ = {bar:.2f}; one seed: not a seed-to-seed result)"
-    return f"within noise (2√2σ = {bar:.2f}, within-run; one seed)"
-
+    if sigma == 0:
+        return "no verdict: one seed, and its states >= 2 do not vary (no within-run noise)"
+    z, p = one_seed_z(t.delta, sigma)
+    bar = f"z = {z:.2f} against √2σ = {math.sqrt(2) * sigma:.2f}"
+    if p_holm < ALPHA:
+        return f"**{winner}** beyond within-run noise ({bar}; Holm p={p_holm:.3f}, p={p:.3f}; one seed: " \
+               f"not a seed-to-seed result)"
+    return significance(winner, p_holm, p, family, "one seed", bar)

@@ -1,0 +1,112 @@
+"""What a run is when it is compared with others: its configuration completed with the value each
+flag had before it existed, the numerics it resolved, how it retrained after State 0, and whether
+two runs of one seed drew the same splits. Imports no torch."""
+from vitprune.config import FIELDS, METHODS, NUMERICS_FLAGS, configuration
+
+# The value a flag had before it existed, for records written before it (their config.json lacks
+# its key). Every flag added after the first records is listed, with the commit that added it
+# (`git log -S 'NAME:' -- vitprune/config.py`); flags not listed are as old as the records. Mostly
+# the value is the flag's default, but not always: RSST runs before --reg_formula used the seed's
+# formula, and the synthetic set's split before --val_size held 500 of its 4,500 images. A flag
+# added later falls back to its default: list it here when runs before it did something else.
+BEFORE = {
+    # 2c55702 (2026-11-28): a 10% split of CIFAR (5,000 images), 500 of the synthetic set's; 32 px, patch 4
+    "val_size": lambda config: 500 if config.get("dataset") == "synthetic" else 0.1,
+    "img_size": 32, "patch_size": 4,
+    # f6cd0dc (2026-11-28): RSST's strength was the seed's coupled formula, g = --reg_granularity_prune
+    "reg_formula": "seed", "reg_residual": 1e-3,
+    # 5488fc8 (2026-11-29): the targets reached zero at the end of the state
+    "reg_reach": 1.0,
+    # e6f6ac2 (2026-11-29): every state trained --epochs
+    "pruned_epochs": None,
+    # d4fd305 (2026-11-29): the seed's augmentation, no teacher
+    "aug": "crop_flip", "crop_scale_min": 0.08, "crop_ratio_max": 4 / 3, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
+    "distill": "none", "distill_temp": 1.0, "distill_alpha": 0.5,
+    # issue 27: states >= 1 followed --lr_schedule
+    "retrain_lr": None,
+}
+# A method's own tuning flags (config group "RSST"): variants inside a cell, never a cell of their own.
+OWN = frozenset(name for name, f in FIELDS.items() if f.metadata["group"].lower() in METHODS)
+# What the run computed with, resolved; records before these were recorded fall back to the flags.
+NUMERICS = ("precision", "device_type", "kernels_backend")
+# How a run retrains after State 0 (`retraining`): the four ways of the pruning literature.
+STRATEGIES = ("weight rewinding", "learning-rate rewinding", "fine-tuning", "scratch")
+RETRAINING_FLAGS = ("rewind", "retrain_lr")
+
+
+def before(name: str, config: dict):
+    value = BEFORE.get(name, FIELDS[name].default if name in FIELDS else None)
+    return value(config) if callable(value) else value
+
+
+def complete(config: dict) -> dict:
+    """The recorded config with every flag it lacks at the value that flag had before it existed."""
+    return {**{k: before(k, config) for k in [*FIELDS, *BEFORE]}, **config}
+
+
+def numerics(config: dict, recorded: dict) -> dict:
+    """Precision, device type and kernel backend as the run resolved them (its records); records
+    written before they were recorded: the flags, resolved where they tell (a Triton backend ran on
+    CUDA; `auto` precision is bf16 on CUDA, fp32 on the CPU); `auto` that nothing resolves stays
+    `auto`. Other numerics flags (--compile) as given."""
+    flag = lambda k: complete(config)[k]
+    device = recorded.get("device_type") or flag("device").split(":")[0]
+    kernels = recorded.get("kernels_backend") or flag("kernels")
+    if device == "auto" and kernels == "triton":
+        device = "cuda"
+    precision = recorded.get("precision") or flag("precision")
+    if precision == "auto" and device != "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    rest = {k: flag(k) for k in sorted(NUMERICS_FLAGS) if k not in ("precision", "device", "kernels")}
+    return {"precision": precision, "device_type": device, "kernels_backend": kernels, **rest}
+
+
+def strategy(config: dict) -> str:
+    """Which of STRATEGIES retrains a run's states >= 1: weight rewinding (--rewind=init|epoch:K),
+    learning-rate rewinding (--rewind=none), fine-tuning (--rewind=none --retrain_lr), scratch
+    (--rewind=random)."""
+    c = complete(config)
+    if c["rewind"] == "random":
+        return "scratch"
+    if c["rewind"] == "none":
+        return "learning-rate rewinding" if c["retrain_lr"] is None else "fine-tuning"
+    return "weight rewinding"
+
+
+def retraining(config: dict) -> str:
+    """How states >= 1 retrain, in words: 'weight rewinding to init', 'fine-tuning at lr=final'."""
+    c = complete(config)
+    what = strategy(c)
+    if what == "weight rewinding":
+        what += " to " + ("init" if c["rewind"] == "init" else f"epoch {c['rewind'][6:]}")
+    lr = c["retrain_lr"]
+    if lr is not None:
+        what += f" at lr={lr}" if what == "fine-tuning" else f", constant lr={lr}"
+    return what
+
+
+def identity(config: dict, recorded: dict) -> dict:
+    """What a run computes, seed aside: its configuration (completed; --rewind and --retrain_lr as
+    its `retraining`) and its numerics. Runs of one identity are seeds of one configuration."""
+    c = complete(config)
+    what = {k: v for k, v in configuration(c).items() if k not in RETRAINING_FLAGS}
+    return {**what, "retraining": retraining(c), **numerics(c, recorded)}
+
+
+def fingerprints_agree(a, b) -> bool:
+    """Two runs of one seed drew the same val and test images (their `split_fingerprint`s agree);
+    records without one (written before it was recorded) are taken to."""
+    return a is None or b is None or a == b
+
+
+def pair_by_seed(runs_a, runs_b):
+    """({seed: (run of a, run of b)} of the seeds both have whose splits agree, [(seed, run of a,
+    run of b)] refused: their split fingerprints differ)."""
+    a, b = ({r.config.get("seed"): r for r in runs} for runs in (runs_a, runs_b))
+    pairs, refused = {}, []
+    for seed in sorted(a.keys() & b.keys(), key=str):
+        if fingerprints_agree(a[seed].split, b[seed].split):
+            pairs[seed] = (a[seed], b[seed])
+        else:
+            refused.append((seed, a[seed], b[seed]))
+    return pairs, refused
