@@ -149,7 +149,7 @@ def export(checkpoint, out):
     checkpoint: RUN/checkpoints/state_XX.pt of any method; out: a new or empty folder, or an
     earlier export, which the new one replaces whole (written beside it, then swapped in).
     """
-    target = Path(os.path.abspath(out))
+    target = Path(os.path.realpath(out))  # a link to a folder: the export is swapped in where it points
     _check_out(target)
     ck = load_checkpoint(checkpoint)
     model, structure = masked_model(ck)

@@ -8,8 +8,10 @@ Carving uses --val_size and the seed, as for CIFAR. Every image is decoded with 
 (RGB: grayscale repeated, alpha dropped), its shorter side resized to --img_size
 (antialiased) and centre-cropped to a square: once. The uint8 result is cached in
 --data_dir/decoded/, keyed by the folder, the size and the file list (names, byte sizes,
-modification times), and then goes through the same device-resident tensor pipeline as
-CIFAR. A set whose decoded size exceeds the memory budget streams instead (stream.py);
+modification times), written by one process while runs that need it meanwhile wait (a lock
+beside it), and then goes through the same device-resident tensor pipeline as CIFAR. Every
+file is checked before anything is decoded (images.check_images: header, pixel limit,
+structure). A set whose decoded size exceeds the memory budget streams instead (stream.py);
 images.py decodes.
 """
 import hashlib
