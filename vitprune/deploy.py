@@ -31,7 +31,8 @@ from vitprune.structure import Structure, apply_structure, dims, head_cols, head
 from vitprune.zoo import preprocessing
 
 EXPORT_FORMAT = "vitprune-export/2"
-EXPORT_FILES = ("model.safetensors", "config.json", "model.pt2", "model.onnx", "README.md")
+# what an export folder holds (model.onnx.data: the ONNX weights of a model over 2 GB, beside model.onnx)
+EXPORT_FILES = ("model.safetensors", "config.json", "model.pt2", "model.onnx", "model.onnx.data", "README.md")
 
 
 def load_checkpoint(path) -> dict:
