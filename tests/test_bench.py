@@ -1,5 +1,5 @@
-"""`bench train`: dense, pruned and the compacted twin side by side, at any input size; and
-scripts/gpu_check.sh's CPU dry run, end to end."""
+"""`bench train`: dense, pruned and the compacted twin side by side, at any input size; `bench
+images`; and scripts/gpu_check.sh's CPU dry run, end to end."""
 import os
 import shutil
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitprune.bench.images import bench_images
 from vitprune.bench.train import _bench_models, bench_train
 from vitprune.deploy import n_params
 
@@ -31,6 +32,15 @@ def test_bench_train_has_the_compacted_twin_row(capsys):
     rates = result["finetune_img_s"]
     assert rates["tensor"] > 0 and rates["timm"] > 0
     assert f"| tensor loader on cpu | {rates['tensor']:.0f} | {rates['tensor'] / rates['timm']:.1f}× |" in out
+
+
+def test_bench_images_times_the_check_beside_a_full_decode(capsys):
+    result = bench_images(n=12, width=40, height=30, iters=1, warmup=0)
+    out = capsys.readouterr().out
+    assert result["images"] == 12 and "12 generated images of 40×30 (half JPEG at quality 90, half PNG)" in out
+    check, decode = result["seconds"]["check"], result["seconds"]["decode"]
+    assert check > 0 and decode > 0
+    assert f"| check (header, pixel limit, structure, JPEG end marker) | {check:.2f} | {check / 12 * 1e6:.0f} |" in out
 
 
 def test_twin_is_the_pruned_network_with_parameters_of_its_own():

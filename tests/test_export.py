@@ -3,12 +3,15 @@
 The runs go through the CLI's entry point in this process, on vit_micro and a small
 synthetic set (2 states × 1 epoch, ratio 0.5), so the whole module takes seconds.
 """
+import errno
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from vitprune import runtime
+from vitprune import deploy, files, runtime
 from vitprune.errors import ConfigError
 from vitprune.bench import bench_export
 from vitprune.deploy import compact_model, export, load_checkpoint, load_exported
@@ -195,3 +198,113 @@ def test_model_card_reports_the_state_record(checkpoints, method, tmp_path):
     assert [line.split(" | ")[1:3] for line in rows] == [
         [str(int(h)), f"{int(n)} |"] for h, n in zip(structure.heads.sum(1), structure.neurons.sum(1))]
     assert "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in card and "32×32" in card
+
+
+# ---- an export is written as one set --------------------------------------------------------
+
+def listing(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_an_export_replaces_the_earlier_one_whole(checkpoints, monkeypatch, tmp_path, capsys):
+    """Nothing of an earlier export survives: re-exported without onnx, the old model.onnx is
+    gone and the card does not offer it."""
+    out = tmp_path / "export"
+    out.mkdir()  # an empty folder is fine
+    assert run_cli(monkeypatch, "export", checkpoints["refill"], "--out", out) == 0
+    assert "model.onnx" in listing(out) and "model.onnx" in (out / "README.md").read_text()
+    state_0 = checkpoints["refill"].parent / "state_00.pt"
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+        assert run_cli(mp, "export", state_0, "--out", out) == 0
+    assert "model.onnx not written" in capsys.readouterr().out
+    assert sorted(listing(out)) == ["README.md", "config.json", "model.pt2", "model.safetensors"]
+    assert "model.onnx" not in (out / "README.md").read_text()
+    ck = load_checkpoint(state_0)
+    masked, _ = pruned_network(ck)
+    x = torch.randn(4, 3, 32, 32)
+    assert (outputs(load_exported(out), x) - outputs(masked, x)).abs().max() <= 1e-5  # state 0's network
+    assert json.loads((out / "config.json").read_text())["source"]["state"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp folder left beside it
+
+
+def fill_disk(monkeypatch, name: str):
+    """ENOSPC half-way through writing `name` (through files.write_atomic: its temp file
+    NAME.PID.RANDOM.tmp; model.onnx, which the ONNX exporter writes itself: there)."""
+    real_write, real_save_onnx = files.Writer.write, deploy.save_onnx
+
+    def write(self, data):
+        if Path(self.f.name).name.startswith(name + "."):
+            self.f.write(bytes(memoryview(data).cast("B")[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    def save_onnx(program, path, img_size):
+        real_save_onnx(program, path, img_size)
+        path.write_bytes(path.read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.Writer, "write", write)
+    if name == "model.onnx":
+        monkeypatch.setattr(deploy, "save_onnx", save_onnx)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model.pt2", "model.onnx", "README.md"])
+def test_a_full_disk_anywhere_in_an_export_keeps_the_earlier_one_whole(checkpoints, monkeypatch, tmp_path,
+                                                                       capsys, name):
+    out = tmp_path / "export"
+    assert run_cli(monkeypatch, "export", checkpoints["refill"], "--out", out) == 0
+    before = listing(out)
+    capsys.readouterr()
+    with monkeypatch.context() as mp:
+        fill_disk(mp, name)
+        assert run_cli(mp, "export", checkpoints["refill"].parent / "state_00.pt", "--out", out) == 75
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: disk full: writing {out / name} needs "), err
+    assert listing(out) == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.parametrize("contents", ["a thesis", "an export and notes", "a file", "the current folder"])
+def test_an_out_that_is_not_an_earlier_export_is_refused(tmp_path, monkeypatch, capsys, contents):
+    """--out is replaced whole, so it must be new, empty, or an earlier export: anything else
+    is refused in one line before the checkpoint is even read, and left as it was."""
+    out = tmp_path / "out"
+    if contents == "a file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        (out / "thesis.tex").write_text("\\documentclass{article}")
+    if contents == "an export and notes":
+        (out / "thesis.tex").rename(out / "notes.txt")
+        (out / "config.json").write_text(json.dumps({"format": deploy.EXPORT_FORMAT}))
+        (out / "README.md").write_text("# the card")
+    if contents == "the current folder":
+        (out / "README.md").write_text("# my project")
+        monkeypatch.chdir(out)
+    before = listing(out) if out.is_dir() else out.read_bytes()
+    target = "." if contents == "the current folder" else out
+    assert run_cli(monkeypatch, "export", tmp_path / "missing.pt", "--out", target) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --out: {out} "), err
+    assert (listing(out) if out.is_dir() else out.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_the_export_holds_no_absolute_path(checkpoints, monkeypatch, tmp_path):
+    """The card and config.json name the checkpoint as RUN/checkpoints/state_XX.pt, a folder
+    data set and a local weights file by their names: nothing of the machine they were made on."""
+    ck = torch.load(checkpoints["refill"], weights_only=True)
+    ck["config"].update(dataset=f"folder:{tmp_path}/images/flowers", pretrained=f"{tmp_path}/weights/vit.safetensors")
+    source = tmp_path / "my_run" / "checkpoints" / "state_01.pt"
+    source.parent.mkdir(parents=True)
+    torch.save(ck, source)
+    assert run_cli(monkeypatch, "export", source, "--out", tmp_path / "export") == 0
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert config["source"]["checkpoint"] == "my_run/checkpoints/state_01.pt"
+    assert config["source"]["dataset"] == "folder:flowers" and config["source"]["pretrained"] == "vit.safetensors"
+    assert "`my_run/checkpoints/state_01.pt` (run folder `my_run`)" in card and "folder:flowers" in card
+    for text in (json.dumps(config), card):
+        assert "/tmp" not in text and str(tmp_path) not in text and str(Path.home()) not in text

@@ -311,3 +311,81 @@ def test_bad_folder_is_one_line_exit_2_and_nothing_created(tmp_path, monkeypatch
     n = len(files_on_disk(root))  # 3 bytes a pixel at the default 32 px
     assert code == 2 and err.count("\n") == 1 and err.startswith(expect.format(n=n, kib=n * 3 * 32 * 32 / 1024)), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+# ---- links, truncated and oversized images: counted once, or named in one line before training --
+
+def test_a_symlink_loop_counts_each_image_once(tmp_path):
+    """cat/loop -> .. leads back to the root: without cycle detection 6 images became 246 and
+    the dog images were labelled cat."""
+    root = tmp_path / "set"
+    write_images(root / "cat", 3, 0, seed=0)
+    write_images(root / "dog", 3, 1, seed=1)
+    (root / "cat" / "loop").symlink_to("..")
+    (root / "cat" / "dogs").symlink_to("../dog")  # a class reached twice: counted once, as itself
+    files, labels = folder_module.scan(str(root)).sources["all"]
+    assert len(files) == 6 and sorted(map(os.path.realpath, files)) == files_on_disk(root)
+    assert [CLASSES[label] for label in labels] == [os.path.basename(os.path.dirname(f)) for f in files]
+
+
+def test_symlinked_folders_are_followed(tmp_path):
+    """Datasets often live behind links: a linked class folder and a linked folder inside a class."""
+    root, elsewhere = tmp_path / "set", tmp_path / "elsewhere"
+    write_images(root / "cat", 3, 0, seed=0)
+    write_images(elsewhere / "dogs", 4, 1, seed=1)
+    write_images(elsewhere / "more_cats", 2, 0, seed=2)
+    (root / "dog").symlink_to(elsewhere / "dogs")
+    (root / "cat" / "more").symlink_to(elsewhere / "more_cats")
+    layout = folder_module.scan(str(root))
+    files, labels = layout.sources["all"]
+    assert layout.classes == ["cat", "dog"] and len(files) == 9
+    assert [CLASSES[label] for label in labels].count("cat") == 5
+    dogs = {os.path.realpath(f) for f, label in zip(files, labels) if label == 1}
+    assert dogs == set(files_on_disk(elsewhere / "dogs"))
+
+
+def write_jpegs(root, per_class=8):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            rgb = np.clip(np.roll([200.0, 60.0, 60.0], c) + rng.normal(0, 40, (20, 24, 3)), 0, 255)
+            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"img_{i:03d}.jpg", quality=90)
+    return root
+
+
+def truncate(path):
+    """Cut a JPEG half-way through its image data: the header, which PIL checks, stays whole."""
+    data = path.read_bytes()
+    start = data.index(b"\xff\xda")  # start of scan
+    path.write_bytes(data[:start + (len(data) - start) // 2])
+
+
+@pytest.mark.parametrize("loader", ["tensor", "stream"])
+@pytest.mark.parametrize("kind", ["dangling link", "truncated jpeg", "over the pixel limit"])
+def test_a_bad_image_is_named_in_one_line_before_training(tmp_path, monkeypatch, capsys, loader, kind):
+    root = write_jpegs(tmp_path / "set")
+    bad, flags = root / "dog" / "img_005.jpg", []
+    if kind == "dangling link":
+        bad = root / "dog" / "gone.jpg"
+        bad.symlink_to(tmp_path / "nowhere.jpg")
+        expect = f"error: --dataset: {bad} is a link to {tmp_path / 'nowhere.jpg'}, which does not exist"
+    elif kind == "truncated jpeg":
+        truncate(bad)
+        expect = f"error: --dataset: cannot decode {bad} ("
+    else:  # every other image is 24 x 20 = 480 pixels
+        Image.fromarray(np.full((30, 24, 3), 90, np.uint8)).save(bad, quality=90)
+        flags = ["--max_image_pixels=600"]
+        expect = f"error: --max_image_pixels: {bad} is 24x30 = 720 pixels, more than 600"
+    code = run_cli(monkeypatch, "run", f"--dataset=folder:{root}", *[f for f in RUN if "img_size" not in f],
+                   *flags, f"--data_loader={loader}", "--batch_size=4", "--val_size=2",
+                   f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'runs'}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(expect), err
+    assert not (tmp_path / "runs").exists() and not list((tmp_path / "data").rglob("*.pt"))
+
+
+def test_the_pixel_limit_default_is_pils():
+    from PIL import Image
+    from vitprune.config import Config
+    assert Config().max_image_pixels == Image.MAX_IMAGE_PIXELS

@@ -157,9 +157,9 @@ def _command(fn):
 
 
 def bench():
-    """Side-by-side benchmarks (vitprune/bench/): kernels, train, export."""
+    """Side-by-side benchmarks (vitprune/bench/): kernels, train, export, images."""
     from vitprune import bench as benchmarks
-    return {name: _command(getattr(benchmarks, f"bench_{name}")) for name in ("kernels", "train", "export")}
+    return {name: _command(getattr(benchmarks, f"bench_{name}")) for name in ("kernels", "train", "export", "images")}
 
 
 def main():

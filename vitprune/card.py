@@ -1,41 +1,48 @@
 """The model card of an export (DIR/README.md), generated from the run's records: the state
 record the checkpoint carries (accuracy of the pruned network, parameters, FLOPs), its config,
 its keep set and the preprocessing the network was trained with."""
-from pathlib import Path
-
 from vitprune import fmt
 from vitprune.structure import count, dims
 
-LOADING = """```python
-# model.pt2: torch alone
+# How to load each format the export holds, shown only for those it holds.
+LOADING = {
+    "model.pt2": """# model.pt2: torch alone
 import torch
 model = torch.export.load("{d}/model.pt2").module()
 logits = model(images)  # float32 [B, 3, {s}, {s}], normalised as above
-
-# model.onnx: ONNX Runtime (pip install onnxruntime)
+""",
+    "model.onnx": """# model.onnx: ONNX Runtime (pip install onnxruntime)
 import onnxruntime
 session = onnxruntime.InferenceSession("{d}/model.onnx")
 logits = session.run(None, {{"images": images.numpy()}})[0]
-
-# model.safetensors + config.json: timm modules, through vitprune
+""",
+    "model.safetensors + config.json": """# model.safetensors + config.json: timm modules, through vitprune
 import vitprune
 model = vitprune.load_exported("{d}")
-```"""
+"""}
 
 
-def model_card(ck: dict, config: dict, model, structure) -> str:
-    """DIR/README.md of an export: `config` is the export's config.json, `model` the masked network."""
+def loading(formats: list, size: int) -> str:
+    """The card's Loading code for the formats written."""
+    blocks = [code.format(d=".", s=size) for name, code in LOADING.items() if name in formats]
+    return "```python\n" + "\n".join(blocks) + "```"
+
+
+def model_card(ck: dict, config: dict, model, structure, formats: list) -> str:
+    """DIR/README.md of an export: `config` is the export's config.json, `model` the masked
+    network, `formats` what the export holds (deploy.save_deploy's names). It names no path of
+    the machine it was made on: the source is config["source"]'s."""
     cfg, record, src, prep = ck["config"], ck.get("record", {}), config["source"], config["preprocessing"]
     counted = count(model, structure)
     L, H, hd, D, M = dims(model)
     lines = [f"# {cfg['model']} pruned by {cfg['method']} — state {ck.get('state')}", "",
-             f"Exported by vitprune from `{src['checkpoint']}` (run folder `{Path(src['checkpoint']).parent.parent}`), "
+             f"Exported by vitprune from `{src['checkpoint']}`{_run_folder(src['checkpoint'])}, "
              f"state {ck.get('state')} of {cfg.get('states')}.", "",
              *fmt.table(("", "value"), [
                  ("method", f"{cfg['method']} (ratio {cfg.get('ratio')}, schedule {cfg.get('schedule')}, "
                             f"seed {cfg.get('seed')})"),
-                 ("model", f"{cfg['model']} → timm `{config['model']}`, pretrained: {cfg.get('pretrained') or 'no'}"),
-                 ("data", f"{cfg.get('dataset')}, {config['num_classes']} classes"),
+                 ("model", f"{cfg['model']} → timm `{config['model']}`, pretrained: {src.get('pretrained') or 'no'}"),
+                 ("data", f"{src.get('dataset')}, {config['num_classes']} classes"),
                  ("val accuracy (pruned network)", _pct(record.get("final_val_acc"))),
                  ("test accuracy (pruned network)", _pct(record.get("final_test_acc"))),
                  ("parameters", f"{config['params']:,} (dense: {counted['params_total']:,})"),
@@ -47,8 +54,13 @@ def model_card(ck: dict, config: dict, model, structure) -> str:
              "## Heads and neurons kept", "",
              *fmt.table(("block", f"heads (of {H})", f"MLP neurons (of {M})"),
                         [(l, config["num_heads"][l], int(structure.neurons[l].sum())) for l in range(L)]),
-             "", "## Loading", "", LOADING.format(d=".", s=prep["img_size"]), ""]
+             "", "## Loading", "", loading(formats, prep["img_size"]), ""]
     return "\n".join(lines)
+
+
+def _run_folder(checkpoint: str) -> str:
+    parts = checkpoint.split("/")
+    return f" (run folder `{parts[0]}`)" if len(parts) == 3 else ""
 
 
 def _pct(x) -> str:

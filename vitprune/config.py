@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, get_args
 
-from vitprune.data.checks import check_data_flags
+from vitprune.data.checks import MAX_IMAGE_PIXELS, check_data_flags
 from vitprune.errors import ConfigError
 from vitprune.files import check_folder
 from vitprune.hub import check_pretrained
@@ -201,6 +201,10 @@ class Config:
                             "every batch (image folders too large to hold); auto: tensor when it fits the memory "
                             "budget. How to load, not what: may change on --resume",
                             "system", choices=("auto", "tensor", "stream"), kind="execution")
+    max_image_pixels: int = flag(MAX_IMAGE_PIXELS, "an image folder's largest image (width × height, read from "
+                                 "the header before decoding): a larger one stops the run, named in one line "
+                                 "(default: PIL's decompression-bomb limit)", "system", range="[1, inf)",
+                                 kind="execution")
     # logging
     out_dir: str = flag("runs", "the parent folder of run folders", "logging", kind="execution")
     name: Optional[str] = flag(None, "run folder name (default: derived from the config)", "logging",

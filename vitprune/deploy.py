@@ -5,27 +5,34 @@ export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config
                VisionTransformer holding only the alive heads and neurons: timm.create_model of the
                run's architecture with every block's qkv/proj/fc1/fc2 cut to its alive widths; the
                residual width stays), DIR/model.pt2 (torch.export), DIR/model.onnx (ONNX Runtime) and
-               DIR/README.md, the model card (card.py).
+               DIR/README.md, the model card (card.py). Written as one set: into a folder beside DIR,
+               then swapped in, so DIR never mixes two exports.
 load_exported: DIR -> that model, in eval mode.
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
 """
 import hashlib
+import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
+from vitprune.config import dataset_name
 from vitprune.errors import ConfigError
-from vitprune.files import write_atomic, write_json
+from vitprune.files import FULL_ERRNOS, DiskFull, fsync_dir, made_folders, temp_name, write_atomic, write_json
 from vitprune.model import build_model
 from vitprune.structure import Structure, apply_structure, dims, head_cols, head_rows
 from vitprune.zoo import preprocessing
 
 EXPORT_FORMAT = "vitprune-export/2"
+# what an export folder holds (model.onnx.data: the ONNX weights of a model over 2 GB, beside model.onnx)
+EXPORT_FILES = ("model.safetensors", "config.json", "model.pt2", "model.onnx", "model.onnx.data", "README.md")
 
 
 def load_checkpoint(path) -> dict:
@@ -140,33 +147,93 @@ def export(checkpoint, out):
     OUT/model.safetensors + OUT/config.json (vitprune.load_exported(OUT)), OUT/model.pt2
     (torch.export.load), OUT/model.onnx (ONNX Runtime; needs the [deploy] extra), OUT/README.md.
 
-    checkpoint: RUN/checkpoints/state_XX.pt of any method; out: folder (created).
+    checkpoint: RUN/checkpoints/state_XX.pt of any method; out: a new or empty folder, or an
+    earlier export, which the new one replaces whole (written beside it, then swapped in).
     """
-    out = Path(out)
-    _refuse_foreign_folder(out)
+    target = Path(os.path.realpath(out))  # a link to a folder: the export is swapped in where it points
+    _check_out(target)
     ck = load_checkpoint(checkpoint)
     model, structure = masked_model(ck)
     compact = compact_model(model, structure)
-    record, cfg = ck.get("record", {}), ck["config"]
     config = {**architecture(model, structure), "params": n_params(compact),
               "preprocessing": checkpoint_preprocessing(ck), "keep_set_sha256": keep_set_hash(structure),
-              "source": {"checkpoint": str(Path(checkpoint).resolve()), "state": ck.get("state"),
-                         "method": cfg.get("method"), "model": cfg.get("model"), "dataset": cfg.get("dataset"),
-                         "ratio": cfg.get("ratio"), "params_alive": record.get("params_alive"),
-                         "final_val_acc": record.get("final_val_acc"), "final_test_acc": record.get("final_test_acc")}}
-    out.mkdir(parents=True, exist_ok=True)
-    # through temp files (files.DiskFull on a full disk): an earlier export stays whole until replaced
-    write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
-    write_json(out / "config.json", config)
-    formats = ["model.safetensors + config.json", *save_deploy(compact, out, config["img_size"])]
-    from vitprune.card import model_card
-    write_atomic(out / "README.md", model_card(ck, config, model, structure))
+              "source": source(checkpoint, ck)}
+    with made_folders(target.parent):
+        new = temp_name(target)
+        try:
+            new.mkdir()
+            formats = _write_set(new, target, ck, config, model, structure, compact)
+            _swap(new, target)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)  # only there when the export failed
     if structure.elements is not None:
-        print(f"note: {checkpoint} is unstructured ({cfg.get('method')}): no whole head or neuron is pruned, "
-              f"so the export keeps the dense shapes with the pruned weights stored as zeros")
+        print(f"note: {checkpoint} is unstructured ({ck['config'].get('method')}): no whole head or neuron is "
+              f"pruned, so the export keeps the dense shapes with the pruned weights stored as zeros")
     print(f"exported {checkpoint} to {out} ({', '.join(formats)}, README.md): {config['params'] / 1e6:.3f}M of "
           f"{n_params(model) / 1e6:.3f}M parameters; heads per block {config['num_heads']}, MLP widths "
           f"{config['mlp_hidden']}")
+
+
+def source(checkpoint, ck: dict) -> dict:
+    """Where the export comes from, without a path of the machine it was made on: the
+    checkpoint as RUN/checkpoints/state_XX.pt, a folder data set and a local weights file by
+    their names."""
+    path, cfg, record = Path(os.path.abspath(checkpoint)), ck["config"], ck.get("record", {})
+    in_run = path.parent.name == "checkpoints"
+    pretrained = cfg.get("pretrained")
+    return {"checkpoint": "/".join(path.parts[-3:]) if in_run else path.name, "state": ck.get("state"),
+            "method": cfg.get("method"), "model": cfg.get("model"), "dataset": _named(cfg.get("dataset")),
+            "pretrained": os.path.basename(pretrained) if pretrained and os.path.isabs(pretrained) else pretrained,
+            "ratio": cfg.get("ratio"), "params_alive": record.get("params_alive"),
+            "final_val_acc": record.get("final_val_acc"), "final_test_acc": record.get("final_test_acc")}
+
+
+def _named(dataset):
+    """folder:PATH as folder:NAME (the folder's name); other data sets as they are."""
+    return f"folder:{dataset_name(dataset)}" if dataset and dataset.startswith("folder:") else dataset
+
+
+def _write_set(folder: Path, target: Path, ck: dict, config: dict, model, structure, compact) -> list:
+    """Every file of the export, into `folder`; returns the formats written. A full disk is
+    said naming the file in `target`, where the user will look for it."""
+    from vitprune.card import model_card
+    try:
+        write_atomic(folder / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
+        write_json(folder / "config.json", config)
+        formats = ["model.safetensors + config.json", *save_deploy(compact, folder, config["img_size"])]
+        write_atomic(folder / "README.md", model_card(ck, config, model, structure, formats))
+    except DiskFull as e:
+        raise DiskFull(target / e.path.name, e.needed) from None
+    return formats
+
+
+def _swap(new: Path, target: Path):
+    """Put the folder `new` in place of `target`: the earlier export (if any) is renamed aside,
+    the new one renamed in, then the earlier one deleted. A crash in between leaves the earlier
+    export whole, as TARGET.PID.RANDOM.tmp beside it."""
+    old = temp_name(target) if target.exists() else None
+    if old:
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old:
+            os.rename(old, target)
+        raise
+    fsync_dir(target.parent)
+    if old:
+        inside = _is_cwd(old)
+        shutil.rmtree(old)
+        if inside:  # --out . : this process and the shell it runs in stand in the deleted folder
+            os.chdir(target)
+            print(f"note: {target} is a new folder now: `cd {target}` again to see the export in a shell")
+
+
+def _is_cwd(folder: Path) -> bool:
+    try:
+        return os.path.samefile(folder, os.getcwd())
+    except OSError:
+        return False
 
 
 def checkpoint_preprocessing(ck: dict) -> dict:
@@ -189,14 +256,20 @@ def keep_set_hash(structure: Structure) -> str:
 
 def save_deploy(compact, out: Path, img_size: int) -> list:
     """OUT/model.pt2 (torch.export) and OUT/model.onnx (when onnx is installed), both with a
-    dynamic batch dimension; returns the names written."""
+    dynamic batch dimension; returns the names written. A full disk raises files.DiskFull."""
     program = torch_export(compact, img_size)
-    torch.export.save(program, out / "model.pt2")
+    pt2 = io.BytesIO()
+    torch.export.save(program, pt2)
+    write_atomic(out / "model.pt2", pt2.getvalue())
     try:
         save_onnx(program, out / "model.onnx", img_size)
     except ImportError:
         print("note: model.onnx not written: pip install 'vitprune[deploy]' (onnx, onnxscript, onnxruntime)")
         return ["model.pt2"]
+    except OSError as e:  # the ONNX exporter writes the file itself
+        if e.errno in FULL_ERRNOS:  # it needs at least the weights' bytes
+            raise DiskFull(out / "model.onnx", sum(t.nbytes for t in compact.state_dict().values())) from None
+        raise
     return ["model.pt2", "model.onnx"]
 
 
@@ -218,18 +291,27 @@ def save_onnx(program, path: Path, img_size: int) -> None:
     onnx_program.save(str(path))
 
 
-def _refuse_foreign_folder(out: Path):
-    """Never overwrite a config.json that export did not write (a run folder's, say)."""
-    path = out / "config.json"
-    if not path.is_file():
+def _check_out(out: Path):
+    """--out is replaced whole, so it must be new, an empty folder, or an earlier export (a
+    vitprune export's config.json and only export files): anything else is refused in one
+    line, before anything is read or written."""
+    if not out.exists():
         return
+    if not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder: a new or empty one, or an earlier export")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries or (set(entries) <= set(EXPORT_FILES) and _is_export(out)):
+        return
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    raise ConfigError(f"--out: {out} holds {shown}, not only an earlier vitprune export, and an export replaces "
+                      f"the folder whole; give a new or empty folder, or an earlier export")
+
+
+def _is_export(folder: Path) -> bool:
     try:
-        ours = json.loads(path.read_text()).get("format") == EXPORT_FORMAT
-    except (ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ConfigError(f"--out: {out} holds a config.json that is not a vitprune export (a run folder?); "
-                          f"choose another folder")
+        return str(json.loads((folder / "config.json").read_text()).get("format", "")).startswith("vitprune-export/")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_exported(path, device="cpu") -> VisionTransformer:

@@ -140,6 +140,27 @@ def append_line(path, line: str):
             raise DiskFull(path, len(data)) from None
 
 
+@contextlib.contextmanager
+def made_folders(path):
+    """Folder `path`, created with its missing parents for the block; when the block fails, the
+    folders it created are removed again, deepest first, as far as they are empty (another
+    process may have put files there meanwhile): bad input leaves nothing behind."""
+    missing, folder = [], Path(os.path.abspath(path))
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: it and its parents stay
+                break
+        raise
+
+
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 

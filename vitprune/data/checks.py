@@ -1,10 +1,12 @@
 """The data flags checked against the filesystem before torch loads: --data_dir can hold a
 folder, folder:PATH exists, and only image folders stream. (What the files hold is checked
-when they are read: folder.scan, images.check_headers.)"""
+when they are read: folder.scan, images.check_images.)"""
 import os
 
 from vitprune.errors import ConfigError
 from vitprune.files import check_folder
+
+MAX_IMAGE_PIXELS = 89_478_485  # --max_image_pixels' default: PIL's Image.MAX_IMAGE_PIXELS (a quarter GiB as RGB)
 
 
 def check_data_flags(dataset: str, data_dir: str, data_loader: str):

@@ -1,8 +1,8 @@
-"""CIFAR-10/100 through torchvision: read from --data_dir (downloaded there when missing), 50k
-training images minus --val_size drawn with the seed, 10k test."""
-import contextlib
+"""CIFAR-10/100 through torchvision: read from --data_dir (downloaded there when missing, by one
+process while the others wait), 50k training images minus --val_size drawn with the seed, 10k test."""
 import os
 import shutil
+from pathlib import Path
 
 import torch
 import torchvision
@@ -11,6 +11,7 @@ from vitprune.config import Config
 from vitprune.errors import ConfigError
 from vitprune.data.core import Data
 from vitprune.data.split import check_split, seeded_split
+from vitprune.files import exclusive_lock, made_folders
 
 
 def load_cifar(cfg: Config) -> Data:
@@ -27,10 +28,9 @@ def _cifar(name, data_dir):
     for train in (True, False):
         try:
             ds = cls(data_dir, train=train, download=False)
-        except RuntimeError:  # not there (or corrupt): try to fetch it
+        except RuntimeError:  # not there (or corrupt, or being downloaded by another process): fetch it
             try:
-                with _removed_on_failure(data_dir):
-                    ds = cls(data_dir, train=train, download=True)
+                ds = _fetched(cls, data_dir, train)
             except Exception as e:
                 raise ConfigError(
                     f"--data_dir: {name} is not in {data_dir!r} and could not be downloaded "
@@ -42,22 +42,20 @@ def _cifar(name, data_dir):
     return train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100
 
 
-@contextlib.contextmanager
-def _removed_on_failure(folder: str):
-    """What a failed download creates (the folder itself, its parents, partial files) is removed
-    again: bad input leaves nothing on disk."""
-    top = os.path.abspath(folder)
-    while not os.path.exists(os.path.dirname(top)):
-        top = os.path.dirname(top)
-    existed = os.path.exists(top)
-    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            shutil.rmtree(top, ignore_errors=True)
-        elif os.path.isdir(folder):
-            for entry in set(os.listdir(folder)) - before:
-                path = os.path.join(folder, entry)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-        raise
+def _fetched(cls, data_dir: str, train: bool):
+    """The set, downloaded and extracted under a lock in data_dir: one process fetches it, the
+    others wait and then read it. A failed download removes what it created (its archive, its
+    extracted folder, and data_dir and parents that this process made) and nothing else: the
+    folder may hold other processes' files, created meanwhile."""
+    with made_folders(data_dir), exclusive_lock(os.path.join(data_dir, cls.filename + ".lock")):
+        try:
+            return cls(data_dir, train=train, download=False)  # fetched by another process while we waited
+        except RuntimeError:
+            pass
+        ours = [path for path in (Path(data_dir) / cls.filename, Path(data_dir) / cls.base_folder) if not path.exists()]
+        try:
+            return cls(data_dir, train=train, download=True)
+        except BaseException:
+            for path in ours:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            raise

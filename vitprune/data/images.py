@@ -25,9 +25,14 @@ def decode(path: str, size: int) -> torch.Tensor:
 def _decode_or_fail(path: str, size: int) -> torch.Tensor:
     try:
         return decode(path, size)
-    except Exception as e:  # torchvision says "decode_image, .../decode_image.cpp:61, Unsupported ..."
-        reason = re.sub(r"^.*?\.cpp:\d+, ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
-        raise ConfigError(f"--dataset: cannot decode {path} ({reason[:120]})") from None
+    except Exception as e:
+        raise ConfigError(f"--dataset: cannot decode {path} ({_reason(e)}); remove or replace it") from None
+
+
+def _reason(e: Exception) -> str:
+    """An exception's first line, short; torchvision's without its source location ("decode_image,
+    .../decode_image.cpp:61, Unsupported ...")."""
+    return re.sub(r"^.*?\.cpp:\d+, ", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:120]
 
 
 def decode_all(files: list, size: int) -> torch.Tensor:
@@ -43,27 +48,49 @@ def decode_all(files: list, size: int) -> torch.Tensor:
     return out
 
 
-def _header_error(path: str):
-    """Why `path` is not an image torchvision can decode, from its header (PIL reads the
-    header and checks the file's structure, e.g. PNG chunk checksums, without decoding
-    pixels); None when it looks fine."""
+def _image_error(path: str, max_pixels: int):
+    """Why `path` cannot be trained on, found without decoding its pixels; None when it looks
+    fine. PIL reads the header (format, size: the pixel limit applies before any decoding) and
+    checks the file's structure (PNG: every chunk's checksum, to the end; WebP: the whole
+    stream); a JPEG must end in its end-of-image marker, and one that does not (a truncated
+    file, or data appended after the image) is decoded to decide."""
     from PIL import Image
     try:
         with Image.open(path) as img:
-            if img.format not in ("JPEG", "PNG", "WEBP"):
-                return f"{img.format} data, not JPEG, PNG or WebP"
-            if min(img.size) < 1:
-                return f"{img.size[0]}x{img.size[1]} pixels"
+            fmt, (w, h) = img.format, img.size
+            if fmt not in ("JPEG", "PNG", "WEBP"):
+                return f"--dataset: cannot decode {path} ({fmt} data, not JPEG, PNG or WebP); remove or replace it"
+            if w * h > max_pixels:
+                return (f"--max_image_pixels: {path} is {w}x{h} = {w * h:,} pixels, more than {max_pixels:,} (a "
+                        f"decompression bomb?); remove it, or raise --max_image_pixels if you trust it")
+            if min(w, h) < 1:
+                return f"--dataset: cannot decode {path} ({w}x{h} pixels); remove or replace it"
             img.verify()
-    except Exception as e:  # PIL.UnidentifiedImageError, truncated header, bad chunk
-        return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        if fmt == "JPEG" and not _ends_with_eoi(path):
+            decode_image(path, mode=ImageReadMode.RGB)
+    except Exception as e:  # PIL.UnidentifiedImageError, a truncated header or file, a bad chunk
+        return f"--dataset: cannot decode {path} ({_reason(e)}); remove or replace it"
     return None
 
 
-def check_headers(files: list):
-    """ConfigError naming the first file whose header is not a decodable image: the streaming
-    path decodes a file only when a batch needs it, so it checks every file before training."""
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        for path, error in zip(files, pool.map(_header_error, files)):
-            if error:
-                raise ConfigError(f"--dataset: cannot decode {path} ({error}); remove or replace it")
+def _ends_with_eoi(path: str) -> bool:
+    """Whether a JPEG file ends in its end-of-image marker (FF D9), trailing zero padding aside."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+        return f.read().rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+def check_images(files: list, max_pixels: int):
+    """ConfigError naming the first file that is not a whole JPEG, PNG or WebP image of at most
+    `max_pixels` pixels (_image_error). Run before anything is decoded: the tensor path before
+    it decodes the set, the streaming path (which decodes a file only when a batch needs it)
+    before training."""
+    from PIL import Image
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # max_pixels is the limit, said in one line
+    try:
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            for error in pool.map(lambda path: _image_error(path, max_pixels), files):
+                if error:
+                    raise ConfigError(error)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
