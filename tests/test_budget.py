@@ -29,7 +29,7 @@ def no_wandb_online(monkeypatch):
 @pytest.mark.parametrize("flags, expect", [
     (["--states=1", "--pruned_epochs=5"], "--pruned_epochs: sets the epochs of states >= 1, and --states=1 has none"),
     (["--rewind=epoch:1", "--epochs=3", "--pruned_epochs=5"],
-     "--pruned_epochs: applies only with --rewind=init|none, not with --rewind=epoch:1; drop it"),
+     "--pruned_epochs: applies only with --rewind=init|none|random, not with --rewind=epoch:1; drop it"),
     (["--pruned_epochs=0"], "--pruned_epochs: 0 is not at least 1"),
 ])
 def test_pruned_epochs_refused_where_it_cannot_apply(tmp_path, monkeypatch, capsys, flags, expect):

@@ -54,6 +54,7 @@ class Data:
     mean: tuple = MEAN     # normalisation and resize of model_input: the model's preprocessing
     std: tuple = STD
     interpolation: str = "bilinear"
+    split_fingerprint: str = ""  # fingerprint.split_fingerprint of the val and test images
 
     def to(self, device) -> "Data":
         return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y",
