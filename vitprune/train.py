@@ -298,7 +298,7 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
         "start_val_acc": pos.start_acc[0], "start_test_acc": pos.start_acc[1],
         **count(r.model, pos.alive), "time_s": pos.state_time,
         "train_flops": pos.train_flops, "train_time_s": pos.train_time,
-        # an epoch of this state's final network as a fine-tune trains it: the equal-compute unit
+        # an epoch of this state's final network as a retraining trains it: the equal-compute unit
         "ticket_epoch_flops": r.steps * cfg.batch_size * step_flops(r.model, pos.alive, r.teacher_flops(state)),
         **r.facts, "state0_fingerprint": pos.state0_fingerprint,
     })
