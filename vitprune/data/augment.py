@@ -6,8 +6,8 @@ tries that fits, else the central crop at the clamped aspect), for a whole epoch
 from the epoch's generator; then every image of a batch is cropped, resized and flipped at
 once by resize.py's rule, the one evaluation uses (torchvision's resize of the crop with the
 model's interpolation, antialiased where it downsamples: CIFAR's 32 px at --img_size=16, say).
-Mixup/cutmix is timm.data.Mixup, its numpy draws seeded by (seed, state, epoch, step): a batch depends on
-nothing else, so a resumed run replays it.
+Mixup/cutmix is timm.data.Mixup, its numpy draws seeded by (seed, state, epoch, step): a
+batch depends on nothing else, so a resumed run replays it.
 """
 import math
 

@@ -5,8 +5,9 @@ A whole dataset is one [N, 3, S, S] uint8 tensor (CIFAR and synthetic: S = 32; i
 folders: decoded once at --img_size, see folder.py); an epoch is a seeded permutation, and
 augmentation (random crop with zero padding of S/8 pixels, 4 at 32, and a horizontal flip)
 is a few tensor ops per batch, followed by a resize on the device when the model wants
-another size than S (resize.py: the rule of training crops and evaluation alike). The order and the augmentation of every batch depend only on (seed,
-state, epoch), so a run is reproducible and resumes at any epoch, or at any step of one.
+another size than S (resize.py: the rule of training crops and evaluation alike). The order
+and the augmentation of every batch depend only on (seed, state, epoch), so a run is
+reproducible and resumes at any epoch, or at any step of one.
 """
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol, runtime_checkable

@@ -4,14 +4,15 @@ model's interpolation (the weights' own: bilinear or bicubic), antialiased where
 It is torchvision's resize with antialias=True (PIL's filters: a triangle for bilinear, Keys'
 cubic with a = -0.5 for bicubic, widened by the downscale factor when downsampling, the taps
 limited to the box and renormalised) of each image's crop box, as two weight matrices per image:
-out = Wy · x · Wxᵀ, one batched matmul each, flips as reversed rows of Wx. Evaluation resizes
-whole images with it (core.model_input), --aug=finetune's random-resized crops their boxes
-(augment.resized_crop): the model never sees training images resampled another way than the
-images it is tested on.
+out = Wy · x · Wxᵀ, one batched matmul each, flips as reversed rows of Wx (on CUDA these fp32
+matmuls use TF32 as the run's others do: finer than the bf16 the model then reads). Evaluation
+resizes whole images with it (core.model_input), --aug=finetune's random-resized crops their
+boxes (augment.resized_crop): the model never sees training images resampled another way than
+the images it is tested on.
 """
 import torch
 
-SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # the filter's half-width, in source pixels at scale 1
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def _filter(t: torch.Tensor, interpolation: str) -> torch.Tensor:
@@ -26,8 +27,8 @@ def _filter(t: torch.Tensor, interpolation: str) -> torch.Tensor:
 def weights(start: torch.Tensor, extent: torch.Tensor, size: int, length: int, interpolation: str) -> torch.Tensor:
     """[B, size, length]: output pixel i of box b (source pixels start .. start + extent - 1 of
     `length`) as weights over the source pixels; each row sums to 1."""
-    if interpolation not in SUPPORT:
-        raise ValueError(f"interpolation {interpolation!r}: choose from {', '.join(SUPPORT)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r}: choose from {', '.join(INTERPOLATIONS)}")
     start, extent = start.to(torch.float32), extent.to(torch.float32)
     scale = (extent / size)[:, None, None]  # source pixels per output pixel
     stretch = scale.clamp(min=1.0)  # downsampling widens the filter: the antialiasing
