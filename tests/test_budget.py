@@ -30,7 +30,7 @@ def no_wandb_online(monkeypatch):
 @pytest.mark.parametrize("flags, expect", [
     (["--states=1", "--pruned_epochs=5"], "--pruned_epochs: sets the epochs of states >= 1, and --states=1 has none"),
     (["--rewind=epoch:1", "--epochs=3", "--pruned_epochs=5"],
-     "--pruned_epochs: applies only with --rewind=init|none, not with --rewind=epoch:1; drop it"),
+     "--pruned_epochs: applies only with --rewind=init|none|random, not with --rewind=epoch:1; drop it"),
     (["--pruned_epochs=0"], "--pruned_epochs: 0 is not at least 1"),
 ])
 def test_pruned_epochs_refused_where_it_cannot_apply(tmp_path, monkeypatch, capsys, flags, expect):
@@ -239,19 +239,41 @@ def points(name):
     return [from_flags(p) for p in sweep.grid(yaml.safe_load((SWEEPS / name).read_text()))]
 
 
-@pytest.mark.parametrize("loops, finetunes", [("budget.yaml", "budget_finetune.yaml"),
-                                              ("budget_cpu.yaml", "budget_finetune_cpu.yaml")])
-def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
-    """Every loop of the budget sweep has a fine-tune of its cell, seeds and compute (within 2%,
-    from the models' FLOPs), and only one within the report's 10%."""
+# How a run retrains its ticket: the loop's shape, the rewind point and the learning rate. The budget
+# sweeps' runs agree on every other flag (one cell: the same data, model, ratio and recipe).
+STRATEGY = ("method", "states", "epochs", "pruned_epochs", "rewind", "retrain_lr", "seed", "name")
+
+
+def sweep_strategy(c) -> str:
+    """The retraining strategy a budget sweep's point runs (docs/method.md's table)."""
+    if c.states > 2:
+        return f"{c.method} loop"  # weight rewinding, state after state
+    if c.rewind == "none":
+        return "learning-rate rewinding" if c.retrain_lr is None else "fine-tuning"
+    return {"random": "Scratch-B", "init": "weight rewinding"}[c.rewind]
+
+
+@pytest.mark.parametrize("suffix", ["", "_cpu"])
+def test_budget_sweeps_match_the_loops_compute(suffix):
+    """The budget sweeps hold the ticket loops (Refill and RSST, weight rewinding) and the three
+    retrainings of one pruned State 0: learning-rate rewinding, fine-tuning at State 0's last rate
+    and Scratch-B, over the same seeds and otherwise the same flags. Every retraining meets each
+    loop at its compute within 2% (from the models' FLOPs), and only one of its P within the
+    report's 10%."""
     import torch
     from vitprune.model import build_model
     from vitprune.structure import Structure, count, dims
-    loop, ft = points(loops), points(finetunes)
-    assert {c.method for c in loop} == {"refill", "rsst"} and all(strategy(c.to_dict()) == "weight rewinding" for c in loop)
-    assert all(strategy(c.to_dict()) == "learning-rate rewinding" and c.states == 2 for c in ft)
-    assert {compute.compute_cell_key(c.to_dict()) for c in loop + ft} == {compute.compute_cell_key(loop[0].to_dict())}
-    assert {c.seed for c in loop} == {c.seed for c in ft} and len({c.seed for c in loop}) >= 2
+    loop = points(f"budget{suffix}.yaml")
+    retrain = points(f"budget_retrain{suffix}.yaml") + points(f"budget_finetune{suffix}.yaml")
+    assert {sweep_strategy(c) for c in loop} == {"refill loop", "rsst loop"} and all(c.rewind == "init" for c in loop)
+    assert {sweep_strategy(c) for c in retrain} == {"learning-rate rewinding", "fine-tuning", "Scratch-B"}
+    assert all(c.method == "refill" and c.states == 2 for c in retrain)  # prune once, retrain once
+    assert {c.retrain_lr for c in retrain if sweep_strategy(c) == "fine-tuning"} == {"final"}
+    rest = lambda c: {k: v for k, v in c.to_dict().items() if k not in STRATEGY}
+    assert all(rest(c) == rest(loop[0]) for c in loop + retrain)
+    seeds = {c.seed for c in loop}
+    assert len(seeds) >= 2 and all({c.seed for c in retrain if sweep_strategy(c) == s} == seeds
+                                   for s in ("learning-rate rewinding", "fine-tuning", "Scratch-B"))
     c = loop[0]
     model = build_model(c.model, 100 if c.dataset == "cifar100" else 10, c.img_size, c.patch_size)
     L, H, _, _, M = dims(model)
@@ -261,115 +283,49 @@ def test_budget_sweeps_match_the_loops_compute(loops, finetunes):
     ticket = count(model, keep)["flops_alive"]
     for c in loop:  # FLOPs per image and epoch; state 0 dense; RSST's state 1 trains its targets too
         cost = c.epochs * dense + (c.states - 1) * c.epochs * ticket + (c.method == "rsst") * c.epochs * (dense - ticket)
-        ratios = sorted({(f.epochs * dense + f.pruned_epochs * ticket) / cost for f in ft})
-        assert sum(abs(r - 1) <= compute.EQUAL_COMPUTE for r in ratios) == 1, (c.method, ratios)
-        assert min(abs(r - 1) for r in ratios) < 0.02, (c.method, ratios)
+        for s in ("learning-rate rewinding", "fine-tuning", "Scratch-B"):
+            ratios = sorted({(f.epochs * dense + f.pruned_epochs * ticket) / cost for f in retrain if sweep_strategy(f) == s})
+            assert sum(abs(r - 1) <= compute.EQUAL_COMPUTE for r in ratios) == 1, (c.method, s, ratios)
+            assert min(abs(r - 1) for r in ratios) < 0.02, (c.method, s, ratios)
 
 
 # ---- real runs ----------------------------------------------------------------------------------
 
-SIZES = (96, 32, 32)  # train, val, test images of the synthetic set
-
-
-FINETUNE_RUN = dict(method="refill", dataset="synthetic", model="vit_micro", ratio=0.5, states=2, epochs=1,
-                    pruned_epochs=3, rewind="none", batch_size=32, wandb="disabled")
-
-
-def finetune(out, name, stop_at_step=None, **flags):
-    """A prune-and-fine-tune run of FINETUNE_RUN on SIZES, in this process; stop_at_step: SIGINT
-    arrives at that step of the run (counted over all states) and the run stops there."""
-    import signal
-    from conftest import small_data
-    from vitprune import runtime, train
-    steps = []
-
-    def requested(self, step, world, device):
-        steps.extend([step] if step else [])  # step 0: the check at a state's start, not a step
-        if len(steps) == stop_at_step:
-            self.signum = signal.SIGINT
-        return self.signum is not None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runtime, "load_data", small_data(SIZES))
-        mp.setattr(train.StopRequest, "requested", requested)
-        return train.run(from_flags(dict(FINETUNE_RUN, out_dir=str(out), name=name, **flags)))
-
-
-@pytest.fixture(scope="module")
-def finetune_run(tmp_path_factory):
-    return finetune(tmp_path_factory.mktemp("ft"), "ft")
-
-
-@pytest.mark.slow
-def test_prune_and_fine_tune_run(finetune_run):
-    """--states=2 --rewind=none --pruned_epochs=3: State 0 trains --epochs, State 1 starts from
-    State 0's trained weights with the ticket pruned (no rewind point) and trains 3 epochs on an LR
-    schedule of 3 epochs."""
-    import torch
-    from test_rsst import plain_vit, zero_outside
-    from vitprune.data.synth import synthetic
-    from vitprune.structure import Structure
-    run_dir = finetune_run
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [(r["state"], r["epoch"], r["global_epoch"]) for r in epochs] == [(0, 0, 0), (1, 0, 1), (1, 1, 2), (1, 2, 3)]
-    # multistep over the state's 3 epochs: x0.1 from epoch 1.5 on (the default lr is 0.01)
-    assert [r["lr"] for r in epochs[1:]] == pytest.approx([0.01, 0.01, 0.001])
-    assert not (run_dir / "checkpoints" / "rewind.pt").exists()
-    state0 = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=True)
-    state1 = torch.load(run_dir / "checkpoints" / "state_01.pt", weights_only=True)
-    keep = Structure.from_state_dict(state1["structure"])
-    assert int(keep.heads.sum()) == 8 and int(keep.neurons.sum()) == 256  # ratio 0.5 of 16 heads, 512 neurons
-    data = synthetic(0, sizes=SIZES)
-    with torch.no_grad():  # State 1's start: State 0's trained weights, pruned; a plain timm ViT
-        model = plain_vit(zero_outside(state0["model"], keep))
-        x = (data.val_x.float() / 255 - 0.5) / 0.5
-        start = 100.0 * int((model(x).argmax(1) == data.val_y).sum()) / len(data.val_y)
-    assert records[-1]["kind"] == "state" and records[-1]["start_val_acc"] == start
-
-
 @pytest.mark.slow
 def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
-    """sweeps/budget_cpu.yaml and budget_finetune_cpu.yaml: every grid point's command runs through
-    the CLI (in this process, on a small split of the synthetic set, W&B off), then the report shows
-    the compute figure and the equal-compute verdict. Needs the runs' train_flops records."""
+    """sweeps/budget_cpu.yaml, budget_retrain_cpu.yaml and budget_finetune_cpu.yaml: every grid
+    point's command runs through the CLI (in this process, on a small split of the synthetic set,
+    W&B off) and finishes with its compute recorded; each strategy retrains as intended, from the
+    same State 0 and splits as the loops of its seed."""
+    import torch
     from conftest import small_data
     from vitprune import runtime, sweep
+    from vitprune.runfolder import saved_config
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(runtime, "load_data", small_data((256, 64, 64)))  # 2 steps of the YAML's batch of 128
     monkeypatch.setattr(sweep.subprocess, "run", lambda command: type("Done", (), {
         "returncode": run_cli(monkeypatch, *command[command.index("run"):])}))
-    for name, part in (("budget_cpu.yaml", "loop"), ("budget_finetune_cpu.yaml", "finetune")):
-        sweep.main(str(SWEEPS / name), out_dir=str(tmp_path / "runs" / part))
-    run_dirs = sorted((tmp_path / "runs").glob("*/*"))
-    assert len(run_dirs) == 8 and all(
-        json.loads((d / "summary.json").read_text())["status"] == "finished" for d in run_dirs)
-    out = tmp_path / "report" / "budget_cpu.md"
-    report.main(*map(str, run_dirs), out=str(out))
-    md = out.read_text()
-    assert "![test accuracy vs cumulative training compute](budget_cpu_compute.png)" in md, \
-        md[md.index("## Compute"):][:600]
-    assert (out.parent / "budget_cpu_compute.png").stat().st_size > 1000
-    assert "tests) | Compute to reach this state |" in md  # the loops' cell: its verdict and compute columns
-    verdicts = [line for line in md.splitlines() if line.startswith(("| refill loop, 3 × 1 epochs | refill learning",
-                                                                     "| rsst loop, 3 × 1 epochs | refill learning"))]
-    assert len(verdicts) == 2, verdicts
-    assert "| refill loop, 3 × 1 epochs | refill learning-rate rewinding, 1 + 2 epochs | 1.00 | 2 (0, 1) |" in md
-    assert "| rsst loop, 3 × 1 epochs | refill learning-rate rewinding, 1 + 4 epochs |" in md
-    assert "| `--pruned_epochs=2` |" in md and "| `--pruned_epochs=4` |" in md  # what the sweeps run
-    assert all(v.rstrip(" |").endswith(("2 seeds)", "(no seed variance)")) for v in verdicts), verdicts
-
-
-@pytest.mark.slow
-def test_prune_and_fine_tune_resumes_exactly(finetune_run, tmp_path):
-    """Stopped in the middle of the fine-tune's second epoch (3 steps per epoch: step 8 of the run),
-    resumed: the same records as the uninterrupted run."""
-    import torch
-    with pytest.raises(SystemExit) as stopped:
-        finetune(tmp_path, "ft", stop_at_step=8)
-    assert stopped.value.code == 130
-    ck = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)
-    assert (ck["state"], ck["next_epoch"], ck["step"]) == (1, 1, 2)  # inside the fine-tune's second epoch
-    finetune(tmp_path, "ft", resume=True)
-    strip = lambda run_dir: [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_time_s")}
-                             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert strip(tmp_path / "ft") == strip(finetune_run)
+    for part in ("", "_retrain", "_finetune"):
+        sweep.main(str(SWEEPS / f"budget{part}_cpu.yaml"), out_dir=str(tmp_path / "runs" / (part or "_loop")))
+    runs = {d: (Config(**saved_config(d)), json.loads((d / "summary.json").read_text()),
+                [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()])
+            for d in sorted((tmp_path / "runs").glob("*/*"))}
+    assert len(runs) == 4 + 8 + 4 and all(summary["status"] == "finished" for _, summary, _ in runs.values())
+    by = {(sweep_strategy(c), c.seed, c.pruned_epochs): (d, summary, rs) for d, (c, summary, rs) in runs.items()}
+    for (name, seed, p), (d, summary, rs) in by.items():
+        states = [r for r in rs if r["kind"] == "state"]
+        assert all(r["train_flops"] > 0 and r["ticket_epoch_flops"] > 0 for r in states)
+        loop = by[("refill loop", seed, None)][1]  # the same State 0 and splits as the loops of the seed
+        assert (summary["state0_fingerprint"], summary["split_fingerprint"]) == \
+            (loop["state0_fingerprint"], loop["split_fingerprint"])
+        if name.endswith("loop"):
+            continue
+        later = [r["lr"] for r in rs if r["kind"] == "epoch" and r["state"] == 1]
+        assert len(later) == p and states[1]["train_flops"] - states[0]["train_flops"] == p * states[1]["ticket_epoch_flops"]
+        # fine-tuning at State 0's last rate (one epoch, before multistep's drop: --lr); the others replay the schedule
+        replayed = [0.001 * 0.1 ** ((e >= p / 2) + (e >= 0.75 * p)) for e in range(p)]  # multistep over P epochs
+        assert later == pytest.approx([0.001] * p if name == "fine-tuning" else replayed), name
+        start = torch.load(d / "checkpoints" / "start_01.pt", weights_only=True)["model"]["blocks.0.mlp.fc1.weight"]
+        trained = torch.load(d / "checkpoints" / "state_00.pt", weights_only=True)["model"]["blocks.0.mlp.fc1.weight"]
+        kept = start != 0
+        assert torch.equal(start[kept], trained[kept]) == (name != "Scratch-B")  # Scratch-B: a fresh init

@@ -36,7 +36,10 @@ def cli(monkeypatch, capsys, *args):
     ("ratio", "-0.1", "[0, 1)"),
     ("states", "0", "at least 1"),
     ("epochs", "0", "at least 1"),
-    ("rewind", "epoch:x", "init, none, epoch:K"),
+    ("rewind", "epoch:x", "init, none, random, epoch:K"),
+    ("rewind", "scratch", "init, none, random, epoch:K"),
+    ("retrain_lr", "fast", "final, VALUE (a number greater than 0)"),
+    ("retrain_lr", "-0.001", "final, VALUE (a number greater than 0)"),
     ("pretrained", "/no/such/weights.pth", "cannot read file"),
     ("kernels", "cuda", "auto, triton, torch"),
     ("lr_rate", "0.1", "unknown flag"),
@@ -122,7 +125,7 @@ def test_rewind_to_the_last_epoch_is_refused_at_once(tmp_path):
                         "--dataset=synthetic", f"--out_dir={tmp_path / 'runs'}"], capture_output=True, text=True)
     assert time.monotonic() - start < 3
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --rewind: 'epoch:2' is not valid; choose from init, none, epoch:K with 0 <= K < --epochs (2)"]
+        "error: --rewind: 'epoch:2' is not valid; choose from init, none, random, epoch:K with 0 <= K < --epochs (2)"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,6 +184,12 @@ def test_resume_refuses_a_changed_configuration_and_warns_on_changed_execution(t
     ({"method": "rsst", "reg_schedule": "x", "exponents": 2.0}, "--exponents: applies only with",
      {"reg_schedule": "exp_custom_exponents"}),
     ({"optimizer": "adamw", "momentum": 0.5}, "--momentum: applies only with --optimizer=sgd", {"optimizer": "sgd"}),
+    ({"states": 2, "epochs": 2, "rewind": "epoch:1", "retrain_lr": "final"},
+     "--retrain_lr: applies only with --rewind=init|none|random, not with --rewind=epoch:1", {"rewind": "none"}),
+    ({"states": 1, "rewind": "none", "retrain_lr": "0.001"},
+     "--retrain_lr: sets the learning rate of states >= 1, and --states=1 has none", {"states": 2}),
+    ({"states": 2, "rewind": "epoch:0", "pruned_epochs": 3},
+     "--pruned_epochs: applies only with --rewind=init|none|random", {"rewind": "random"}),
 ])
 def test_flags_that_cannot_apply_are_refused(flags, message, where_it_applies):
     with pytest.raises(ConfigError) as e:

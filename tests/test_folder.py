@@ -274,6 +274,35 @@ def test_streamed_run_killed_and_resumed_equals_the_tensor_run(tree, tensor_run)
     assert comparable(out / "stream") == comparable(out / "tensor")
 
 
+@pytest.mark.slow
+def test_runs_of_one_seed_record_the_same_splits_and_state0(tmp_path, monkeypatch, one_thread):
+    """Refill and RSST of one seed on a single image folder (val and test both carved with the seed)
+    record the same split_fingerprint and state0_fingerprint, in summary.json and every state record:
+    the report may pair them. The State-0 fingerprint is the SHA-256 of state_00.pt's weights,
+    recomputed here; a run of another seed has another split."""
+    import hashlib
+    root = write_tree(tmp_path / "set", {"": 30})  # PATH/<class>/*: 93 images, 9 val and 9 test carved
+    found = {}
+    for method, seed in (("refill", 0), ("rsst", 0), ("refill", 1)):
+        name = f"{method}_s{seed}"
+        assert run_cli(monkeypatch, "run", f"--dataset=folder:{root}", *[f for f in RUN if "method" not in f],
+                       f"--method={method}", f"--seed={seed}", "--epochs=1", f"--data_dir={tmp_path / 'data'}",
+                       f"--out_dir={tmp_path / 'runs'}", f"--name={name}") == 0
+        run_dir = tmp_path / "runs" / name
+        summary = json.loads((run_dir / "summary.json").read_text())
+        states = [r for r in comparable(run_dir) if r["kind"] == "state"]
+        weights = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=False)["model"]
+        h = hashlib.sha256()
+        for key in sorted(weights):
+            t = weights[key].contiguous()
+            h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode() + t.numpy().tobytes())
+        for r in [summary, *states]:
+            assert (r["split_fingerprint"], r["state0_fingerprint"]) == (summary["split_fingerprint"], h.hexdigest())
+        found[name] = summary["split_fingerprint"], summary["state0_fingerprint"]
+    assert found["refill_s0"] == found["rsst_s0"]
+    assert found["refill_s1"][0] != found["refill_s0"][0]
+
+
 # ---- bad input: one line, exit 2, nothing on disk ---------------------------------------------
 
 def bad_tree(tmp_path, kind):

@@ -13,16 +13,19 @@ import torch.nn.functional as F
 from scipy.stats import ks_2samp
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from vitprune import train
 from vitprune import runtime
 from vitprune.config import Config, from_flags
 from vitprune.errors import ConfigError
-from vitprune.data.augment import Mixer, crop_boxes, crop_grid, resized_crop
+from vitprune.data.augment import Mixer, crop_boxes, resized_crop
+from vitprune.data.core import Data, finetune_input, model_input
 from vitprune.data.synth import synthetic
 from vitprune.distill import load_teacher, training_loss
 from vitprune.kernels.reference import masked_linear
 from vitprune.model import build_model
+from vitprune.step import make_optimizer
 from vitprune.structure import Structure
 from vitprune.zoo import ALIASES
 
@@ -65,12 +68,10 @@ def test_resized_crop_samples_only_inside_its_box():
     boxes = crop_boxes(64, size, size, SCALE, RATIO, torch.Generator().manual_seed(3))
     flips = torch.arange(64) % 2 == 0
     y = resized_crop(x, boxes, flips, out)
-    grid = crop_grid(boxes, flips, size, size, out)
-    assert grid.abs().max() <= 1  # every sample inside the source image
     assert ((y[:, 2] - 200).abs() < 1e-3).all()
     for b, (top, left, h, w) in enumerate(boxes.tolist()):
-        assert 4 * left <= y[b, 0].min() and y[b, 0].max() <= 4 * (left + w - 1) + 1e-3
-        assert 4 * top <= y[b, 1].min() and y[b, 1].max() <= 4 * (top + h - 1) + 1e-3
+        assert 4 * left - 1e-3 <= y[b, 0].min() and y[b, 0].max() <= 4 * (left + w - 1) + 1e-3
+        assert 4 * top - 1e-3 <= y[b, 1].min() and y[b, 1].max() <= 4 * (top + h - 1) + 1e-3
         cols = y[b, 0, 0]  # the column ramp runs right to left where flipped
         assert (cols.diff() <= 1e-4).all() if flips[b] else (cols.diff() >= -1e-4).all()
 
@@ -82,13 +83,40 @@ def test_resized_crop_of_the_whole_image_is_torchvision_resize():
     no_flip = resized_crop(x, boxes, torch.zeros(4, dtype=torch.bool), 96)
     assert (no_flip - ref).abs().max() < 1e-3
     assert (resized_crop(x, boxes, torch.ones(4, dtype=torch.bool), 96) - ref.flip(-1)).abs().max() < 1e-3
-    # Any box: torchvision's crop, then resize (bilinear, no antialias: the crop is upsampled).
+    # Any box: torchvision's crop, then resize (bilinear upsampling: antialiasing changes nothing).
     boxes = crop_boxes(4, 32, 32, SCALE, RATIO, torch.Generator().manual_seed(5))
     ours = resized_crop(x, boxes, torch.zeros(4, dtype=torch.bool), 96)
     for b, (top, left, h, w) in enumerate(boxes.tolist()):
         ref = F.interpolate(x[b:b + 1, :, top:top + h, left:left + w].float(), size=(96, 96), mode="bilinear",
                             align_corners=False)
         assert (ours[b:b + 1] - ref).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_downsampling_crop_is_torchvisions_antialiased_resize_of_its_box(interpolation):
+    """CIFAR's 32 px at --img_size=16: the crop is antialiased as evaluation's resize is; a crop
+    resampled without antialiasing (the old grid_sample) is told apart."""
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 32, 32], [2, 3, 28, 24], [5, 0, 27, 32], [0, 6, 30, 26], [1, 1, 31, 31],
+                          [10, 4, 20, 22]])  # all larger than 16: downsampled
+    flips = torch.tensor([False, True, False, True, False, False])
+    mode = TF.InterpolationMode(interpolation)
+    ours = resized_crop(x, boxes, flips, 16, interpolation)
+    for b, (top, left, h, w) in enumerate(boxes.tolist()):
+        ref = TF.resized_crop(x[b].float(), top, left, h, w, [16, 16], interpolation=mode, antialias=True)
+        ref = ref.flip(-1) if flips[b] else ref
+        assert (ours[b] - ref).abs().max() < 1e-2, b
+        aliased = F.interpolate(x[b:b + 1, :, top:top + h, left:left + w].float(), size=(16, 16),
+                                mode=interpolation, align_corners=False)[0]
+        assert (aliased.flip(-1) if flips[b] else aliased).sub(ref).abs().max() > 10, b
+    # Evaluation's resize of a whole image (model_input) is the same rule: a crop of the whole box.
+    prep = Data(*[torch.zeros(0)] * 6, num_classes=10, img_size=16, interpolation=interpolation)
+    norm = lambda t: (t / 255 - 0.5) / 0.5
+    assert (model_input(x, prep) - norm(resized_crop(x, boxes[:1].expand(6, 4), torch.zeros(6, dtype=torch.bool), 16,
+                                                     interpolation))).abs().max() < 1e-5
+    whole = TF.resize(x.float(), [16, 16], interpolation=mode, antialias=True)
+    assert (model_input(x, prep) - norm(whole)).abs().max() < 1e-4
+    assert (finetune_input(x, boxes, flips, prep) - norm(ours)).abs().max() < 1e-5  # the training crops
 
 
 # ---- mixup / cutmix ----------------------------------------------------------------------
@@ -150,7 +178,7 @@ def test_distilled_loss_is_kl_plus_ce_by_hand_and_the_teacher_never_changes(tmp_
     torch.manual_seed(0)
     student = build_model("vit_micro", 10)
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    opt, sched = train.make_optimizer(cfg, student, 10, torch.device("cpu"))
+    opt, sched = make_optimizer(cfg, student, 10, torch.device("cpu"))
     import contextlib
     for step in range(3):
         train.train_step(student, opt, sched, x, y, step + 1, contextlib.nullcontext, loss_fn=loss_fn)

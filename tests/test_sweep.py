@@ -39,10 +39,11 @@ def command_of_wandb_agent(sweep_yaml, point, tmp_path, monkeypatch):
 def test_all_sweeps_found():
     assert {p.name for p in SWEEPS} >= {"seed.yaml", "ratio.yaml", "smoke.yaml", "iterative.yaml",
                                         "rsst_timing.yaml", "rsst_timing_cpu.yaml", "budget.yaml",
-                                        "budget_finetune.yaml", "budget_cpu.yaml", "budget_finetune_cpu.yaml"}
+                                        "budget_retrain.yaml", "budget_finetune.yaml", "budget_cpu.yaml",
+                                        "budget_retrain_cpu.yaml", "budget_finetune_cpu.yaml"}
     # seed, ratio and iterative over three seeds; smoke; RSST timing (3 reach × 2 shapes × 3 seeds,
-    # twice); the budget loops and fine-tunes (3 and 2 seeds)
-    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3 + 2 * 18 + 2 * (2 * 3 + 2 * 2)
+    # twice); the budget sweeps per seed (3 and 2 seeds): 2 loops, 2 rewinds × 2 P, 2 fine-tunes
+    assert len(POINTS) == 4 * 3 + 8 * 3 + 2 + 2 * 3 + 2 * 18 + (2 + 2 * 2 + 2) * (3 + 2)
 
 
 def wandb_engine_points(sweep_yaml) -> list:

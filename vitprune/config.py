@@ -30,6 +30,7 @@ METHODS = ("refill", "rsst", "imp", "dense")
 STRUCTURED = {"method": ("refill", "rsst")}  # the methods that prune whole heads and neurons
 RSST = {"method": ("rsst",)}
 FINETUNE = {"aug": ("finetune",)}
+RETRAIN = {"rewind": ("init", "none", "random")}  # a new schedule for states >= 1 (not late rewinding's)
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
 NOT_ZEROED = 0.1
@@ -117,21 +118,24 @@ class Config:
     states: int = flag(16, "states of the loop (state 0 trains the dense model)", "pruning", range="[1, inf)")
     epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
     pruned_epochs: Optional[int] = flag(None, "epochs of every state >= 1 (default: --epochs); with --states=2 "
-                                        "--rewind=none it is prune-and-fine-tune's one long fine-tune",
-                                        "pruning", range="[1, inf)", requires={"rewind": ("init", "none")})
+                                        "the ticket's one retraining: --rewind=none (learning-rate rewinding, or "
+                                        "fine-tuning with --retrain_lr) or --rewind=random (Scratch-B at a loop's "
+                                        "compute)", "pruning", range="[1, inf)", requires=RETRAIN)
     schedule: str = flag("oneshot", "oneshot: every state >= 1 keeps 1 - ratio; geometric: state s keeps "
                          "(1 - ratio)^(s/(states-1))", "pruning", choices=("oneshot", "geometric"))
-    rewind: str = flag("init", "the rewind point: init: θ0; epoch:K: weights, optimizer and LR schedule after "
-                       "epoch K of state 0 (later states train epochs K..E-1); none: fine-tune", "pruning",
-                       choices=("init", "none", "epoch:K"))
+    rewind: str = flag("init", "what states >= 1 start from: init: θ0 (weight rewinding); epoch:K: weights, "
+                       "optimizer and LR schedule after epoch K of state 0 (late rewinding; later states train "
+                       "epochs K..E-1); none: the trained weights, the LR schedule restarts (learning-rate "
+                       "rewinding, Renda et al. 2020; with --retrain_lr: fine-tuning); random: a fresh timm init "
+                       "of --model from a stream of its own (Scratch, Liu et al. 2019)", "pruning",
+                       choices=("init", "none", "random", "epoch:K"))
     criterion: str = flag("magnitude", "group importance: magnitude (L1 of the group's weights in and out), "
                           "l1/l2 (mean |activation| / RMS of the group's outputs over calibration batches), remain "
                           "(weights surviving a global unstructured magnitude prune at the same ratio), saliency "
                           "(|activation × gradient|), random", "pruning",
                           choices=("magnitude", "l1", "l2", "remain", "saliency", "random"), requires=STRUCTURED)
     sorting: str = flag("global", "global: rank the groups of every layer together; layerwise: inside each layer",
-                        "pruning",
-                        choices=("global", "layerwise"), requires=STRUCTURED)
+                        "pruning", choices=("global", "layerwise"), requires=STRUCTURED)
     calib_batches: int = flag(8, "training batches the l1, l2 and saliency criteria look at", "pruning",
                               range="[1, inf)", requires=STRUCTURED)
     # RSST
@@ -161,10 +165,12 @@ class Config:
     weight_decay: float = flag(1e-4, "decoupled for AdamW; not on biases, norms and embeddings", "optimisation",
                                range="[0, inf)")
     lr_schedule: str = flag("multistep", "per state: multistep (×0.1 at 50% and 75% of its epochs), cosine, "
-                            "constant", "optimisation",
-                            choices=("multistep", "cosine", "constant"))
-    warmup_epochs: int = flag(0, "linear warm-up epochs at the start of every state", "optimisation",
-                              range="[0, inf)")
+                            "constant", "optimisation", choices=("multistep", "cosine", "constant"))
+    retrain_lr: Optional[str] = flag(None, "states >= 1 train at this constant learning rate, not --lr_schedule: "
+                                     "final: State 0's last (multistep: 0.01 × --lr; cosine: near zero, so give "
+                                     "a number, e.g. 0.01 × --lr), or VALUE; with --rewind=none: fine-tuning",
+                                     "optimisation", choices=("final", "VALUE"), requires=RETRAIN)
+    warmup_epochs: int = flag(0, "linear warm-up epochs at the start of every state", "optimisation", range="[0, inf)")
     label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy loss", "optimisation", range="[0, 1)")
     batch_size: int = flag(128, "images per step (over all processes)", "optimisation", range="[1, inf)")
     aug: str = flag("crop_flip", "training augmentation: crop_flip (the seed's: pad S/8, crop, flip); finetune: "
@@ -182,10 +188,11 @@ class Config:
     distill: str = flag("none", "states >= 1 learn from a frozen teacher too: state0: the final State-0 network "
                         "of this run; PATH: a timm state dict of --model (or a vitprune state_NN.pt) with this "
                         "data's classes; none", "optimisation")
-    distill_temp: float = flag(1.0, "temperature T of the soft distillation (KL × T², DeiT's τ = 1)",
+    distill_temp: float = flag(1.0, "temperature T of the soft distillation (KL × T², Hinton et al. 2015)",
                                "optimisation", range="(0, inf)")
-    distill_alpha: float = flag(0.5, "loss = α · KL(teacher ‖ student) + (1 − α) · the label loss (DeiT: 0.5)",
-                                "optimisation", range="[0, 1]")
+    distill_alpha: float = flag(0.5, "loss = α · T² · KL(teacher ‖ student) + (1 − α) · the label loss; the KL "
+                                "is per image (Hinton et al.'s), so α weighs C times what it weighs in DeiT's "
+                                "code, which also divides by the C classes", "optimisation", range="[0, 1]")
     # system
     kernels: str = flag("auto", "auto: Triton on CUDA, else PyTorch; triton: fail if it cannot run; torch: the "
                         "reference", "system", choices=("auto", "triton", "torch"),
@@ -232,8 +239,9 @@ class Config:
 
     @property
     def rewind_epoch(self) -> Optional[int]:
-        """Epoch of state 0 whose end is the rewind point (0 = the initial weights), None = no rewind."""
-        if self.rewind == "none":
+        """Epoch of state 0 whose end is the rewind point (0 = the initial weights), None = none
+        (--rewind=none keeps the trained weights; random draws new ones)."""
+        if self.rewind in ("none", "random"):
             return None
         if self.rewind == "init":
             return 0
@@ -282,7 +290,8 @@ def _check_value(name: str, value):
             raise ConfigError(f"--{name}: needs a value (default {f.default!r})")
         return
     if meta["choices"] and not _is_choice(value, meta["choices"]):
-        raise ConfigError(f"--{name}: unknown value {value!r}; choose from {', '.join(meta['choices'])}")
+        valid = ", ".join(meta["choices"]).replace("VALUE", "VALUE (a number greater than 0)")
+        raise ConfigError(f"--{name}: unknown value {value!r}; choose from {valid}")
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise ConfigError(f"--{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -291,10 +300,18 @@ def _check_value(name: str, value):
 
 
 def _is_choice(value, choices) -> bool:
-    """value is one of the choices, or fills a pattern among them (folder:PATH: 'folder:' and a path)."""
+    """value is one of the choices, or fills a pattern among them (folder:PATH: 'folder:' and a path;
+    VALUE: a number greater than 0)."""
     prefixes = [c.split(":", 1)[0] + ":" for c in choices if ":" in c]
     return value in choices or (isinstance(value, str) and any(
-        value.startswith(p) and len(value) > len(p) for p in prefixes))
+        value.startswith(p) and len(value) > len(p) for p in prefixes)) or ("VALUE" in choices and _positive(value))
+
+
+def _positive(text) -> bool:
+    try:
+        return 0 < float(text) < math.inf
+    except (TypeError, ValueError):  # not a number
+        return False
 
 
 def validate(cfg: Config) -> Config:
@@ -308,14 +325,15 @@ def validate(cfg: Config) -> Config:
             given = ", ".join(f"--{k}={config[k]}" for k in f.metadata["requires"])
             raise ConfigError(f"--{name}: applies only with {need}, not with {given}; drop it")
     _check_seed_formula(cfg)
-    if cfg.rewind not in ("init", "none"):
+    if cfg.rewind not in ("init", "none", "random"):
         k = cfg.rewind.split(":", 1)[1] if cfg.rewind.startswith("epoch:") else ""
         if not k.isdigit() or int(k) >= cfg.epochs:  # K = epochs would leave later states no epoch
-            raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, "
+            raise ConfigError(f"--rewind: {cfg.rewind!r} is not valid; choose from init, none, random, "
                               f"epoch:K with 0 <= K < --epochs ({cfg.epochs})")
-    if cfg.pruned_epochs is not None and cfg.states < 2:
-        raise ConfigError(f"--pruned_epochs: sets the epochs of states >= 1, and --states={cfg.states} has none; "
-                          f"choose --states >= 2 or drop it")
+    for name, what in (("pruned_epochs", "the epochs"), ("retrain_lr", "the learning rate")):
+        if getattr(cfg, name) is not None and cfg.states < 2:
+            raise ConfigError(f"--{name}: sets {what} of states >= 1, and --states={cfg.states} has none; "
+                              f"choose --states >= 2 or drop it")
     if cfg.device.startswith("cuda:") and not cfg.device[5:].isdigit():
         raise ConfigError(f"--device: unknown value {cfg.device!r}; choose from auto, cpu, cuda, cuda:N")
     if cfg.resume and cfg.overwrite:
@@ -415,8 +433,7 @@ def _model_defaults(flags: dict) -> dict:
 
 def _coerce(name: str, value):
     """Fire reads --ratio=1 as int and --name=123 as int: give the value its field's type."""
-    f = FIELDS[name]
-    kind = base_type(f)
+    kind = base_type(FIELDS[name])
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and value is not None and not isinstance(value, str):

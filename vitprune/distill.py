@@ -1,9 +1,11 @@
 """The training loss: cross-entropy on labels (or on mixup's soft targets), plus, with
---distill, DeiT-style soft distillation from a frozen teacher.
+--distill, soft distillation from a frozen teacher (Hinton et al. 2015).
 
     loss = α · T² · KL(softmax(t / T) ‖ softmax(s / T)) + (1 − α) · CE(s, target)
 
-The KL is averaged over the batch (each image's full KL, as Hinton et al.); the teacher is
+The KL is each image's full KL, averaged over the batch, as Hinton et al.'s. DeiT's code
+divides the summed KL by batch × classes instead, so at one α its soft term weighs 1/C of
+this one: α' = α / (α + C·(1 − α)) here weighs it as DeiT's α does. The teacher is
 the final State-0 network of the run (--distill=state0) or an external checkpoint, frozen, in
 eval mode, run under the training step's autocast on the same (augmented, mixed) images.
 """

@@ -6,6 +6,7 @@ skips dead heads and neurons; parameter names and shapes stay timm's, so state d
 timm and back. --pretrained weights load through timm as well: its checkpoint filter resamples
 the patch and position embeddings, and the classifier is new when the classes differ.
 """
+import hashlib
 import os
 from typing import Optional
 
@@ -131,6 +132,16 @@ def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int
     except Exception as e:  # a missing cache entry, a file of another model, ...: timm says which
         raise ConfigError(f"--pretrained: timm cannot load {pretrained!r} into --model={name}: "
                           f"{_load_error(e)}") from None
+
+
+def fresh_weights(name: str, num_classes: int, img_size: int, patch_size: int, seed: int, state: int) -> dict:
+    """A new timm init of --model (never pretrained) for state `state` of --rewind=random: drawn
+    from a stream of its own, a hash of (seed, state), so it is no seed's θ0 (torch.manual_seed(seed))
+    and the same on every process and after --resume. The global RNG is left as it was."""
+    key = hashlib.sha256(f"vitprune --rewind=random seed {seed} state {state}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)  # 63 bits
+        return build_model(name, num_classes, img_size, patch_size).state_dict()
 
 
 def set_kernels(model: VisionTransformer, masked_linear) -> None:

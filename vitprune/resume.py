@@ -32,6 +32,7 @@ class Position:
     train_flops: float = 0.0      # training FLOPs of the run up to next_epoch (all processes)
     train_time: float = 0.0       # seconds spent in training steps up to next_epoch, across resumes
     pruned: Optional[dict] = None  # RSST: its hard prune happened (step, accuracy before, targets' norms)
+    state0_fingerprint: Optional[str] = None  # fingerprint.weights_fingerprint of State 0's final weights
 
     OLD_KEYS = {"epochs_done": "next_epoch", "structure": "alive"}  # last.pt written before the renames
 

@@ -18,9 +18,9 @@ from vitprune.data.core import LoopData, steps_per_epoch
 from vitprune.devices import autocast, init_distributed, use_bf16
 from vitprune.distill import Teacher, load_teacher
 from vitprune.errors import ConfigError
-from vitprune.model import build_model, set_kernels
+from vitprune.model import build_model, fresh_weights, set_kernels
 from vitprune.runfolder import RunFolder, claim, run_name
-from vitprune.step import evaluate
+from vitprune.step import evaluate, make_optimizer, state0_last_lr
 from vitprune.structure import Structure, count, set_live
 from vitprune.zoo import preprocessing
 
@@ -44,6 +44,9 @@ class Run:
     mixer: Optional[Mixer] = None       # --aug=finetune: mixup/cutmix and soft targets
     teacher: Optional[Teacher] = None   # --distill: loaded when the first state >= 1 trains
     preprocessing: dict = None   # what the model is fed: img_size, mean, std, interpolation
+    # What the run found at start-up, in summary.json and every state record: what --precision,
+    # --device and --kernels resolved to, and which images it validates and tests on.
+    facts: dict = None
 
     @property
     def main(self) -> bool:
@@ -68,6 +71,24 @@ class Run:
 
     def steps_in_state(self, state: int) -> int:
         return (self.epochs_of(state) - self.first_epoch(state)) * self.steps
+
+    @property
+    def retrain_lr(self) -> Optional[float]:
+        """The constant learning rate of states >= 1 (--retrain_lr), None: they follow --lr_schedule."""
+        if self.cfg.retrain_lr is None:
+            return None
+        return state0_last_lr(self.cfg, self.steps) if self.cfg.retrain_lr == "final" else float(self.cfg.retrain_lr)
+
+    def optimizer(self, state: int):
+        """A state's new optimizer and LR schedule (over its epochs; constant under --retrain_lr)."""
+        epochs = self.epochs_of(state)
+        return make_optimizer(self.cfg, self.model, self.steps * epochs, self.device, epochs,
+                              self.retrain_lr if state > 0 else None)
+
+    def fresh_init(self, state: int) -> dict:
+        """--rewind=random: the weights state `state` starts from (model.fresh_weights)."""
+        c = self.cfg
+        return fresh_weights(c.model, self.data.num_classes, c.img_size, c.patch_size, c.seed, state)
 
     def say(self, *args, **kwargs):
         if self.main:
@@ -136,17 +157,20 @@ def setup(cfg: Config, folder: RunFolder = None) -> Run:
         folder.prepare()
     if world > 1:
         dist.barrier()  # the folder exists (or the run stopped) before any process reads it
+    facts = {"precision": "bf16" if bf16 else "fp32", "device_type": device.type, "kernels_backend": backend,
+             "split_fingerprint": data.split_fingerprint}
     run_log = log.RunLog(folder.path, cfg.to_dict(), cfg.wandb,
-                         runtime={"kernels_backend": backend, "preprocessing": prep}) if rank == 0 else None
+                         runtime={**facts, "preprocessing": prep}) if rank == 0 else None
     mixer = Mixer(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing, data.num_classes) \
         if cfg.aug == "finetune" else None
     if mixer:  # --aug=finetune: the data's random-resized crop, and soft targets
         data.crop = ((cfg.crop_scale_min, 1.0), (1 / cfg.crop_ratio_max, cfg.crop_ratio_max))
     r = Run(cfg, rank, world, device, data, steps, model, forward, autocast(bf16, device), group_reg, folder.path,
-            run_log, masked_linear, mixer, preprocessing=prep)
+            run_log, masked_linear, mixer, preprocessing=prep, facts=facts)
     r.say(f"{run_name(cfg)}: {cfg.method} on {cfg.dataset}, {cfg.model} "
           f"({count(model, Structure.full(model))['params_total'] / 1e6:.2f}M params), {cfg.states} states × "
           f"{cfg.epochs} epochs" + (f" (states >= 1: {cfg.pruned_epochs})" if cfg.pruned_epochs else "") +
+          (f", states >= 1 at a constant lr {r.retrain_lr:g}" if cfg.retrain_lr else "") +
           f", {steps} steps/epoch, {cfg.img_size} px / patch {cfg.patch_size}, "
           f"{device} {'bf16' if bf16 else 'fp32'}, kernels={backend}"
           + (f", {world} processes" if world > 1 else ""))

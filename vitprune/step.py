@@ -9,32 +9,45 @@ from vitprune.config import Config
 from vitprune.data.core import LoopData
 
 
-def make_optimizer(cfg: Config, model, steps: int, device, epochs: int = None):
+def make_optimizer(cfg: Config, model, steps: int, device, epochs: int = None, constant_lr: float = None):
     """Optimizer and per-step LR schedule of one state (every state starts them afresh) of
-    `epochs` epochs (default --epochs) and `steps` steps."""
+    `epochs` epochs (default --epochs) and `steps` steps; `constant_lr`: every step at that
+    learning rate instead of --lr_schedule (--retrain_lr)."""
     epochs = epochs or cfg.epochs
     decay, no_decay, skip = [], [], model.no_weight_decay()  # timm's: embeddings and tokens
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" else {}
+    lr = cfg.lr if constant_lr is None else constant_lr  # the constant itself: no base × factor rounding
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
     else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, **fused)
+        opt = torch.optim.AdamW(groups, lr=lr, **fused)
+    if constant_lr is not None:
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, steps, epochs))
+
+
+def lr_factor(cfg: Config, step: int, steps: int, epochs: int) -> float:
+    """--lr_schedule's multiple of --lr at step `step` (0-based) of a state of `epochs` epochs
+    and `steps` steps, warm-up included."""
     per_epoch = steps // epochs
     warmup = cfg.warmup_epochs * per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "multistep":  # x0.1 at 50% and 75% of the state's epochs
+        epoch = step // per_epoch
+        return 0.1 ** ((epoch >= epochs * 0.5) + (epoch >= epochs * 0.75))
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return 1.0
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.lr_schedule == "multistep":  # x0.1 at 50% and 75% of the state's epochs
-            epoch = step // per_epoch
-            return 0.1 ** ((epoch >= epochs * 0.5) + (epoch >= epochs * 0.75))
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        return 1.0
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+def state0_last_lr(cfg: Config, steps_per_epoch: int) -> float:
+    """The learning rate of State 0's last step (--retrain_lr=final)."""
+    steps = steps_per_epoch * cfg.epochs
+    return cfg.lr * lr_factor(cfg, steps - 1, steps, cfg.epochs)
 
 
 def train_step(forward, opt, sched, x, y, step: int, autocast, label_smoothing=0.0, rsst=None, loss_fn=None):

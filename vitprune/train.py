@@ -24,13 +24,14 @@ from vitprune import checkpoint, fmt, log
 from vitprune.config import NOT_ZEROED, Config
 from vitprune.data.core import train_batches
 from vitprune.distill import training_loss
+from vitprune.fingerprint import weights_fingerprint
 from vitprune.methods import RsstRegularizer, Transition, regularizer, transition
 from vitprune.errors import ConfigError
 from vitprune.resume import (Position, config_edits, newest_good_checkpoint, rebuilt_rewind_point, rewind_point,
                              what_was_lost)
 from vitprune.runfolder import RunFolder, claim, run_name
 from vitprune.runtime import Run, setup
-from vitprune.step import make_optimizer, train_step
+from vitprune.step import train_step
 from vitprune.stopping import Interrupted, StopRequest, resume_command
 from vitprune.structure import Structure, apply_structure, count, step_flops, zero_dead_moments
 
@@ -101,8 +102,7 @@ def resume(r: Run):
     else:
         pos, ck = Position.from_checkpoint(ck, r.model)
         apply_structure(r.model, pos.alive)  # the forward skips what was dead when the run stopped
-        epochs = r.epochs_of(pos.state)
-        opt, sched = make_optimizer(r.cfg, r.model, r.steps * epochs, r.device, epochs)
+        opt, sched = r.optimizer(pos.state)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         rsst = regularizer(r.cfg, r.model, pos.alive, pos.keep, r.steps_in_state(pos.state), r.group_reg,
@@ -110,6 +110,8 @@ def resume(r: Run):
         tools = StepTools(opt, sched, rsst)
     dropped = 0
     if r.main:
+        if pos.state0_fingerprint:  # State 0 is done: summary.json carries it on
+            r.log.runtime["state0_fingerprint"] = pos.state0_fingerprint
         dropped = r.log.truncate(pos.state, pos.next_epoch)
         if pos.state == r.cfg.states:
             write_summary(r, "finished", r.cfg.states, last_state=ck["record"])
@@ -156,9 +158,9 @@ def after_state(r: Run, ck: dict, rewind: Optional[dict]):
     apply_structure(r.model, done)
     spent = ck.get("record", {})  # the compute spent up to this state's end carries on
     prev = Position(ck["state"], r.epochs_of(ck["state"]), done, done, train_flops=spent.get("train_flops", 0.0),
-                    train_time=spent.get("train_time_s", 0.0))
+                    train_time=spent.get("train_time_s", 0.0), state0_fingerprint=spent.get("state0_fingerprint"))
     if ck["state"] + 1 == r.cfg.states:
-        return Position(r.cfg.states, 0, done, done), None
+        return Position(r.cfg.states, 0, done, done, state0_fingerprint=prev.state0_fingerprint), None
     return start_state(r, prev, ck["state"] + 1, rewind)
 
 
@@ -166,21 +168,21 @@ def after_state(r: Run, ck: dict, rewind: Optional[dict]):
 
 def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
     """State `state` begins: the method's transition (state >= 1; to the `rewind` point, None:
-    not rewound), the accuracy of the network it will become, a fresh optimizer; checkpointed,
-    so a resume never redoes a transition."""
+    not rewound; --rewind=random: a fresh init), the accuracy of the network it will become, a
+    fresh optimizer; checkpointed, so a resume never redoes a transition."""
     cfg, rewind = r.cfg, rewind or {}
     if state == 0:
         apply_structure(r.model, prev.alive)
         t = Transition(prev.alive, prev.keep, None)
     else:
-        t = transition(cfg, r.model, prev.keep, r.data, state, rewind.get("model"), r.steps_in_state(state),
-                       r.group_reg)
+        rewind_to = r.fresh_init(state) if cfg.rewind == "random" else rewind.get("model")
+        t = transition(cfg, r.model, prev.keep, r.data, state, rewind_to, r.steps_in_state(state), r.group_reg)
     pos = Position(state, r.first_epoch(state), t.alive, t.keep,
                    rsst_start_norms=t.regularizer.start_norms if t.regularizer else None,
-                   train_flops=prev.train_flops, train_time=prev.train_time)
+                   train_flops=prev.train_flops, train_time=prev.train_time, state0_fingerprint=prev.state0_fingerprint)
     with r.live(pos.keep, restore=pos.alive):
         pos.start_acc = r.evaluate("val"), r.evaluate("test")
-    opt, sched = make_optimizer(cfg, r.model, r.steps * r.epochs_of(state), r.device, r.epochs_of(state))
+    opt, sched = r.optimizer(state)
     if state > 0 and rewind.get("optimizer"):  # late rewinding: the optimizer and schedule of epoch K too
         opt.load_state_dict(copy.deepcopy(rewind["optimizer"]))  # a copy: steps update it in place
         sched.load_state_dict(rewind["scheduler"])
@@ -316,6 +318,10 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
                       pruned_at=pos.pruned["step"] / r.steps_in_state(state))
     pos.alive = pos.keep
     apply_structure(r.model, pos.alive)
+    if state == 0:  # which State 0 the later states prune: runs of one seed must share it to be paired
+        pos.state0_fingerprint = weights_fingerprint(r.model.state_dict())
+        if r.main:
+            r.log.runtime["state0_fingerprint"] = pos.state0_fingerprint
     best = max(pos.history, key=lambda e: e["val_acc"])
     record.update({
         "final_val_acc": r.evaluate("val"), "final_test_acc": r.evaluate("test"),
@@ -323,6 +329,9 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
         "start_val_acc": pos.start_acc[0], "start_test_acc": pos.start_acc[1],
         **count(r.model, pos.alive), "time_s": pos.state_time,
         "train_flops": pos.train_flops, "train_time_s": pos.train_time,
+        # an epoch of this state's final network as a retraining trains it: the equal-compute unit
+        "ticket_epoch_flops": r.steps * cfg.batch_size * step_flops(r.model, pos.alive, r.teacher_flops(state)),
+        **r.facts, "state0_fingerprint": pos.state0_fingerprint,
     })
     if r.main:
         r.log.state(record)

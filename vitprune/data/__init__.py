@@ -1,7 +1,8 @@
 """A run's data: load_data picks the source (CIFAR, synthetic, image folders) for --dataset.
 
-Layers, each importing only those below it: core.py (LoopData, Data, order, augmentation,
-batching) and split.py (the seeded validation split); images.py (decoding image files);
+Layers, each importing only those below it: resize.py (the one resize rule of training and
+evaluation), core.py (LoopData, Data, order, augmentation, batching) and split.py (the seeded
+validation split); images.py (decoding image files);
 the sources cifar.py, synth.py, stream.py and folder.py; this module on top. checks.py
 (the data flags against the filesystem) needs no torch, so config validation imports it
 before torch loads: this module imports the loaders only when asked for data.

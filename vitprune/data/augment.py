@@ -3,18 +3,18 @@
 Random-resized crop: the boxes are drawn as torchvision's RandomResizedCrop.get_params draws
 them (area share uniform in [scale_min, 1], aspect log-uniform in [1/r, r], the first of 10
 tries that fits, else the central crop at the clamped aspect), for a whole epoch at once
-from the epoch's generator; one grid_sample then crops, resizes (bilinear at half-pixel
-centres, clamped to the box's edge pixels: torchvision's resize of the crop) and flips every image of a
-batch. The source is upsampled (CIFAR to 224 px, a folder cached at --img_size): no
-antialiasing is needed. Mixup/cutmix is
-timm.data.Mixup, its numpy draws seeded by (seed, state, epoch, step): a batch depends on
-nothing else, so a resumed run replays it.
+from the epoch's generator; then every image of a batch is cropped, resized and flipped at
+once by resize.py's rule, the one evaluation uses (torchvision's resize of the crop with the
+model's interpolation, antialiased where it downsamples: CIFAR's 32 px at --img_size=16, say).
+Mixup/cutmix is timm.data.Mixup, its numpy draws seeded by (seed, state, epoch, step): a
+batch depends on nothing else, so a resumed run replays it.
 """
 import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from vitprune.data.resize import resize
 
 TRIES = 10  # torchvision's RandomResizedCrop.get_params
 
@@ -51,28 +51,12 @@ def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.stack([top, left, h, w], 1)
 
 
-def crop_grid(boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
-    """grid_sample's grid [B, size, size, 2] that samples each box at size × size pixel centres
-    (flipped left-right where `flips`), in normalised coordinates of the H × W source."""
-    boxes = boxes.to(torch.float32)
-    top, left, h, w = boxes.unbind(1)
-    steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # output pixel centres
-
-    def centres(start, extent):  # the source pixel (centre) each output pixel reads, kept inside the box
-        c = start[:, None] + steps * extent[:, None] - 0.5
-        return torch.minimum(torch.maximum(c, start[:, None]), (start + extent - 1)[:, None])
-    ys, xs = centres(top, h), centres(left, w)
-    xs = torch.where(flips[:, None], xs.flip(1), xs)
-    gy = ((2 * ys + 1) / height - 1)[:, :, None].expand(-1, -1, size)  # align_corners=False
-    gx = ((2 * xs + 1) / width - 1)[:, None, :].expand(-1, size, -1)
-    return torch.stack([gx, gy], -1)
-
-
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop every image of uint8 [B, 3, H, W] to its box, resize it to size × size (bilinear)
-    and flip it where `flips`: float [B, 3, size, size] in the 0..255 range."""
-    grid = crop_grid(boxes.to(x.device), flips.to(x.device), x.shape[-2], x.shape[-1], size)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop every image of uint8 [B, 3, H, W] to its box, resize it to size × size (resize.py:
+    the evaluation's interpolation, antialiased where it downsamples) and flip it where `flips`:
+    float [B, 3, size, size] in the 0..255 range."""
+    return resize(x, boxes, size, interpolation, flips)
 
 
 def finetune_draws(n: int, size: int, generator: torch.Generator, scale, ratio):

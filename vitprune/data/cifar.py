@@ -12,6 +12,7 @@ from vitprune.errors import ConfigError
 from vitprune.data.core import Data
 from vitprune.data.split import check_split, seeded_split
 from vitprune.files import exclusive_lock, made_folders
+from vitprune.fingerprint import split_fingerprint
 
 
 def load_cifar(cfg: Config) -> Data:
@@ -19,7 +20,8 @@ def load_cifar(cfg: Config) -> Data:
     train_x, train_y, test_x, test_y, classes = _cifar(cfg.dataset, cfg.data_dir)
     n_val = check_split(len(train_y), cfg.val_size, cfg.batch_size)
     train, val = seeded_split(len(train_y), n_val, cfg.seed)
-    return Data(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y, classes)
+    return Data(train_x[train], train_y[train], train_x[val], train_y[val], test_x, test_y, classes,
+                split_fingerprint=split_fingerprint(val, range(len(test_y))))
 
 
 def _cifar(name, data_dir):

@@ -5,16 +5,17 @@ A whole dataset is one [N, 3, S, S] uint8 tensor (CIFAR and synthetic: S = 32; i
 folders: decoded once at --img_size, see folder.py); an epoch is a seeded permutation, and
 augmentation (random crop with zero padding of S/8 pixels, 4 at 32, and a horizontal flip)
 is a few tensor ops per batch, followed by a resize on the device when the model wants
-another size than S. The order and the augmentation of every batch depend only on (seed,
-state, epoch), so a run is reproducible and resumes at any epoch, or at any step of one.
+another size than S (resize.py: the rule of training crops and evaluation alike). The order
+and the augmentation of every batch depend only on (seed, state, epoch), so a run is
+reproducible and resumes at any epoch, or at any step of one.
 """
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from vitprune.data.augment import finetune_draws, resized_crop
+from vitprune.data.resize import resize, whole
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm's augreg ViTs; from scratch too (else the weights' own)
 EVAL_BATCH = 1000
@@ -54,6 +55,7 @@ class Data:
     mean: tuple = MEAN     # normalisation and resize of model_input: the model's preprocessing
     std: tuple = STD
     interpolation: str = "bilinear"
+    split_fingerprint: str = ""  # fingerprint.split_fingerprint of the val and test images
 
     def to(self, device) -> "Data":
         return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y",
@@ -85,20 +87,18 @@ class Data:
 
 
 def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """uint8 images -> float, (x/255 - mean) / std per channel."""
+    """Images in 0..255 (uint8, or float after a resize) -> float, (x/255 - mean) / std per channel."""
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
     return (x.float() / 255 - mean) / std
 
 
 def model_input(x: torch.Tensor, prep) -> torch.Tensor:
-    """uint8 images -> what the model takes: normalised with prep.mean/std, and resized to
-    prep.img_size (antialiased, with prep.interpolation) when stored at another size (CIFAR for a
-    224-px ViT): the set stays small in memory whatever --img_size is."""
-    x = normalize(x, prep.mean, prep.std)
+    """uint8 images -> what the model takes: resized to prep.img_size when stored at another size
+    (CIFAR for a 224-px ViT: the set stays small in memory whatever --img_size is) by resize.py's
+    rule, with prep.interpolation, as training crops are; normalised with prep.mean/std."""
     if x.shape[-1] != prep.img_size:
-        mode = TF.InterpolationMode(prep.interpolation)
-        x = TF.resize(x, [prep.img_size, prep.img_size], interpolation=mode, antialias=True)
-    return x
+        x = resize(x, whole(x), prep.img_size, prep.interpolation)
+    return normalize(x, prep.mean, prep.std)
 
 
 def epoch_generator(seed: int, state: int, epoch: int) -> torch.Generator:
@@ -125,7 +125,7 @@ def finetune_epoch(n: int, size: int, seed: int, state: int, epoch: int, crop: t
 def finetune_input(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, prep) -> torch.Tensor:
     """uint8 images -> random-resized crops at prep.img_size, flipped where `flips`, normalised
     with prep.mean/std (the model's preprocessing, as model_input)."""
-    return normalize(resized_crop(x, boxes, flips, prep.img_size), prep.mean, prep.std)
+    return normalize(resized_crop(x, boxes, flips, prep.img_size, prep.interpolation), prep.mean, prep.std)
 
 
 def global_batches(n: int, batch_size: int, rank: int = 0, world: int = 1, start_step: int = 0):

@@ -33,6 +33,7 @@ from vitprune.data.images import EXTENSIONS, check_images, decode_all
 from vitprune.data.split import check_split, seeded_split
 from vitprune.data.stream import StreamData
 from vitprune.files import Lock, Locked, made_folders, write_atomic
+from vitprune.fingerprint import split_fingerprint
 
 MEMORY_FRACTION = 0.5  # of the available RAM (shared by this machine's processes) and of a GPU's free memory
 BUDGET_ENV = "VITPRUNE_DATA_BUDGET"  # bytes: overrides the rule above
@@ -155,6 +156,13 @@ def splits(layout: Layout, cfg: Config) -> dict:
     return {"train": (pool, train), "val": (pool, held[:n_val]), "test": test}
 
 
+def fingerprint(layout: Layout, parts: dict) -> str:
+    """split_fingerprint of the val and test images: their paths relative to the folder."""
+    paths = [[os.path.relpath(layout.sources[source][0][i], layout.root) for i in idx.tolist()]
+             for source, idx in (parts["val"], parts["test"])]
+    return split_fingerprint(*paths)
+
+
 def cache_file(layout: Layout, size: int, data_dir: str) -> Path:
     """--data_dir/decoded/NAME_SIZEpx_KEY.pt, KEY a hash of the folder, the size and the file
     list with byte sizes and modification times: a changed, added or removed file re-decodes."""
@@ -254,13 +262,14 @@ def load_folder(cfg: Config, device, world: int = 1):
         if cfg.data_loader == "auto":
             say(f"streaming: {fmt.size(size)} decoded would exceed the memory budget of {fmt.size(budget)} ({rule})")
         check_images([f for files, _ in layout.sources.values() for f in files], cfg.max_image_pixels)
-        return StreamData.from_layout(layout, parts, cfg.img_size, world).to(device)
+        return StreamData.from_layout(layout, parts, cfg.img_size, world, fingerprint(layout, parts)).to(device)
     images = decoded(layout, cfg.img_size, cfg.data_dir, cfg.max_image_pixels)
     tensors = []
     for split in ("train", "val", "test"):
         source, idx = parts[split]
         tensors += [images[source][idx], torch.tensor(layout.sources[source][1])[idx]]
-    return Data(*tensors, len(layout.classes), cfg.img_size, tuple(layout.classes)).to(device)
+    return Data(*tensors, len(layout.classes), cfg.img_size, tuple(layout.classes),
+                split_fingerprint=fingerprint(layout, parts)).to(device)
 
 
 def _folder_name(source: str) -> str:

@@ -53,17 +53,18 @@ class StreamData:
     mean: tuple = MEAN  # the model's preprocessing (core.Data)
     std: tuple = STD
     interpolation: str = "bilinear"
+    split_fingerprint: str = ""  # core.Data.split_fingerprint
 
     @classmethod
-    def from_layout(cls, layout, parts: dict, size: int, world: int = 1) -> "StreamData":
-        """parts: split -> (source, indices), as folder.splits gives them."""
+    def from_layout(cls, layout, parts: dict, size: int, world: int = 1, fingerprint: str = "") -> "StreamData":
+        """parts: split -> (source, indices), as folder.splits gives them; fingerprint: theirs."""
         sets = []
         for split in ("train", "val", "test"):
             source, idx = parts[split]
             files, labels = layout.sources[source]
             sets.append(FolderImages([files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()], size))
         workers = min(8, max(1, (os.cpu_count() or 1) // world))  # the machine's cores, shared by its processes
-        return cls(*sets, len(layout.classes), size, tuple(layout.classes), workers)
+        return cls(*sets, len(layout.classes), size, tuple(layout.classes), workers, split_fingerprint=fingerprint)
 
     def to(self, device) -> "StreamData":
         return replace(self, device=torch.device(device))

@@ -7,6 +7,7 @@ import torch
 from vitprune.config import Config
 from vitprune.data.core import Data
 from vitprune.data.split import check_split, seeded_split
+from vitprune.fingerprint import split_fingerprint
 
 SYNTHETIC_SIZES = (4050, 450, 1000)  # train, val (10% of the 4,500-image pool), test
 
@@ -30,7 +31,8 @@ def synthetic(seed: int, sizes=SYNTHETIC_SIZES, num_classes: int = 10) -> Data:
     x, y = _synthetic_images(n_train + n_val + n_test, num_classes, g)
     pool = n_train + n_val
     train, val = seeded_split(pool, n_val, seed)
-    return Data(x[train], y[train], x[val], y[val], x[pool:], y[pool:], num_classes)
+    return Data(x[train], y[train], x[val], y[val], x[pool:], y[pool:], num_classes,
+                split_fingerprint=split_fingerprint(val, range(n_test)))
 
 
 def _synthetic_images(n, num_classes, g):
