@@ -13,7 +13,7 @@ from scipy.stats import norm, ttest_1samp
 
 from test_report import holm_by_hand
 from vitprune import report
-from vitprune.config import Config
+from vitprune.config import Config, complete
 from vitprune.report import identity
 
 SEED_EFFECT = [-3.0, 0.0, 3.0]  # shared by both methods of a seed
@@ -153,10 +153,10 @@ def test_reg_formula_before_it_existed_was_the_seeds():
     seed_today = config("rsst", 0, reg_formula="seed")
     assert identity.identity(old, {}) == identity.identity(seed_today, {})
     assert identity.identity(old, {}) != identity.identity(config("rsst", 0), {})
-    assert identity.complete(old)["reg_formula"] == "seed" and identity.complete({})["aug"] == "crop_flip"
+    assert complete(old)["reg_formula"] == "seed" and complete({})["aug"] == "crop_flip"
     # the synthetic set's split before --val_size: 500 of its 4,500 images; CIFAR's 5,000 of 50,000
-    assert identity.complete({"dataset": "synthetic"})["val_size"] == 500
-    assert identity.complete({"dataset": "cifar10"})["val_size"] == 0.1
+    assert complete({"dataset": "synthetic"})["val_size"] == 500
+    assert complete({"dataset": "cifar10"})["val_size"] == 0.1
 
 
 def test_old_rsst_records_are_labelled_by_their_formula(tmp_path):

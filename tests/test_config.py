@@ -7,7 +7,8 @@ import time
 import pytest
 
 from vitprune.__main__ import main
-from vitprune.config import FIELDS, Config, Range, from_flags
+from vitprune.config import FIELDS, Config, from_flags
+from vitprune.flags import Range
 from vitprune.errors import ConfigError
 from vitprune.log import wandb_group
 from vitprune.runfolder import config_hash, run_name
@@ -198,13 +199,23 @@ def test_flags_that_cannot_apply_are_refused(flags, message, where_it_applies):
     from_flags({**flags, **where_it_applies})
 
 
-def test_resume_refuses_a_config_from_an_older_version(tmp_path, monkeypatch, capsys):
-    run_dir = resumable_folder(tmp_path)
+@pytest.mark.parametrize("method, formula", [("rsst", "seed"), ("refill", "residual")])
+def test_resume_reads_an_older_config_with_the_values_of_then(tmp_path, monkeypatch, capsys, method, formula):
+    """A config.json written before flags existed resumes with their values of then: RSST runs
+    before --reg_formula used the seed's formula; elsewhere the flag keeps its default."""
+    run_dir = resumable_folder(tmp_path, method=method)
     config = json.loads((run_dir / "config.json").read_text())
-    del config["reg_formula"]
+    for new in ("reg_formula", "reg_residual", "max_image_pixels", "retrain_lr"):
+        del config[new]
     (run_dir / "config.json").write_text(json.dumps(config))
-    code, err = cli(monkeypatch, capsys, "run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r")
-    assert code == 2 and "older vitprune (it has no --reg_formula)" in err
+    started = []
+    monkeypatch.setattr("vitprune.train.run", lambda cfg, folder=None: started.append(cfg))
+    monkeypatch.setattr(sys, "argv", ["vitprune", "run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r"])
+    main()
+    err = capsys.readouterr().err
+    assert len(started) == 1, err
+    assert started[0].reg_formula == formula and started[0].max_image_pixels == Config().max_image_pixels
+    assert "predates --reg_formula, --reg_residual, --retrain_lr, --max_image_pixels: " in err
 
 
 def test_ranges_are_parsed_once_and_print_as_declared():

@@ -22,6 +22,7 @@ from typing import Optional, get_args
 
 from vitprune.data.checks import MAX_IMAGE_PIXELS, check_data_flags
 from vitprune.errors import ConfigError
+from vitprune.flags import BEFORE, flag
 from vitprune.files import check_folder
 from vitprune.hub import check_pretrained
 from vitprune.zoo import ALIASES
@@ -34,52 +35,6 @@ RETRAIN = {"rewind": ("init", "none", "random")}  # a new schedule for states >=
 # An RSST state whose targets keep more than this share of their norm at the hard prune was
 # not driven to zero: the run warns and the report flags it.
 NOT_ZEROED = 0.1
-
-
-@dataclass(frozen=True)
-class Range:
-    """An interval of valid numbers, parsed once from its text: "[0, 1)", "(0, inf)"."""
-    lo: float
-    hi: float
-    lo_open: bool
-    hi_open: bool
-
-    @classmethod
-    def parse(cls, text: str) -> "Range":
-        lo, hi = text[1:-1].split(",")
-        return cls(float(lo), float(hi), text[0] == "(", text[-1] == ")")
-
-    def contains(self, x) -> bool:
-        return (self.lo < x if self.lo_open else self.lo <= x) and (x < self.hi if self.hi_open else x <= self.hi)
-
-    def __str__(self) -> str:
-        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-
-    def describe(self) -> str:
-        """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'in [0, 1)'."""
-        if self.hi == math.inf:
-            return f"{'greater than' if self.lo_open else 'at least'} {self.lo:g}"
-        return f"in {self}"
-
-
-# What a flag says: "what" to compute (the default); how to run ("execution": it may change
-# on --resume and does not distinguish configurations); or how to run in a way that still
-# changes the floating-point results ("numerics": a resumed run that changes it is not
-# bit-identical).
-KINDS = ("what", "execution", "numerics")
-
-
-def flag(default, help: str, group: str, *, choices=None, range: str = None, kind: str = "what",
-         requires: dict = None):
-    """A Config field with what the command line, validation and reports need to know of it.
-
-    choices: the valid values; range: interval of valid numbers, e.g. "[0, 1)" or "(0, inf)";
-    kind: one of KINDS; requires: {field: values} under which the flag applies (e.g.
-    {"method": ("rsst",)}): elsewhere it must keep its default, and reports do not show it."""
-    assert kind in KINDS, kind
-    meta = dict(help=help, group=group, choices=choices, range=Range.parse(range) if range else None, kind=kind,
-                requires=requires or {})
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
@@ -268,6 +223,19 @@ def dataset_name(dataset: str) -> str:
     if dataset.startswith("folder:"):
         return os.path.basename(os.path.normpath(dataset[len("folder:"):]))
     return dataset
+
+
+def before(name: str, config: dict):
+    """The value flag `name` had in a run recorded before it existed (flags.BEFORE, else its default)."""
+    value = BEFORE.get(name, FIELDS[name].default if name in FIELDS else None)
+    return value(config) if callable(value) else value
+
+
+def complete(config: dict) -> dict:
+    """A recorded config with every flag it lacks at the value that flag had before it existed
+    (where it applies to the run; elsewhere at its default)."""
+    full = {**{k: before(k, config) for k in [*FIELDS, *BEFORE]}, **config}
+    return {k: v if k in config or k not in FIELDS or applies(k, full) else FIELDS[k].default for k, v in full.items()}
 
 
 def configuration(config: dict) -> dict:

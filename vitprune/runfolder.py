@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from vitprune.config import (EXECUTION_FLAGS, FIELDS, METHODS, NUMERICS_FLAGS, Config, configuration, dataset_name,
-                             from_flags)
+from vitprune.config import (EXECUTION_FLAGS, FIELDS, METHODS, NUMERICS_FLAGS, Config, complete, configuration,
+                             dataset_name, from_flags)
 from vitprune.errors import ConfigError, RunLocked
 from vitprune.files import Lock, Locked, write_json
 
@@ -206,9 +206,10 @@ def resumed_config(cfg: Config, flags: dict) -> Optional[Config]:
               f"(results in metrics.jsonl, summary.json)")
         return None
     missing = [k for k in FIELDS if k not in saved]
-    if missing:
-        raise ConfigError(f"--resume: {path} was written by an older vitprune (it has no --{missing[0]}); "
-                          f"resume the run with that version or start a new one")
+    if missing:  # written before these flags existed: the run ran with their values of then
+        saved = {k: v for k, v in complete(saved).items() if k in FIELDS}
+        print(f"note: {path} predates " + ", ".join(f"--{k}" for k in missing) +
+              ": the run continues with their values from before they existed", file=sys.stderr)
     for key in flags:
         if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
             raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "

@@ -4,7 +4,8 @@ equal compute; the numbers of the compute tables and figures. Imports no torch."
 import math
 from typing import NamedTuple, Optional
 
-from vitprune.report.identity import OWN, STRATEGIES, complete, identity, pair_by_seed, retraining, strategy
+from vitprune.config import complete
+from vitprune.report.identity import OWN, STRATEGIES, identity, pair_by_seed, retraining, strategy
 from vitprune.report.policy import CONTESTANTS, significance
 from vitprune.report.runs import HEADLINE, RunRecords
 from vitprune.report.stats import Paired, Summary, holm, mean, paired_test, run_stats, std, summarize

@@ -1,30 +1,8 @@
 """What a run is when it is compared with others: its configuration completed with the value each
 flag had before it existed, the numerics it resolved, how it retrained after State 0, and whether
 two runs of one seed drew the same splits. Imports no torch."""
-from vitprune.config import FIELDS, METHODS, NUMERICS_FLAGS, configuration
+from vitprune.config import FIELDS, METHODS, NUMERICS_FLAGS, complete, configuration
 
-# The value a flag had before it existed, for records written before it (their config.json lacks
-# its key). Every flag added after the first records is listed, with the commit that added it
-# (`git log -S 'NAME:' -- vitprune/config.py`); flags not listed are as old as the records. Mostly
-# the value is the flag's default, but not always: RSST runs before --reg_formula used the seed's
-# formula, and the synthetic set's split before --val_size held 500 of its 4,500 images. A flag
-# added later falls back to its default: list it here when runs before it did something else.
-BEFORE = {
-    # 2c55702 (2026-11-28): a 10% split of CIFAR (5,000 images), 500 of the synthetic set's; 32 px, patch 4
-    "val_size": lambda config: 500 if config.get("dataset") == "synthetic" else 0.1,
-    "img_size": 32, "patch_size": 4,
-    # f6cd0dc (2026-11-28): RSST's strength was the seed's coupled formula, g = --reg_granularity_prune
-    "reg_formula": "seed", "reg_residual": 1e-3,
-    # 5488fc8 (2026-11-29): the targets reached zero at the end of the state
-    "reg_reach": 1.0,
-    # e6f6ac2 (2026-11-29): every state trained --epochs
-    "pruned_epochs": None,
-    # d4fd305 (2026-11-29): the seed's augmentation, no teacher
-    "aug": "crop_flip", "crop_scale_min": 0.08, "crop_ratio_max": 4 / 3, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
-    "distill": "none", "distill_temp": 1.0, "distill_alpha": 0.5,
-    # issue 27: states >= 1 followed --lr_schedule
-    "retrain_lr": None,
-}
 # A method's own tuning flags (config group "RSST"): variants inside a cell, never a cell of their own.
 OWN = frozenset(name for name, f in FIELDS.items() if f.metadata["group"].lower() in METHODS)
 # What the run computed with, resolved; records before these were recorded fall back to the flags.
@@ -32,16 +10,6 @@ NUMERICS = ("precision", "device_type", "kernels_backend")
 # How a run retrains after State 0 (`retraining`): the four ways of the pruning literature.
 STRATEGIES = ("weight rewinding", "learning-rate rewinding", "fine-tuning", "scratch")
 RETRAINING_FLAGS = ("rewind", "retrain_lr")
-
-
-def before(name: str, config: dict):
-    value = BEFORE.get(name, FIELDS[name].default if name in FIELDS else None)
-    return value(config) if callable(value) else value
-
-
-def complete(config: dict) -> dict:
-    """The recorded config with every flag it lacks at the value that flag had before it existed."""
-    return {**{k: before(k, config) for k in [*FIELDS, *BEFORE]}, **config}
 
 
 def numerics(config: dict, recorded: dict) -> dict:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from vitprune.config import METHODS
-from vitprune.report.identity import OWN, complete, pair_by_seed
+from vitprune.config import complete
+from vitprune.report.identity import OWN, pair_by_seed
 from vitprune.report.runs import HEADLINE
 from vitprune.report.stats import Paired, holm, mean, one_seed_z, paired_test, run_stats
 
