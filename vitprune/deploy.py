@@ -7,6 +7,7 @@ export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config
                residual width stays), DIR/model.pt2 (torch.export), DIR/model.onnx (ONNX Runtime) and
                DIR/README.md, the model card (card.py).
 load_exported: DIR -> that model, in eval mode.
+compact, export_model: the same from a prunable model in memory (vitprune.compact, vitprune.export).
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
@@ -125,10 +126,17 @@ def build_exported(arch: dict, device="meta") -> VisionTransformer:
 
 
 def compact_model(model, structure: Structure) -> VisionTransformer:
-    """The plain timm model computing what `model` pruned to `structure` computes."""
+    """The plain timm model computing what `model` pruned to `structure` computes, in eval
+    mode, with tensors of its own (training it leaves `model` as it is)."""
     compact = build_exported(architecture(model, structure))
-    compact.load_state_dict(compact_state_dict(model, structure), assign=True)
+    compact.load_state_dict({k: v.clone() for k, v in compact_state_dict(model, structure).items()}, assign=True)
     return compact.eval()
+
+
+def compact(model) -> VisionTransformer:
+    """vitprune.compact: the plain, physically smaller timm model computing what the prunable
+    `model` computes now (after structure.apply_structure, its dead groups zero), on its device."""
+    return compact_model(model, Structure.live(model))
 
 
 def n_params(model) -> int:
@@ -154,19 +162,42 @@ def export(checkpoint, out):
                          "method": cfg.get("method"), "model": cfg.get("model"), "dataset": cfg.get("dataset"),
                          "ratio": cfg.get("ratio"), "params_alive": record.get("params_alive"),
                          "final_val_acc": record.get("final_val_acc"), "final_test_acc": record.get("final_test_acc")}}
-    out.mkdir(parents=True, exist_ok=True)
-    # through temp files (files.DiskFull on a full disk): an earlier export stays whole until replaced
-    write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
-    write_json(out / "config.json", config)
-    formats = ["model.safetensors + config.json", *save_deploy(compact, out, config["img_size"])]
     from vitprune.card import model_card
-    write_atomic(out / "README.md", model_card(ck, config, model, structure))
+    formats = write_export(out, compact, config, model_card(ck, config, model, structure))
     if structure.elements is not None:
         print(f"note: {checkpoint} is unstructured ({cfg.get('method')}): no whole head or neuron is pruned, "
               f"so the export keeps the dense shapes with the pruned weights stored as zeros")
     print(f"exported {checkpoint} to {out} ({', '.join(formats)}, README.md): {config['params'] / 1e6:.3f}M of "
           f"{n_params(model) / 1e6:.3f}M parameters; heads per block {config['num_heads']}, MLP widths "
           f"{config['mlp_hidden']}")
+
+
+def export_model(model, out, card: str = None) -> Path:
+    """vitprune.export: the prunable `model` as it computes now (after structure.apply_structure)
+    in the formats `export` writes, to folder `out`: README.md is `card` (Markdown), else a card
+    of what the model tells (card.library_card). Returns `out`."""
+    out = Path(out)
+    _refuse_foreign_folder(out)
+    structure = Structure.live(model)
+    compact = compact_model(model, structure).cpu()
+    config = {**architecture(model, structure), "params": n_params(compact), "keep_set_sha256": keep_set_hash(structure)}
+    if card is None:
+        from vitprune.card import library_card
+        card = library_card(config, model, structure)
+    write_export(out, compact, config, card)
+    return out
+
+
+def write_export(out: Path, compact, config: dict, card: str) -> list:
+    """OUT/model.safetensors + OUT/config.json, the deploy formats and OUT/README.md (`card`);
+    returns the formats written."""
+    out.mkdir(parents=True, exist_ok=True)
+    # through temp files (files.DiskFull on a full disk): an earlier export stays whole until replaced
+    write_atomic(out / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
+    write_json(out / "config.json", config)
+    formats = ["model.safetensors + config.json", *save_deploy(compact, out, config["img_size"])]
+    write_atomic(out / "README.md", card)
+    return formats
 
 
 def checkpoint_preprocessing(ck: dict) -> dict:
