@@ -88,6 +88,10 @@ def test_the_page_runs_and_does_what_it_says(tmp_path, monkeypatch):
     assert config["num_heads"] == keep.heads.sum(1).tolist()
     assert {p.name for p in (tmp_path / "pruned-vit").iterdir()} >= {
         "model.safetensors", "config.json", "model.pt2", "README.md"}
+    card = (tmp_path / "pruned-vit" / "README.md").read_text()  # the card shows the widths and what went
+    assert all(f"| {l} | {h} | {n} |" in card for l, (h, n) in enumerate(zip(config["num_heads"], config["mlp_hidden"])))
+    assert f"| removed | 50.0% of the heads, {1 - keep.neurons.float().mean().item():.1%} of the MLP neurons |" in card
+    assert str(tmp_path) not in card
     check_pruned_state(ns, 8)
 
     before = vitprune.Structure.live(model)

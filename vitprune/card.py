@@ -62,6 +62,8 @@ def library_card(config: dict, model, structure) -> str:
                  ("FLOPs per image", f"{counted['flops_alive']:,} (dense: {counted['flops_total']:,})"),
                  ("removed", removed(structure)),
                  ("keep set sha256", f"`{config['keep_set_sha256']}`")]),
+             "", "## Preprocessing", "", f"{config['img_size']}×{config['img_size']} RGB images, normalised as the "
+             f"model was trained (not recorded here).",
              "", "## Heads and neurons kept", "", *kept_table(config, model, structure),
              "", "## Loading", "", LOADING.format(d=".", s=config["img_size"]), ""]
     return "\n".join(lines)
