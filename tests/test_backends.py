@@ -49,13 +49,12 @@ def test_triton_backend_trains_like_reference(method, device):
         opt, sched = make_optimizer(cfg, model, 2, torch.device(device))
         rsst = None
         if method == "rsst":
-            head_t = torch.zeros(4, 4, dtype=torch.bool, device=device)
-            head_t[:, 0] = True  # regularise one alive head per layer and the first neuron
-            neuron_t = torch.zeros(4, 128, dtype=torch.bool, device=device)
-            neuron_t[:, 0] = True
-            rsst = RsstRegularizer(model, head_t, neuron_t, 2, group_reg, formula="seed", schedule=cfg.reg_schedule,
-                                   k=cfg.exponents, kind=cfg.reg_kind, residual=1.0, g=cfg.reg_granularity_prune,
-                                   optimizer="sgd", lr=cfg.lr)
+            keep = Structure.live(model)
+            keep.heads[:, 0] = keep.neurons[:, 0] = False  # regularise one alive head per layer and the first neuron
+            rsst = RsstRegularizer(model, keep, 2, reg_formula="seed", reg_schedule=cfg.reg_schedule,
+                                   exponents=cfg.exponents, reg_kind=cfg.reg_kind, reg_residual=1.0,
+                                   reg_granularity_prune=cfg.reg_granularity_prune, optimizer="sgd", lr=cfg.lr,
+                                   group_reg=group_reg)
         losses = [train_step(model, opt, sched, x, y, i + 1, contextlib.nullcontext, 0.0, rsst)[0]
                   for i, (x, y) in enumerate(batches)]
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -5,7 +5,7 @@ import torch
 
 from vitprune.data.synth import synthetic
 from vitprune.model import build_model
-from vitprune.importance import importance, keep_elements, keep_fraction, keep_set
+from vitprune.importance import calibration_batches, importance, keep_elements, keep_fraction, keep_set
 from vitprune.structure import Structure, apply_structure, dims
 
 
@@ -59,7 +59,7 @@ def test_selection_is_monotone(model):
     alive = torch.tensor([[True, False, True, False]] * 4)
     s = Structure(alive, torch.ones(4, 128, dtype=torch.bool))
     apply_structure(model, s)
-    heads, _ = importance(model, s, "random", seed=1, state=1)
+    heads, _ = importance(model, s, "random", seed=1)
     assert torch.isinf(heads[~alive]).all()
     kept = keep_set(heads, alive, 0.75, "global", 1)  # 12 wanted, only 8 alive: keep those 8
     assert kept.equal(alive)
@@ -93,7 +93,7 @@ def test_activation_criteria_rank_a_silenced_head_last(model, criterion):
         model.blocks[1].attn.qkv.bias.view(3, H, hd)[2, 3] = 0       # -> its output is zero
         model.blocks[2].mlp.fc1.weight[5] = 0
         model.blocks[2].mlp.fc1.bias[5] = -10                          # GELU(-10) ≈ 0
-    h, n = importance(model, Structure.full(model), criterion, data, batches=2, batch_size=64)
+    h, n = importance(model, Structure.full(model), criterion, calibration_batches(data, 2, 64, seed=0))
     assert h[1].argmin() == 3 and h[1, 3] == pytest.approx(0, abs=1e-6)
     assert n[2].argmin() == 5 and n[2, 5] < 1e-5
     assert (h[0] > 0).all()
@@ -103,7 +103,7 @@ def test_activation_criteria_respect_dead_groups(model):
     data = synthetic(0, sizes=(256, 32, 32))
     s = Structure(torch.tensor([[True, False, True, True]] * 4), torch.ones(4, 128, dtype=torch.bool))
     apply_structure(model, s)
-    h, _ = importance(model, s, "l1", data, batches=1, batch_size=64)
+    h, _ = importance(model, s, "l1", calibration_batches(data, 1, 64, seed=0))
     assert torch.isinf(h[:, 1]).all() and torch.isfinite(h[:, [0, 2, 3]]).all()
 
 

@@ -348,10 +348,9 @@ def test_norm_ratios_give_all_targets_and_the_largest_group():
     from vitprune.kernels import reference
     torch.manual_seed(0)
     model = build_model("vit_micro", 10)
-    heads, neurons = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 128, dtype=torch.bool)
-    heads[1, 2], neurons[0, :10] = True, True
-    reg = RsstRegularizer(model, heads, neurons, 10, reference.group_reg, formula="residual", schedule="x",
-                          k=4.0, kind="l2", residual=1e-3, g=1.0, optimizer="sgd", lr=0.01)
+    keep = Structure.full(model)
+    keep.heads[1, 2], keep.neurons[0, :10] = False, False  # the targets
+    reg = RsstRegularizer(model, keep, 10, reg_schedule="x", group_reg=reference.group_reg)
     attn, mlp = model.blocks[1].attn, model.blocks[0].mlp
     head = [attn.qkv.weight[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + \
            [attn.qkv.bias[(j * 4 + 2) * 16:(j * 4 + 3) * 16] for j in range(3)] + [attn.proj.weight[:, 32:48]]

@@ -1,8 +1,9 @@
 """The model card of an export (DIR/README.md), generated from the run's records: the state
 record the checkpoint carries (accuracy of the pruned network, parameters, FLOPs), its config,
-its keep set and the preprocessing the network was trained with."""
+its keep set and the preprocessing the network was trained with. vitprune.export without a
+card: what the model itself tells (library_card)."""
 from vitprune import fmt
-from vitprune.structure import count, dims
+from vitprune.structure import count, dims, widths
 
 # How to load each format the export holds, shown only for those it holds.
 LOADING = {
@@ -34,7 +35,6 @@ def model_card(ck: dict, config: dict, model, structure, formats: list) -> str:
     the machine it was made on: the source is config["source"]'s."""
     cfg, record, src, prep = ck["config"], ck.get("record", {}), config["source"], config["preprocessing"]
     counted = count(model, structure)
-    L, H, hd, D, M = dims(model)
     lines = [f"# {cfg['model']} pruned by {cfg['method']} — state {ck.get('state')}", "",
              f"Exported by vitprune from `{src['checkpoint']}`{_run_folder(src['checkpoint'])}, "
              f"state {ck.get('state')} of {cfg.get('states')}.", "",
@@ -47,15 +47,47 @@ def model_card(ck: dict, config: dict, model, structure, formats: list) -> str:
                  ("test accuracy (pruned network)", _pct(record.get("final_test_acc"))),
                  ("parameters", f"{config['params']:,} (dense: {counted['params_total']:,})"),
                  ("FLOPs per image", f"{counted['flops_alive']:,} (dense: {counted['flops_total']:,})"),
+                 ("removed", removed(structure, cfg.get("round_to", 1))),
                  ("keep set sha256", f"`{config['keep_set_sha256']}`")]),
              "", "## Preprocessing", "",
              f"RGB images resized to {prep['img_size']}×{prep['img_size']} ({prep['interpolation']}), scaled to "
              f"[0, 1], then normalised per channel: mean {prep['mean']}, std {prep['std']}.", "",
-             "## Heads and neurons kept", "",
-             *fmt.table(("block", f"heads (of {H})", f"MLP neurons (of {M})"),
-                        [(l, config["num_heads"][l], int(structure.neurons[l].sum())) for l in range(L)]),
+             "## Heads and neurons kept", "", *kept_table(config, model, structure),
              "", "## Loading", "", loading(formats, prep["img_size"]), ""]
     return "\n".join(lines)
+
+
+def library_card(config: dict, model, structure, formats: list) -> str:
+    """DIR/README.md of vitprune.export given no card: the structure, parameters and FLOPs
+    (the data, accuracy and preprocessing are its trainer's to state)."""
+    counted = count(model, structure)
+    lines = [f"# timm `{config['model']}` pruned with vitprune", "",
+             "Exported by `vitprune.export` from a model pruned in its own training loop; the data it learned, its "
+             "accuracy and its preprocessing are not recorded here.", "",
+             *fmt.table(("", "value"), [
+                 ("parameters", f"{config['params']:,} (dense: {counted['params_total']:,})"),
+                 ("FLOPs per image", f"{counted['flops_alive']:,} (dense: {counted['flops_total']:,})"),
+                 ("removed", removed(structure)),
+                 ("keep set sha256", f"`{config['keep_set_sha256']}`")]),
+             "", "## Preprocessing", "", f"{config['img_size']}×{config['img_size']} RGB images, normalised as the "
+             f"model was trained (not recorded here).",
+             "", "## Heads and neurons kept", "", *kept_table(config, model, structure),
+             "", "## Loading", "", loading(formats, config["img_size"]), ""]
+    return "\n".join(lines)
+
+
+def removed(structure, round_to: int = 1) -> str:
+    """The share of each kind removed (the achieved ratios), and the rounding of the widths."""
+    w = widths(structure)
+    rounding = f"; MLP widths in multiples of {round_to} (--round_to)" if round_to > 1 else ""
+    return f"{w['head_ratio_achieved']:.1%} of the heads, {w['mlp_ratio_achieved']:.1%} of the MLP neurons{rounding}"
+
+
+def kept_table(config: dict, model, structure) -> list:
+    """Per block: heads and MLP neurons kept, of the dense counts."""
+    L, H, hd, D, M = dims(model)
+    return fmt.table(("block", f"heads (of {H})", f"MLP neurons (of {M})"),
+                     [(l, config["num_heads"][l], int(structure.neurons[l].sum())) for l in range(L)])
 
 
 def _run_folder(checkpoint: str) -> str:

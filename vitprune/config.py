@@ -70,6 +70,9 @@ class Config:
                        requires=STRUCTURED)
     min_keep: int = flag(1, "groups of each kind every layer keeps", "pruning", range="[1, inf)",
                          requires=STRUCTURED)
+    round_to: int = flag(1, "every layer keeps a multiple of N MLP neurons (heads stay whole): the multiple nearest "
+                         "its share of the selection, the best by importance; --min_keep rounds up to N", "pruning",
+                         range="[1, inf)", requires=STRUCTURED)
     states: int = flag(16, "states of the loop (state 0 trains the dense model)", "pruning", range="[1, inf)")
     epochs: int = flag(60, "epochs per state", "pruning", range="[1, inf)")
     pruned_epochs: Optional[int] = flag(None, "epochs of every state >= 1 (default: --epochs); with --states=2 "
@@ -182,15 +185,11 @@ class Config:
     @property
     def head_prune(self) -> float:
         """Fraction of heads removed in the final state."""
-        if self.target == "mlp":
-            return 0.0
-        return self.ratio if self.head_ratio is None else self.head_ratio
+        return prune_ratios(self.ratio, self.head_ratio, self.mlp_ratio, self.target)[0]
 
     @property
     def mlp_prune(self) -> float:
-        if self.target == "heads":
-            return 0.0
-        return self.ratio if self.mlp_ratio is None else self.mlp_ratio
+        return prune_ratios(self.ratio, self.head_ratio, self.mlp_ratio, self.target)[1]
 
     @property
     def rewind_epoch(self) -> Optional[int]:
@@ -204,6 +203,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def prune_ratios(ratio: float, head_ratio=None, mlp_ratio=None, target: str = "both") -> tuple:
+    """(fraction of the heads, of the MLP neurons) removed: head_ratio / mlp_ratio, else ratio;
+    none of the kind `target` leaves alone. The flags' and vitprune.select's meaning."""
+    return (0.0 if target == "mlp" else ratio if head_ratio is None else head_ratio,
+            0.0 if target == "heads" else ratio if mlp_ratio is None else mlp_ratio)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -250,21 +256,23 @@ def base_type(f):
     return next(t for t in (get_args(f.type) or (f.type,)) if t is not type(None))
 
 
-def _check_value(name: str, value):
-    f = FIELDS[name]
+def check_value(name: str, value, label: str = None):
+    """ConfigError unless `value` is valid for flag `name`; the line starts with `label`
+    (default --name: the API names its argument)."""
+    f, label = FIELDS[name], label or f"--{name}"
     meta, kind = f.metadata, base_type(f)
     if value is None:
         if f.default is not None:
-            raise ConfigError(f"--{name}: needs a value (default {f.default!r})")
+            raise ConfigError(f"{label}: needs a value (default {f.default!r})")
         return
     if meta["choices"] and not _is_choice(value, meta["choices"]):
         valid = ", ".join(meta["choices"]).replace("VALUE", "VALUE (a number greater than 0)")
-        raise ConfigError(f"--{name}: unknown value {value!r}; choose from {valid}")
+        raise ConfigError(f"{label}: unknown value {value!r}; choose from {valid}")
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise ConfigError(f"--{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            raise ConfigError(f"{label}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
         if meta["range"] and not meta["range"].contains(value):  # NaN is in no range
-            raise ConfigError(f"--{name}: {value!r} is not {meta['range'].describe()}")
+            raise ConfigError(f"{label}: {value!r} is not {meta['range'].describe()}")
 
 
 def _is_choice(value, choices) -> bool:
@@ -285,7 +293,7 @@ def _positive(text) -> bool:
 def validate(cfg: Config) -> Config:
     """Check every flag; raise ConfigError with one line naming the flag and valid values."""
     for name in FIELDS:
-        _check_value(name, getattr(cfg, name))
+        check_value(name, getattr(cfg, name))
     config = cfg.to_dict()
     for name, f in FIELDS.items():
         if not applies(name, config) and config[name] != f.default:

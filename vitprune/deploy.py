@@ -8,6 +8,7 @@ export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config
                DIR/README.md, the model card (card.py). Written as one set: into a folder beside DIR,
                then swapped in, so DIR never mixes two exports.
 load_exported: DIR -> that model, in eval mode.
+compact, export_model: the same from a prunable model in memory (vitprune.compact, vitprune.export).
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
@@ -132,10 +133,17 @@ def build_exported(arch: dict, device="meta") -> VisionTransformer:
 
 
 def compact_model(model, structure: Structure) -> VisionTransformer:
-    """The plain timm model computing what `model` pruned to `structure` computes."""
+    """The plain timm model computing what `model` pruned to `structure` computes, in eval
+    mode, with tensors of its own (training it leaves `model` as it is)."""
     compact = build_exported(architecture(model, structure))
-    compact.load_state_dict(compact_state_dict(model, structure), assign=True)
+    compact.load_state_dict({k: v.clone() for k, v in compact_state_dict(model, structure).items()}, assign=True)
     return compact.eval()
+
+
+def compact(model) -> VisionTransformer:
+    """vitprune.compact: the plain, physically smaller timm model computing what the prunable
+    `model` computes now (after structure.apply_structure, its dead groups zero), on its device."""
+    return compact_model(model, Structure.live(model))
 
 
 def n_params(model) -> int:
@@ -158,14 +166,8 @@ def export(checkpoint, out):
     config = {**architecture(model, structure), "params": n_params(compact),
               "preprocessing": checkpoint_preprocessing(ck), "keep_set_sha256": keep_set_hash(structure),
               "source": source(checkpoint, ck)}
-    with made_folders(target.parent):
-        new = temp_name(target)
-        try:
-            new.mkdir()
-            formats = _write_set(new, target, ck, config, model, structure, compact)
-            _swap(new, target)
-        finally:
-            shutil.rmtree(new, ignore_errors=True)  # only there when the export failed
+    from vitprune.card import model_card
+    formats = write_export(target, compact, config, lambda formats: model_card(ck, config, model, structure, formats))
     if structure.elements is not None:
         print(f"note: {checkpoint} is unstructured ({ck['config'].get('method')}): no whole head or neuron is "
               f"pruned, so the export keeps the dense shapes with the pruned weights stored as zeros")
@@ -193,15 +195,29 @@ def _named(dataset):
     return f"folder:{dataset_name(dataset)}" if dataset and dataset.startswith("folder:") else dataset
 
 
-def _write_set(folder: Path, target: Path, ck: dict, config: dict, model, structure, compact) -> list:
+def write_export(target: Path, compact, config: dict, card) -> list:
+    """The export's files, written as one set: into a folder beside `target`, then swapped in
+    (an earlier export there is replaced whole). card(formats) -> README.md's Markdown. Returns
+    the formats written."""
+    with made_folders(target.parent):
+        new = temp_name(target)
+        try:
+            new.mkdir()
+            formats = _write_set(new, target, compact, config, card)
+            _swap(new, target)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)  # only there when the export failed
+    return formats
+
+
+def _write_set(folder: Path, target: Path, compact, config: dict, card) -> list:
     """Every file of the export, into `folder`; returns the formats written. A full disk is
     said naming the file in `target`, where the user will look for it."""
-    from vitprune.card import model_card
     try:
         write_atomic(folder / "model.safetensors", save(compact.state_dict(), metadata={"format": "pt"}))
         write_json(folder / "config.json", config)
         formats = ["model.safetensors + config.json", *save_deploy(compact, folder, config["img_size"])]
-        write_atomic(folder / "README.md", model_card(ck, config, model, structure, formats))
+        write_atomic(folder / "README.md", card(formats))
     except DiskFull as e:
         raise DiskFull(target / e.path.name, e.needed) from None
     return formats
@@ -234,6 +250,21 @@ def _is_cwd(folder: Path) -> bool:
         return os.path.samefile(folder, os.getcwd())
     except OSError:
         return False
+
+
+def export_model(model, out, card: str = None) -> Path:
+    """vitprune.export: the prunable `model` as it computes now (after structure.apply_structure)
+    in the formats `export` writes, to folder `out`: README.md is `card` (Markdown), else a card
+    of what the model tells (card.library_card). Returns `out`."""
+    target = Path(os.path.realpath(out))
+    _check_out(target)
+    structure = Structure.live(model)
+    compact = compact_model(model, structure).cpu()
+    config = {**architecture(model, structure), "params": n_params(compact), "keep_set_sha256": keep_set_hash(structure)}
+    from vitprune.card import library_card
+    write_export(target, compact, config,
+                 lambda formats: card if card is not None else library_card(config, model, structure, formats))
+    return target
 
 
 def checkpoint_preprocessing(ck: dict) -> dict:

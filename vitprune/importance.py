@@ -1,15 +1,22 @@
-"""Group importance and keep-set selection.
+"""Group importance and keep-set selection (`select`: vitprune.select, and the loop's).
 
 Importance is measured on the trained weights of the state that just ended. Dead groups
-score -inf, so a removed group never returns (the selection is monotone).
+score -inf, so a removed group never returns (the selection is monotone). Under
+torch.distributed every process keeps the same groups: the activation criteria's sums are
+all-reduced (every process's batches count), and the first process's keep set is broadcast.
 """
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from vitprune.config import check_value, prune_ratios
+from vitprune.errors import ConfigError
 from vitprune.kernels.reference import group_sums
-from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims, prunable_params
+from vitprune.structure import PRUNABLE_WEIGHTS, Structure, dims, group_sizes, prunable_params
+
+ACTIVATION_CRITERIA = ("l1", "l2", "saliency")  # they need batches
 
 
 def keep_fraction(schedule: str, state: int, states: int, prune: float) -> float:
@@ -19,6 +26,57 @@ def keep_fraction(schedule: str, state: int, states: int, prune: float) -> float
     if schedule == "oneshot":
         return 1.0 - prune
     return (1.0 - prune) ** (state / (states - 1))  # geometric
+
+
+def pruned_fraction(schedule: str, state: int, states: int, prune: float) -> float:
+    """Fraction of a kind's groups removed by `state`: select's ratio. One-shot passes `prune`
+    itself, so select's 1 - ratio is keep_fraction's 1 - prune to the bit."""
+    return prune if schedule == "oneshot" and state > 0 else 1.0 - keep_fraction(schedule, state, states, prune)
+
+
+def select(model, ratio: float = 0.7, *, head_ratio=None, mlp_ratio=None, target: str = "both", min_keep: int = 1,
+           round_to: int = 1, criterion: str = "magnitude", sorting: str = "global", batches=None,
+           seed: int = 0) -> Structure:
+    """The groups a prunable model (model.prunable) keeps: the best by `criterion` among those
+    alive in it now. Ratios are fractions of all its groups, dense count (so a second select
+    from a pruned model prunes further); the arguments mean what the flags of the same names
+    do (docs/flags.md#pruning). batches: iterable of (x, y) on the model's device for the
+    l1, l2 and saliency criteria; seed: the random criterion's. Prunes nothing: apply it with
+    structure.apply_structure (vitprune.apply)."""
+    for name, value in (("ratio", ratio), ("head_ratio", head_ratio), ("mlp_ratio", mlp_ratio), ("target", target),
+                        ("min_keep", min_keep), ("round_to", round_to), ("criterion", criterion),
+                        ("sorting", sorting), ("seed", seed)):
+        check_value(name, value, label=f"select: {name}")
+    if criterion in ACTIVATION_CRITERIA and batches is None:
+        raise ConfigError(f"select: criterion={criterion!r} measures activations: give batches, an iterable of "
+                          f"(x, y) training batches")
+    alive = Structure.live(model)
+    keep_h, keep_n = (1.0 - r for r in prune_ratios(ratio, head_ratio, mlp_ratio, target))
+    head_size, neuron_size = group_sizes(model)
+    L, H, _, _, M = dims(model)
+    # remain: the unstructured prune keeps the same share of the prunable weights.
+    keep_w = (keep_h * L * H * head_size + keep_n * L * M * neuron_size) / (L * H * head_size + L * M * neuron_size)
+    heads, neurons = importance(model, alive, criterion, batches, keep_w, seed)
+    kept = Structure(keep_set(heads, alive.heads, keep_h, sorting, min_keep),
+                     keep_set(neurons, alive.neurons, keep_n, sorting, min_keep, round_to))
+    return same_on_every_process(kept, model.blocks[0].attn.qkv.weight.device)
+
+
+def same_on_every_process(structure: Structure, device) -> Structure:
+    """The first process's keep set on every process (torch.distributed; else `structure`)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return structure
+    flat = torch.cat([structure.heads.flatten(), structure.neurons.flatten()]).to(device, torch.uint8)
+    dist.broadcast(flat, src=0)
+    heads, neurons = flat.cpu().bool().split([structure.heads.numel(), structure.neurons.numel()])
+    return Structure(heads.view_as(structure.heads), neurons.view_as(structure.neurons))
+
+
+def calibration_batches(data, batches: int, batch_size: int, seed: int):
+    """The loop's calibration batches for the activation criteria: `batches` batches of
+    training images, not augmented, drawn with `seed`."""
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:batches * batch_size]
+    return data.batches("train", batch_size, index=idx)
 
 
 @torch.no_grad()
@@ -44,11 +102,12 @@ def remain_scores(model, keep: float):
     return heads.cpu(), neurons.cpu()
 
 
-def activation_scores(model, data, criterion: str, batches: int, batch_size: int, seed: int, state: int):
+def activation_scores(model, batches, criterion: str):
     """l1: mean |output|, l2: RMS of output, saliency: |Σ output·∂loss/∂output| (first-order
-    Taylor estimate of the loss change when the group is removed), averaged over `batches`
-    calibration batches of training images. A head's output is its attention output (the
-    hd features it feeds to proj); a neuron's output is its activation (what fc2 reads)."""
+    Taylor estimate of the loss change when the group is removed), averaged over the (x, y)
+    `batches` (of every process, under torch.distributed). A head's output is its attention
+    output (the hd features it feeds to proj); a neuron's output is its activation (what fc2
+    reads)."""
     L, H, hd, D, M = dims(model)
     device = next(model.parameters()).device
     heads = torch.zeros(L, H, device=device)
@@ -78,14 +137,12 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
         else:
             target.index_add_(0, index, reduce(x, (0, 1, 3)))
 
-    g = torch.Generator().manual_seed(seed * 7919 + state)
-    idx = torch.randperm(len(data.train_y), generator=g)[:batches * batch_size]
     was_training = model.training
     model.eval()
     _observe(model, observe)
+    n = torch.zeros((), device=device)
     try:
-        n = 0
-        for x, y in data.batches("train", batch_size, index=idx):
+        for x, y in batches:
             if criterion == "saliency":
                 with torch.enable_grad():
                     F.cross_entropy(model(x), y).backward()
@@ -97,6 +154,11 @@ def activation_scores(model, data, criterion: str, batches: int, batch_size: int
         _observe(model, None)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        for t in (heads, neurons, n):
+            dist.all_reduce(t)
+    if n == 0:
+        raise ConfigError(f"select: criterion={criterion!r} got no batches")
     heads, neurons = heads / n, neurons / n
     if criterion == "l2":
         heads, neurons = heads.sqrt(), neurons.sqrt()
@@ -109,28 +171,30 @@ def _observe(model, observer):
         block.mlp.observe(observer)
 
 
-def importance(model, structure: Structure, criterion: str, data=None, keep: float = 1.0,
-               batches: int = 8, batch_size: int = 128, seed: int = 0, state: int = 0):
-    """Scores ([L, H], [L, M]) of every group; dead groups get -inf."""
+def importance(model, structure: Structure, criterion: str, batches=None, keep: float = 1.0, seed: int = 0):
+    """Scores ([L, H], [L, M]) of every group; dead groups get -inf. batches: (x, y) for the
+    activation criteria; keep: remain's share of the weights; seed: random's."""
     L, H, _, _, M = dims(model)
     if criterion == "magnitude":
         heads, neurons = magnitude_scores(model)
     elif criterion == "remain":
         heads, neurons = remain_scores(model, keep)
     elif criterion == "random":
-        g = torch.Generator().manual_seed(seed * 7919 + state)
+        g = torch.Generator().manual_seed(seed)
         heads, neurons = torch.rand(L, H, generator=g), torch.rand(L, M, generator=g)
     else:
-        heads, neurons = activation_scores(model, data, criterion, batches, batch_size, seed, state)
+        heads, neurons = activation_scores(model, batches, criterion)
     heads = heads.masked_fill(~structure.heads, -math.inf)
     neurons = neurons.masked_fill(~structure.neurons, -math.inf)
     return heads, neurons
 
 
-def keep_set(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: str, min_keep: int) -> torch.Tensor:
+def keep_set(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: str, min_keep: int,
+             round_to: int = 1) -> torch.Tensor:
     """Bool keep mask [L, G]: the best `keep` fraction of the groups, ranked across all layers
     (global) or inside each layer (layerwise); every layer keeps >= min_keep groups; only
-    alive groups are kept (never more than are alive)."""
+    alive groups are kept (never more than are alive); with round_to > 1, each layer's count
+    rounded (round_widths)."""
     L, G = scores.shape
     if keep >= 1.0:
         return alive.clone()
@@ -140,15 +204,31 @@ def keep_set(scores: torch.Tensor, alive: torch.Tensor, keep: float, sorting: st
         n = min(max(min_keep, round(keep * G)), G)
         kept = torch.zeros(L, G, dtype=torch.bool)
         kept.scatter_(1, order_in_layer[:, :n], True)
-        return kept & alive
-    n = min(max(L * min_keep, round(keep * L * G)), int(alive.sum()))
-    kept = torch.zeros(L, G, dtype=torch.bool)
-    kept.scatter_(1, order_in_layer[:, :min_keep], True)  # each layer's best min_keep first
-    rest = scores.masked_fill(kept, -math.inf).flatten()
-    extra = n - int(kept.sum())
-    if extra > 0:
-        kept.view(-1)[torch.sort(rest, descending=True, stable=True).indices[:extra]] = True
-    return kept & alive
+    else:
+        n = min(max(L * min_keep, round(keep * L * G)), int(alive.sum()))
+        kept = torch.zeros(L, G, dtype=torch.bool)
+        kept.scatter_(1, order_in_layer[:, :min_keep], True)  # each layer's best min_keep first
+        rest = scores.masked_fill(kept, -math.inf).flatten()
+        extra = n - int(kept.sum())
+        if extra > 0:
+            kept.view(-1)[torch.sort(rest, descending=True, stable=True).indices[:extra]] = True
+    kept &= alive
+    return kept if round_to == 1 else round_widths(kept.sum(1), order_in_layer, alive, round_to, min_keep)
+
+
+def round_widths(counts: torch.Tensor, order_in_layer: torch.Tensor, alive: torch.Tensor, n: int,
+                 min_keep: int) -> torch.Tensor:
+    """Keep mask [L, G] whose layer l keeps the multiple of n nearest counts[l] (a tie rounds
+    up), at least min_keep rounded up to n, at most the largest multiple of n alive in it (all
+    it has alive when that is fewer than n): its best groups by `order_in_layer`. So a layer
+    keeps within n of counts[l] (within n/2 unless min_keep or its alive groups decide)."""
+    widths = torch.div(counts + n // 2, n, rounding_mode="floor") * n
+    widths = widths.clamp(min=-(-min_keep // n) * n)
+    have = alive.sum(1)
+    widths = torch.minimum(widths, torch.where(have >= n, have // n * n, have))
+    rank = torch.empty_like(order_in_layer)  # rank[l, g]: g's place in its layer's order
+    rank.scatter_(1, order_in_layer, torch.arange(alive.shape[1]).expand_as(order_in_layer))
+    return (rank < widths[:, None]) & alive
 
 
 @torch.no_grad()

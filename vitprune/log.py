@@ -42,10 +42,11 @@ def read_metrics(run_dir):
 
 
 def wandb_names(record: dict) -> dict:
-    """The W&B row of a metrics.jsonl record: its numeric fields under their W&B names."""
+    """The W&B row of a metrics.jsonl record: its numeric fields under their W&B names (the
+    per-layer lists, heads_per_layer and mlp_widths, stay in metrics.jsonl)."""
     row = {}
     for key, value in record.items():
-        if key == "kind" or isinstance(value, str) or value is None:
+        if key == "kind" or not isinstance(value, (int, float)):
             continue
         if record["kind"] == "state" and key != STATE_STEP:
             key = STATE_PREFIX + key
@@ -263,11 +264,13 @@ class RunLog:
 
 # ---- the console: what a run prints as it goes ------------------------------------------------
 
-def structure_line(state: int, counts: dict, heads_per_layer: list) -> str:
-    """What a state trains: alive heads/neurons and parameters (structure.count's counts)."""
-    c = counts
-    return (f"state {state}: {c['heads_alive']}/{c['heads_total']} heads (per layer {heads_per_layer}), "
-            f"{c['neurons_alive']}/{c['neurons_total']} neurons, "
+def structure_line(state: int, counts: dict, widths: dict) -> str:
+    """What a state trains: alive heads/neurons per layer, the share of each removed, and
+    parameters (structure.count's counts, structure.widths')."""
+    c, w = counts, widths
+    return (f"state {state}: {c['heads_alive']}/{c['heads_total']} heads (per layer {w['heads_per_layer']}, "
+            f"{w['head_ratio_achieved']:.1%} removed), {c['neurons_alive']}/{c['neurons_total']} neurons (MLP widths "
+            f"{w['mlp_widths']}, {w['mlp_ratio_achieved']:.1%} removed), "
             f"{c['params_alive'] / 1e6:.3f}M/{c['params_total'] / 1e6:.3f}M params alive "
             f"({c['flops_alive'] / c['flops_total']:.0%} of the FLOPs)")
 

@@ -12,10 +12,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from vitprune.importance import importance, keep_elements, keep_fraction, keep_set
-from vitprune.kernels import PrunableParams
+from vitprune.config import check_value
+from vitprune.errors import ConfigError
+from vitprune.importance import ACTIVATION_CRITERIA, calibration_batches, keep_elements, keep_fraction, \
+    pruned_fraction, select
+from vitprune.kernels import PrunableParams, reference
 from vitprune.kernels.reference import group_sq_norms
-from vitprune.structure import Structure, apply_structure, dims, group_sizes, prunable_params
+from vitprune.structure import Structure, apply_structure, prunable_params
 
 
 def reg_lambda(schedule: str, p: float, g: float, k: float) -> float:
@@ -55,23 +58,19 @@ def transition(cfg, model, alive: Structure, data, state: int, rewind_to: Option
 
 def select_structure(cfg, model, structure: Structure, data, state: int):
     """(alive while `state` trains, alive after it: its keep set): they differ only for RSST,
-    whose targets are the difference."""
+    whose targets are the difference. `structure`: what the model computes now."""
     if cfg.method == "dense":
         return structure, structure
     if cfg.method == "imp":
         keep = keep_fraction(cfg.schedule, state, cfg.states, cfg.ratio)
         new = Structure(structure.heads, structure.neurons, keep_elements(model, structure, keep))
         return new, new
-    keep_h = keep_fraction(cfg.schedule, state, cfg.states, cfg.head_prune)
-    keep_n = keep_fraction(cfg.schedule, state, cfg.states, cfg.mlp_prune)
-    head_size, neuron_size = group_sizes(model)
-    L, H, _, _, M = dims(model)
-    # remain: the unstructured prune keeps the same share of the prunable weights.
-    keep_w = (keep_h * L * H * head_size + keep_n * L * M * neuron_size) / (L * H * head_size + L * M * neuron_size)
-    heads, neurons = importance(model, structure, cfg.criterion, data, keep_w, cfg.calib_batches,
-                                cfg.batch_size, cfg.seed, state)
-    kept = Structure(keep_set(heads, structure.heads, keep_h, cfg.sorting, cfg.min_keep),
-                     keep_set(neurons, structure.neurons, keep_n, cfg.sorting, cfg.min_keep))
+    seed = cfg.seed * 7919 + state  # the random criterion's and the calibration batches'
+    batches = calibration_batches(data, cfg.calib_batches, cfg.batch_size, seed) \
+        if cfg.criterion in ACTIVATION_CRITERIA else None
+    kept = select(model, head_ratio=pruned_fraction(cfg.schedule, state, cfg.states, cfg.head_prune),
+                  mlp_ratio=pruned_fraction(cfg.schedule, state, cfg.states, cfg.mlp_prune), min_keep=cfg.min_keep,
+                  round_to=cfg.round_to, criterion=cfg.criterion, sorting=cfg.sorting, batches=batches, seed=seed)
     return (kept, kept) if cfg.method == "refill" else (structure, kept)
 
 
@@ -80,14 +79,14 @@ def regularizer(cfg, model, alive: Structure, keep: Structure, steps_in_state: i
     """RSST's penalty on the groups in `alive` but not in `keep` (None for other methods or
     without targets). start_norms: the groups' norms at the start of the state ([L, H],
     [L, M]), when resuming in its middle."""
-    heads, neurons = alive.heads & ~keep.heads, alive.neurons & ~keep.neurons
-    if cfg.method != "rsst" or not (heads.any() or neurons.any()):
+    if cfg.method != "rsst" or not ((alive.heads & ~keep.heads).any() or (alive.neurons & ~keep.neurons).any()):
         return None
     # --reg_reach: the penalty acts over the first reach·steps steps, then the targets are pruned
     steps = max(1, round(cfg.reg_reach * steps_in_state))
-    return RsstRegularizer(model, heads, neurons, steps, group_reg, formula=cfg.reg_formula,
-                           schedule=cfg.reg_schedule, k=cfg.exponents, kind=cfg.reg_kind, residual=cfg.reg_residual,
-                           g=cfg.reg_granularity_prune, optimizer=cfg.optimizer, lr=cfg.lr, start_norms=start_norms)
+    return RsstRegularizer(model, keep, steps, reg_formula=cfg.reg_formula, reg_schedule=cfg.reg_schedule,
+                           exponents=cfg.exponents, reg_kind=cfg.reg_kind, reg_residual=cfg.reg_residual,
+                           reg_granularity_prune=cfg.reg_granularity_prune, optimizer=cfg.optimizer, lr=cfg.lr,
+                           group_reg=group_reg, start_norms=start_norms)
 
 
 def residual_coefficient(shape, residual: float) -> float:
@@ -107,45 +106,63 @@ def residual_coefficient(shape, residual: float) -> float:
 
 
 class RsstRegularizer:
-    """The penalty of one RSST state on its target groups, one vectorised pass per step.
+    """The penalty of one RSST state on its target groups, one vectorised pass per step; the
+    loop's and vitprune.RsstRegularizer. The targets are the groups the model computes now
+    (structure.apply_structure) outside `keep` (importance.select's). Around every step:
 
-    formula="residual" (the default): the strength is stated as the fraction of its norm a
-    target group keeps at the end of the state if only the penalty acted (`residual`), and
+        loss.backward(); rsst.before_step(step); optimizer.step(); rsst.after_step(step, lr)
+
+    (step: 1, 2, ... within the state; lr: the step's scheduled learning rate), then, after
+    step `steps`, rsst.prune(optimizer) removes the targets: the hard prune. The keyword
+    arguments are the RSST flags of the same names, with their defaults (docs/flags.md#rsst).
+
+    reg_formula="residual" (the default): the strength is stated as the fraction of its norm a
+    target group keeps at the end of the state if only the penalty acted (`reg_residual`), and
     λ(p) only shapes its growth. The per-step coefficients are solved once, from the state's
     step count, and applied to the weights after the optimizer step, independently of the
     optimizer and its LR schedule:
-      l2:          w ← w·(1 − c·s(p))            with Π (1 − c·s(p_t)) = residual
-      group_lasso: w_g ← w_g·max(0, 1 − a·s(p)·‖w_g⁰‖/‖w_g‖) with a·Σ s(p_t) = 1 − residual
+      l2:          w ← w·(1 − c·s(p))            with Π (1 − c·s(p_t)) = r
+      group_lasso: w_g ← w_g·max(0, 1 − a·s(p)·‖w_g⁰‖/‖w_g‖) with a·Σ s(p_t) = 1 − r
     (s = λ/g, s(1) = 1; ‖w_g⁰‖ the group's norm at the start of the state). `steps_in_state`:
     the steps the penalty acts over (the state's, or --reg_reach of them: then the targets are
     hard-pruned and the state goes on without them).
 
-    formula="seed" reproduces the seed's coupled formula with g = --reg_granularity_prune:
+    reg_formula="seed" reproduces the seed's coupled formula with g = reg_granularity_prune:
       l2 + SGD:    grad += λ(p)·w (scaled by the scheduled lr, amplified by momentum)
       l2 + AdamW:  w −= lr·λ(p)·w after the step (the base lr)
       group_lasso: the proximal step w_g ← w_g·max(0, 1 − lr·λ(p)/‖w_g‖) after the step.
     """
 
-    def __init__(self, model, head_targets, neuron_targets, steps_in_state: int, group_reg, *, formula: str,
-                 schedule: str, k: float, kind: str, residual: float, g: float, optimizer: str, lr: float,
-                 start_norms=None):
+    def __init__(self, model, keep: Structure, steps_in_state: int, *, reg_formula: str = "residual",
+                 reg_schedule: str = "exp_custom_exponents", exponents: float = 4.0, reg_kind: str = "l2",
+                 reg_residual: float = 1e-3, reg_granularity_prune: float = 1.0, optimizer: str = "sgd",
+                 lr: float = 0.01, group_reg=reference.group_reg, start_norms=None):
+        flags = dict(reg_formula=reg_formula, reg_schedule=reg_schedule, exponents=exponents, reg_kind=reg_kind,
+                     reg_residual=reg_residual, reg_granularity_prune=reg_granularity_prune, optimizer=optimizer, lr=lr)
+        for name, value in flags.items():
+            check_value(name, value, label=f"RsstRegularizer: {name}")
+        if isinstance(steps_in_state, bool) or not isinstance(steps_in_state, int) or steps_in_state < 1:
+            raise ConfigError(f"RsstRegularizer: steps_in_state: expected an integer >= 1, got {steps_in_state!r}")
         device = model.blocks[0].attn.qkv.weight.device
-        self.params = prunable_params(model)
-        self.heads, self.neurons = head_targets.to(device), neuron_targets.to(device)
-        self.steps, self.group_reg, self.kind = steps_in_state, group_reg, kind
+        self.model, self.keep, self.params = model, keep, prunable_params(model)
+        alive = Structure.live(model)
+        self.heads, self.neurons = (alive.heads & ~keep.heads).to(device), (alive.neurons & ~keep.neurons).to(device)
+        self.steps, self.group_reg, self.kind = steps_in_state, group_reg, reg_kind
         self.start_norms = self.group_norms() if start_norms is None else tuple(t.to(device) for t in start_norms)
-        self.shape = lambda p: reg_lambda(schedule, p, 1.0, k)
+        self.shape = lambda p: reg_lambda(reg_schedule, p, 1.0, exponents)
         shapes = [self.shape(t / steps_in_state) for t in range(1, steps_in_state + 1)]
-        self.into_grad = formula == "seed" and kind == "l2" and optimizer == "sgd"
-        self.scale_lr = formula == "seed" and kind == "group_lasso" and optimizer == "sgd"
+        seed = reg_formula == "seed"
+        self.into_grad = seed and reg_kind == "l2" and optimizer == "sgd"
+        self.scale_lr = seed and reg_kind == "group_lasso" and optimizer == "sgd"
         # coef(p) = scale · s(p); what multiplies it per group (1, or the start norm) below
         self.head_w, self.neuron_w = self.heads.float(), self.neurons.float()
-        if formula == "seed":
+        if seed:
+            g = reg_granularity_prune
             self.scale = g if self.into_grad or self.scale_lr else lr * g
-        elif kind == "l2":
-            self.scale = residual_coefficient(shapes, residual)
+        elif reg_kind == "l2":
+            self.scale = residual_coefficient(shapes, reg_residual)
         else:
-            self.scale = (1 - residual) / sum(shapes)
+            self.scale = (1 - reg_residual) / sum(shapes)
             self.head_w, self.neuron_w = self.head_w * self.start_norms[0], self.neuron_w * self.start_norms[1]
 
     def coef(self, step: int) -> float:
@@ -159,12 +176,17 @@ class RsstRegularizer:
             self.group_reg(self.params, grads, self.head_w, self.neuron_w, self.coef(step), self.kind)
 
     @torch.no_grad()
-    def after_step(self, step: int, lr: float):
+    def after_step(self, step: int, lr: float = None):
         """Every other form: shrink the targets' weights after the optimizer step (`lr`: the
-        step's scheduled learning rate, used by the seed's proximal group lasso with SGD)."""
+        step's scheduled learning rate, used only by the seed's proximal group lasso with SGD)."""
         if not self.into_grad:
             step_size = self.coef(step) * (lr if self.scale_lr else 1.0)
             self.group_reg(self.params, self.params, self.head_w, self.neuron_w, -step_size, self.kind)
+
+    def prune(self, optimizer=None):
+        """The hard prune: the model keeps `keep` (its targets zero and skipped, and their
+        moments in `optimizer` zero): structure.apply_structure."""
+        apply_structure(self.model, self.keep, optimizer)
 
     @torch.no_grad()
     def group_norms(self):

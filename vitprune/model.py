@@ -1,9 +1,10 @@
 """timm Vision Transformers whose attention heads and MLP neurons can be pruned.
 
 The model of --model (any plain timm VisionTransformer or an alias: zoo.py) is built by
-`timm.create_model` with the attention and MLP classes swapped for subclasses whose forward
-skips dead heads and neurons; parameter names and shapes stay timm's, so state dicts load into
-timm and back. --pretrained weights load through timm as well: its checkpoint filter resamples
+`timm.create_model`, then `prunable` swaps its attention and MLP classes, in place, for
+subclasses whose forward skips dead heads and neurons (vitprune.prunable does the same to a
+model of yours); parameters stay timm's, same objects, names and shapes, so state dicts load
+into timm and back and an optimizer built before still holds them. --pretrained weights load through timm as well: its checkpoint filter resamples
 the patch and position embeddings, and the classifier is new when the classes differ.
 """
 import hashlib
@@ -18,7 +19,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from vitprune.errors import ConfigError
 from vitprune.kernels import reference
 from vitprune.structure import head_cols, head_rows
-from vitprune.zoo import ALIASES, is_weights_file, pretrained_cfg
+from vitprune.zoo import ALIASES, cannot_prune, is_weights_file, pretrained_cfg, why_not_plain
 
 
 class PrunableAttention(Attention):
@@ -32,6 +33,10 @@ class PrunableAttention(Attention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.make_prunable()
+
+    def make_prunable(self) -> None:
+        """The state the forward adds to timm's Attention (`prunable` sets it on a swapped instance)."""
         self.linear = reference.masked_linear
         self.qkv_rows = self.proj_cols = None  # None: every head alive
         self.qkv_mask = self.proj_mask = None
@@ -80,6 +85,9 @@ class PrunableMlp(Mlp):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.make_prunable()
+
+    def make_prunable(self) -> None:
         self.linear = reference.masked_linear
         self.live = None  # index tensor of the alive neurons; None: all
         self.fc1_mask = self.fc2_mask = None
@@ -117,10 +125,9 @@ def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int
     with `pretrained` (a timm name or a weights file) loaded by timm, ConfigError if it cannot."""
     import timm
     arch, overrides = ALIASES.get(name, (name, {}))
-    kwargs = dict(overrides, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                  attn_layer=PrunableAttention, mlp_layer=PrunableMlp)
+    kwargs = dict(overrides, num_classes=num_classes, img_size=img_size, patch_size=patch_size)
     if pretrained is None:
-        return timm.create_model(arch, **kwargs)
+        return prunable(timm.create_model(arch, **kwargs))
     if is_weights_file(pretrained):
         kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained))
     else:
@@ -128,10 +135,31 @@ def build_model(name: str, num_classes: int, img_size: int = 32, patch_size: int
         from vitprune.hub import offline_unless_reachable
         offline_unless_reachable()
     try:
-        return timm.create_model(arch, pretrained=True, **kwargs)
+        model = timm.create_model(arch, pretrained=True, **kwargs)
     except Exception as e:  # a missing cache entry, a file of another model, ...: timm says which
         raise ConfigError(f"--pretrained: timm cannot load {pretrained!r} into --model={name}: "
                           f"{_load_error(e)}") from None
+    return prunable(model)
+
+
+def prunable(model: VisionTransformer) -> VisionTransformer:
+    """Make a plain timm VisionTransformer's heads and neurons prunable, in place: every block's
+    Attention and Mlp become PrunableAttention and PrunableMlp, with every group alive (the
+    forward is timm's). Its parameters stay the same objects. Any other model: ConfigError,
+    the line --model gives. Returns the model."""
+    blocks = getattr(model, "blocks", ())
+    if isinstance(model, VisionTransformer) and all(type(b.attn) is PrunableAttention and type(b.mlp) is PrunableMlp
+                                                    for b in blocks):
+        return model  # already prunable
+    reason = why_not_plain(model)
+    if reason:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise ConfigError(f"prunable: {cannot_prune(name, reason)}")
+    for block in blocks:
+        block.attn.__class__, block.mlp.__class__ = PrunableAttention, PrunableMlp
+        block.attn.make_prunable()
+        block.mlp.make_prunable()
+    return model
 
 
 def fresh_weights(name: str, num_classes: int, img_size: int, patch_size: int, seed: int, state: int) -> dict:

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+from vitprune.errors import ConfigError
 from vitprune.kernels import PrunableParams
 
 PRUNABLE_WEIGHTS = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
@@ -29,6 +30,22 @@ class Structure:
     def full(cls, model) -> "Structure":
         L, H, _, _, M = dims(model)
         return cls(torch.ones(L, H, dtype=torch.bool), torch.ones(L, M, dtype=torch.bool))
+
+    @classmethod
+    def live(cls, model) -> "Structure":
+        """What the model's forward computes now (its last apply_structure / set_live)."""
+        if not hasattr(model.blocks[0].attn, "live_heads"):
+            raise ConfigError("the model's heads and neurons are not prunable: call vitprune.prunable(model) first")
+        L, H, _, _, M = dims(model)
+        heads, neurons = torch.zeros(L, H, dtype=torch.bool), torch.zeros(L, M, dtype=torch.bool)
+        masks = {}
+        for l, b in enumerate(model.blocks):
+            heads[l, b.attn.live_heads().cpu()] = True
+            neurons[l, b.mlp.live_neurons().cpu()] = True
+            for name, m in zip(PRUNABLE_WEIGHTS, (b.attn.qkv_mask, b.attn.proj_mask, b.mlp.fc1_mask, b.mlp.fc2_mask)):
+                if m is not None:
+                    masks[f"blocks.{l}.{name}"] = m.cpu()
+        return cls(heads, neurons, masks or None)
 
     def state_dict(self) -> dict:
         return {"heads": self.heads, "neurons": self.neurons, "elements": self.elements}
@@ -101,10 +118,13 @@ def set_live(model, structure: Structure) -> None:
         block.mlp.set_live(structure.neurons[l], *masks[2:])
 
 
-def apply_structure(model, structure: Structure) -> None:
-    """Prune to `structure`: dead groups become zero and are skipped by the forward."""
+def apply_structure(model, structure: Structure, optimizer=None) -> None:
+    """Prune to `structure`: dead groups become zero and are skipped by the forward; with the
+    `optimizer` that trains the model, their moments become zero too (vitprune.apply)."""
     zero_dead(model, structure)
     set_live(model, structure)
+    if optimizer is not None:
+        zero_dead_moments(model, structure, optimizer)
 
 
 def group_sizes(model):
@@ -145,6 +165,14 @@ def count(model, structure: Structure) -> dict:
         "neurons_alive": neurons_alive, "neurons_total": L * M,
         "flops_alive": flops_alive, "flops_total": flops_total,
     }
+
+
+def widths(structure: Structure) -> dict:
+    """Per layer, the heads and MLP neurons alive, and the fraction of each kind removed (as
+    --head_ratio / --mlp_ratio count it): the state record's and the model card's."""
+    return {"heads_per_layer": structure.heads.sum(1).tolist(), "mlp_widths": structure.neurons.sum(1).tolist(),
+            "head_ratio_achieved": 1 - int(structure.heads.sum()) / structure.heads.numel(),
+            "mlp_ratio_achieved": 1 - int(structure.neurons.sum()) / structure.neurons.numel()}
 
 
 def step_flops(model, alive: Structure, teacher_flops: int = 0) -> int:

@@ -33,7 +33,7 @@ from vitprune.runfolder import RunFolder, claim, run_name
 from vitprune.runtime import Run, setup
 from vitprune.step import train_step
 from vitprune.stopping import Interrupted, StopRequest, resume_command
-from vitprune.structure import Structure, apply_structure, count, step_flops, zero_dead_moments
+from vitprune.structure import Structure, apply_structure, count, step_flops, widths, zero_dead_moments
 
 
 class StepTools(NamedTuple):
@@ -189,7 +189,7 @@ def start_state(r: Run, prev: Position, state: int, rewind: Optional[dict]):
         zero_dead_moments(r.model, pos.alive, opt)
     tools = StepTools(opt, sched, t.regularizer)
     if r.main:
-        print(log.structure_line(state, count(r.model, pos.keep), pos.keep.heads.sum(1).tolist()), flush=True)
+        print(log.structure_line(state, count(r.model, pos.keep), widths(pos.keep)), flush=True)
         # the state's start survives a damaged last.pt; only the current state's is kept
         pos.save(r.ckpt_dir / f"start_{state:02d}.pt", r.model, opt, sched, cfg)
         checkpoint.remove(r.ckpt_dir / f"start_{state - 1:02d}.pt")
@@ -285,8 +285,7 @@ def hard_prune(r: Run, pos: Position, tools: StepTools, step: int):
     pos.train_flops += steps_with_targets * cfg.batch_size * (step_flops(r.model, pos.alive, teacher)
                                                               - step_flops(r.model, pos.keep, teacher))
     pos.alive = pos.keep
-    apply_structure(r.model, pos.alive)
-    zero_dead_moments(r.model, pos.alive, tools.opt)
+    rsst.prune(tools.opt)
 
 
 def end_epoch(r: Run, pos: Position, tools: StepTools, record: dict, epoch_times: list):
@@ -327,7 +326,7 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
         "final_val_acc": r.evaluate("val"), "final_test_acc": r.evaluate("test"),
         "best_val_acc": best["val_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
         "start_val_acc": pos.start_acc[0], "start_test_acc": pos.start_acc[1],
-        **count(r.model, pos.alive), "time_s": pos.state_time,
+        **count(r.model, pos.alive), **widths(pos.alive), "time_s": pos.state_time,
         "train_flops": pos.train_flops, "train_time_s": pos.train_time,
         # an epoch of this state's final network as a retraining trains it: the equal-compute unit
         "ticket_epoch_flops": r.steps * cfg.batch_size * step_flops(r.model, pos.alive, r.teacher_flops(state)),

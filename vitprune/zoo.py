@@ -66,8 +66,14 @@ def check_model(name: str) -> int:
         raise ValueError(f"--model: timm cannot build {name!r}: {_first_line(e)}") from None
     reason = why_not_plain(model)
     if reason:
-        raise ValueError(f"--model: {name} cannot be pruned: {reason}; vitprune prunes {FAMILIES}")
+        raise ValueError(f"--model: {cannot_prune(name, reason)}")
     return model.patch_embed.patch_size[0]
+
+
+def cannot_prune(name: str, reason: str) -> str:
+    """The refusal of a model that is not a plain timm ViT (why_not_plain's reason), for --model
+    and vitprune.prunable alike."""
+    return f"{name} cannot be pruned: {reason}; vitprune prunes {FAMILIES}"
 
 
 def is_weights_file(spec: str) -> bool:
