@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitprune.bench.export import bench_export, pruned_checkpoint, variants
 from vitprune.bench.images import bench_images
 from vitprune.bench.timing import DATASHEET_BF16, datasheet_card
 from vitprune.bench.train import _bench_models, bench_train
@@ -133,6 +134,64 @@ def test_twin_is_the_pruned_network_with_parameters_of_its_own():
     assert not shared
 
 
+def nearest_multiple(width: int, n: int, most: int) -> int:
+    """The multiple of n in [n, most] nearest `width`, a tie going up."""
+    return min(range(n, most + 1, n), key=lambda m: (abs(m - width), -m))
+
+
+def test_bench_export_times_rounded_widths_of_one_network_per_flop(capsys, monkeypatch):
+    """Without a checkpoint: vit_micro pruned at 0.7 by select, and its widths rounded to 8, 32
+    and 64, each in eager torch, torch.compile (its inductor build is most of a minute per model
+    on 2 cores: stood in for here) and ONNX Runtime, with latency and time per FLOP."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitprune.deploy import compact_model, masked_model
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    result = bench_export(model="vit_micro", ratio=0.7, batches=(1, 3), iters=1, warmup=0, device="cpu")
+    out = capsys.readouterr().out
+    v = result["variants"]
+    assert list(v) == ["dense", "pruned", "pruned, round_to 8", "pruned, round_to 32", "pruned, round_to 64"]
+    assert result["engines"] == ["eager", "compile", "onnxruntime"] and compiled == [{"dynamic": False}] * 5
+    assert v["dense"]["mlp_widths"] == [128] * 4 and sum(v["pruned"]["mlp_widths"]) == round(0.3 * 512)
+    for n in (8, 32, 64):
+        widths = v[f"pruned, round_to {n}"]["mlp_widths"]
+        assert widths == [nearest_multiple(w, n, 128) for w in v["pruned"]["mlp_widths"]]
+    # FLOPs per image: what FlopCounterMode counts in a forward of each compacted model
+    net, structure = masked_model(pruned_checkpoint("vit_micro", 0.7))
+    for name, kept in variants(net, structure, [8, 32, 64]).items():
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            compact_model(net, kept)(torch.randn(1, 3, 32, 32))
+        assert v[name]["flops_per_image"] == counter.get_total_flops(), name
+    for engine, name in (("eager", "pruned, round_to 8"), ("onnxruntime", "pruned, round_to 64"),
+                         ("compile", "dense")):
+        t = v[name]["latency_s"][engine][3]
+        per_flop = t / (3 * v[name]["flops_per_image"]) * 1e12
+        assert f"{t * 1e3:.2f} | {per_flop:.2f}" in out
+    assert "| batch 3 | eager torch (ms) | ps / FLOP | torch.compile (ms) | ps / FLOP | ONNX Runtime (ms) |" in out
+    assert "| pruned, round_to 32 | 32 × 4 | 75.0% |" in out
+
+
+def test_rounding_up_takes_back_zero_neurons_and_down_drops_the_weakest():
+    """A block rounded up keeps every neuron it had and computes the same network; one rounded
+    down keeps its strongest neurons (by magnitude); heads are never touched."""
+    from vitprune.deploy import compact_model, masked_model
+    net, structure = masked_model(pruned_checkpoint("vit_micro", 0.7))
+    found = variants(net, structure, [32, 64])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        up, same = compact_model(net, found["pruned, round_to 64"])(x), compact_model(net, structure)(x)
+    torch.testing.assert_close(up, same, rtol=0, atol=1e-6)  # 64 > every pruned width: all rounded up
+    down = found["pruned, round_to 32"]  # widths 36, 34, 43, 41 -> 32
+    assert (down.neurons.sum(1) == 32).all() and not (down.neurons & ~structure.neurons).any()
+    for l, block in enumerate(net.blocks):
+        strength = block.mlp.fc1.weight.abs().sum(1) + block.mlp.fc1.bias.abs() + block.mlp.fc2.weight.abs().sum(0)
+        kept, dropped = strength[down.neurons[l]], strength[structure.neurons[l] & ~down.neurons[l]]
+        assert kept.min() >= dropped.max()
+    assert all(s.heads.equal(structure.heads) for s in found.values() if s is not found["dense"])
+
+
 def git(*args, cwd) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
@@ -154,16 +213,20 @@ def test_gpu_check_dry_run(tmp_path):
         ["report.md", "info.txt", "tests.log", "bench_kernels.log", "runs.log", "runs_compared.log",
          "bench_train.log", "bench_export.log"])  # at most 8 files: what a lent GPU machine returns
     report = (out / "report.md").read_text()
-    for step in ("device and versions", "GPU tests (pytest -m gpu)", "bench kernels", "run --kernels=auto",
-                 "run --kernels=torch", "runs compared", "bench train", "bench export"):
+    steps = ("device and versions", "GPU tests (pytest -m gpu)", "bench kernels", "run --kernels=auto",
+             "run --kernels=torch", "runs compared", "bench train", "export", "bench export")
+    for step in steps:
         assert f"| {step} | " in report and f"| {step} | " in report.split("## GPU tests")[0]
-    assert report.count("| ok |") == 8 and "skipped on --cpu" in report
+    assert report.count("| ok |") == len(steps) and "skipped on --cpu" in report
     assert "gpu tests in" in report and "0 failed" in report
     assert "| batch | alive | heads | layer |" in report
-    assert "(ran: torch): test acc" in report and "agree" in report
-    assert "| train step, compacted twin (export, nn.Linear) |" in report
-    assert "| parameters (M) |" in report
-    assert "Total:" in report and r.stdout.count(" ok") == 8
+    # the legs ran --aug=finetune, --distill=state0 and --round_to=8, and agree
+    assert "(ran: torch): test acc" in report and "agree" in report and ": multiples of 8" in report
+    assert report.count("leg: --aug=finetune --distill=state0 --round_to=8") == 2
+    assert "| train step, compacted twin (export, nn.Linear) |" in report and "| MFU (measured peak) |" in report
+    assert "largest difference of the loaded export from the masked network" in report
+    assert "| parameters (M) |" in report and "| pruned, round_to 64 |" in report
+    assert "Total:" in report and r.stdout.count(" ok") == len(steps)
 
 
 @pytest.mark.slow
