@@ -13,6 +13,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "timm>=1.0",
+        "huggingface_hub",  # export --push, load_exported("hf-hub:..."), the card's Hub header
         "fire>=0.5",
         "wandb>=0.16",
         "numpy",

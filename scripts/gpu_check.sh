@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The first GPU's one command: the GPU tests, `bench kernels`, `bench train` (dense, pruned and
-# the compacted twin, with and without torch.compile), a short run with --kernels=triton and
-# with --kernels=torch (their accuracies compared) and `bench export` of that run's pruned state.
+# The first GPU's one command: the GPU tests, `bench kernels`, a short run with --kernels=triton
+# and with --kernels=torch through the newer paths (--aug=finetune, --distill=state0,
+# --round_to=8; their accuracies compared), `export` of that run's pruned state (loaded back and
+# compared), `bench train` (dense, pruned and the compacted twin, their MFU; with and without
+# torch.compile) and `bench export` (dense, pruned and its widths rounded to 8, 32, 64; eager and
+# torch.compile).
 #
-#   scripts/gpu_check.sh OUT          on a CUDA machine: vit_small, bf16, batch 512 (< 8 min on one H100)
+#   scripts/gpu_check.sh OUT          on a CUDA machine: vit_small, bf16, batch 512 (a budget of 8 min)
 #   scripts/gpu_check.sh --cpu OUT    dry run on the CPU: the same steps with tiny shapes (< 3 min)
 #
 # OUT gets report.md (device, every table, the time of every step) and one raw log per step:
@@ -36,7 +39,7 @@ report=$out/report.md
 start=$(date +%s)
 # Seconds for all steps (GPU_CHECK_BUDGET overrides): a step gets at most what is left, so on
 # a GPU the check ends within 8 minutes whatever a step costs; on the CPU it only stops a runaway.
-budget=${GPU_CHECK_BUDGET:-$(( cpu ? 600 : 450 ))}
+budget=${GPU_CHECK_BUDGET:-$(( cpu ? 600 : 480 ))}
 failed=0
 
 if [ $cpu = 1 ]; then
@@ -45,7 +48,7 @@ if [ $cpu = 1 ]; then
     train_args="model='vit_micro', batch=8, iters=2, device='cpu'"
     run_flags="model='vit_micro', device='cpu'"
     triton_leg=auto  # the interpreter would take hours: auto shows which backend a CPU run records
-    export_args="batches=(1, 8), iters=2, device='cpu', onnxruntime=False"
+    export_args="model='vit_micro', batches=(1, 8), iters=2, device='cpu', onnxruntime=False, compile=False"
     # The plumbing, not the accuracy: a small synthetic set (576 images, 10% val; 128 test).
     prelude="import vitprune.data.synth as synth; synth.SYNTHETIC_SIZES = (512, 64, 128)
 "
@@ -55,7 +58,9 @@ else
     train_args="model='vit_small', batch=512, precision='bf16'"
     run_flags="model='vit_small'"
     triton_leg=triton
-    export_args="batches=(1, 256), onnxruntime=False"  # the GPU's numbers; ONNX Runtime is a CPU bench
+    # BENCHMARKS.md's rounding rows on the GPU (ONNX Runtime is a CPU bench): one batch, as
+    # torch.compile builds each of the five models once per batch size.
+    export_args="model='vit_small', batches=(256,), dtype='bfloat16', onnxruntime=False"
     prelude=""
 fi
 
@@ -127,11 +132,12 @@ gpu_tests() {
     return $rc
 }
 
-run_leg() {  # run_leg NAME KERNELS: 2 states × 1 epoch of RSST on the synthetic set
+run_leg() {  # run_leg NAME KERNELS: 2 states × 1 epoch of RSST on the synthetic set, through the newer paths
     vp "
 from vitprune.config import from_flags
 from vitprune.train import run
 run(from_flags(dict(method='rsst', dataset='synthetic', states=2, epochs=1, optimizer='adamw', lr=1e-3,
+                    aug='finetune', distill='state0', round_to=8,
                     kernels='$2', wandb='disabled', out_dir='$runs',
                     name='$1', $run_flags)))"
 }
@@ -156,34 +162,55 @@ for a, b in zip(*states):
     print('| %d | %.2f | %.2f | %+.2f |' % (a['state'], a['final_test_acc'], b['final_test_acc'], diff))
 # Same seed, same data order: only the kernels' rounding differs, so the runs must agree.
 print('largest difference %.2f points (limit 3): %s' % (worst, 'agree' if worst <= 3 else 'DISAGREE'))
-sys.exit(0 if worst <= 3 else 1)"
+for name, d in legs.items():
+    cfg = json.loads((d / 'config.json').read_text())
+    print('%s leg: --aug=%s --distill=%s --round_to=%s' % (name, cfg['aug'], cfg['distill'], cfg['round_to']))
+rounded = all(w % 8 == 0 for leg in states for w in leg[-1]['mlp_widths'])
+print('state 1 MLP widths (--round_to=8): %s; ratio achieved %.3f: %s' % (states[0][-1]['mlp_widths'],
+      states[0][-1]['mlp_ratio_achieved'], 'multiples of 8' if rounded else 'NOT MULTIPLES OF 8'))
+sys.exit(0 if worst <= 3 and rounded else 1)"
 }
 
-export -f vp info gpu_tests run_leg compare_runs
+export_check() {  # the triton leg's state 1 exported, loaded back, and compared with the network it trained
+    vp "
+import json, torch
+from vitprune.deploy import export, load_checkpoint, load_exported, masked_model
+ck = '$runs/triton/checkpoints/state_01.pt'
+export(ck, '$runs/export')
+masked, _ = masked_model(load_checkpoint(ck))
+x = torch.randn(8, 3, masked.patch_embed.img_size[0], masked.patch_embed.img_size[1])
+with torch.inference_mode():
+    diff = (load_exported('$runs/export')(x) - masked(x)).abs().max().item()
+print('largest difference of the loaded export from the masked network: %.2e (limit 1e-4)' % diff)
+assert diff <= 1e-4"
+}
+
+export -f vp info gpu_tests run_leg compare_runs export_check
 export py repo runs run_flags triton_leg prelude
 echo "vitprune GPU check ($([ $cpu = 1 ] && echo 'CPU dry run' || echo CUDA)) -> $out"
 rm -f "$out/steps.tmp"
-step "device and versions" 30 info.txt info
-step "GPU tests (pytest -m gpu)" 150 tests.log gpu_tests
-step "bench kernels" 75 bench_kernels.log vp "from vitprune.bench import bench_kernels; bench_kernels($kernels_args)"
-step "run --kernels=$triton_leg" 90 runs.log run_leg triton "$triton_leg"
+step "device and versions" 20 info.txt info
+step "GPU tests (pytest -m gpu)" 120 tests.log gpu_tests
+step "bench kernels" 45 bench_kernels.log vp "from vitprune.bench import bench_kernels; bench_kernels($kernels_args)"
+step "run --kernels=$triton_leg" 75 runs.log run_leg triton "$triton_leg"
 step "run --kernels=torch" 45 runs.log run_leg torch torch
-step "runs compared" 15 runs_compared.log compare_runs
-step "bench train" 75 bench_train.log vp "from vitprune.bench import bench_train; bench_train($train_args)"
-step "bench export" 30 bench_export.log vp "
-from vitprune.bench import bench_export; bench_export('$runs/triton/checkpoints/state_01.pt', $export_args)"
+step "runs compared" 10 runs_compared.log compare_runs
+step "bench train" 60 bench_train.log vp "from vitprune.bench import bench_train; bench_train($train_args)"
+step "export" 30 bench_export.log export_check
+step "bench export" 90 bench_export.log vp "from vitprune.bench import bench_export; bench_export($export_args)"
 if [ $cpu = 1 ]; then  # inductor's C++ build of three models takes minutes on a CPU
     echo "skipped on --cpu: torch.compile's CPU build of three models takes minutes" >> "$out/bench_train.log"
     printf '%-34s %4s    %s\n' "bench train --compile" - "skipped on --cpu"
     printf '| bench train --compile | - | skipped on --cpu |\n' >> "$out/steps.tmp"
 else
-    step "bench train --compile" 150 bench_train.log vp \
+    step "bench train --compile" 120 bench_train.log vp \
         "from vitprune.bench import bench_train; bench_train($train_args, compile=True)"
 fi
 
 total=$(( $(date +%s) - start ))
 {
-    echo "# vitprune GPU check — $(date -u +%Y-%m-%d) — $([ $cpu = 1 ] && echo 'CPU dry run (tiny shapes)' || echo CUDA)"
+    kind=$([ $cpu = 1 ] && echo 'CPU dry run (tiny shapes)' || echo CUDA)
+    echo "# vitprune GPU check — $(date -u +%Y-%m-%d) — $kind"
     echo; grep -v '^\$ ' "$out/info.txt" | sed 's/^/    /'; echo
     echo "| step | seconds | status |"; echo "|---|---|---|"; cat "$out/steps.tmp"
     echo; echo "Total: $total s."

@@ -119,7 +119,7 @@ def test_bad_checkpoint_and_out_fail_in_one_line(checkpoints, monkeypatch, tmp_p
 
 @pytest.mark.slow
 def test_bench_export_smoke(checkpoints, capsys):
-    result = bench_export(checkpoints["refill"], batches=(1, 4), iters=2, warmup=0)
+    result = bench_export(checkpoints["refill"], batches=(1, 4), iters=2, warmup=0, compile=False)
     table = capsys.readouterr().out
     dense, exported = result["dense"], result["exported"]
     ck = load_checkpoint(checkpoints["refill"])
@@ -129,9 +129,15 @@ def test_bench_export_smoke(checkpoints, capsys):
     assert all(t > 0 for t in [*dense["latency_s"].values(), *exported["latency_s"].values()])
     assert table.startswith("# vitprune export benchmark — ") and result["date"] in table
     assert "| parameters (M) | 0.142 |" in table and "| latency, batch 4 (ms) |" in table
-    ort = result["onnxruntime"]
-    assert set(ort["latency_s"]) == {1, 4} and all(t > 0 for b in ort["latency_s"].values() for t in b.values())
-    assert "| latency (ms) | dense, eager timm | dense, ONNX Runtime |" in table and "| batch 4 | " in table
+    # the rounding rows come from the same checkpoint: its widths, rounded
+    variants = result["variants"]
+    assert variants["pruned"]["mlp_widths"] == ck["structure"]["neurons"].sum(1).tolist()
+    assert all(w % 8 == 0 for w in variants["pruned, round_to 8"]["mlp_widths"])
+    assert result["engines"] == ["eager", "onnxruntime"] and "torch.compile: not measured (compile=False)." in table
+    for v in variants.values():
+        assert all(t > 0 for engine in v["latency_s"].values() for t in engine.values())
+        assert set(v["latency_s"]["onnxruntime"]) == {1, 4}
+    assert "| batch 4 | eager torch (ms) | ps / FLOP | ONNX Runtime (ms) | ps / FLOP |" in table
 
 
 # Runs in a fresh interpreter, where importing vitprune fails: torch and onnxruntime alone.

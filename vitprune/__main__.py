@@ -135,10 +135,18 @@ def info():
     print("\n".join(lines))
 
 
-def export(checkpoint, out):
-    """Write a physically smaller timm ViT (alive heads and neurons only) from a checkpoint."""
+def export(checkpoint, out, push=None, private=False):
+    """Write a physically smaller timm ViT (alive heads and neurons only) from a checkpoint.
+
+    CHECKPOINT: a run's checkpoints/state_XX.pt. --out=DIR: the folder written (new, empty, or
+    an earlier export, replaced whole): model.safetensors + config.json, model.pt2, model.onnx,
+    README.md (the model card). --push=ORG/NAME: then upload what DIR holds to that Hugging Face
+    Hub model repository in one commit (needs a login: `hf auth login` or HF_TOKEN; without one,
+    or without a network, nothing is written); vitprune.load_exported("hf-hub:ORG/NAME") loads
+    it. --private: a repository the push creates is private.
+    """
     from vitprune.deploy import export as export_checkpoint
-    export_checkpoint(checkpoint, out)
+    export_checkpoint(checkpoint, out, push, private)
 
 
 def _command(fn):

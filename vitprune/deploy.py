@@ -7,8 +7,9 @@ export:        RUN/checkpoints/state_XX.pt -> DIR/model.safetensors + DIR/config
                residual width stays), DIR/model.pt2 (torch.export), DIR/model.onnx (ONNX Runtime) and
                DIR/README.md, the model card (card.py). Written as one set: into a folder beside DIR,
                then swapped in, so DIR never mixes two exports.
-load_exported: DIR -> that model, in eval mode.
+load_exported: DIR, or "hf-hub:ORG/NAME" (hub.py) -> that model, in eval mode.
 compact, export_model: the same from a prunable model in memory (vitprune.compact, vitprune.export).
+push=ORG/NAME: once written, what DIR holds goes to the Hub in one commit (hub.push_export).
 
 Unstructured (imp) checkpoints have no dead groups: they export at dense shapes, with the pruned
 weights stored as zeros.
@@ -150,16 +151,20 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def export(checkpoint, out):
+def export(checkpoint, out, push=None, private=False):
     """Export a state checkpoint as a compacted timm ViT, in three formats, with a model card:
     OUT/model.safetensors + OUT/config.json (vitprune.load_exported(OUT)), OUT/model.pt2
     (torch.export.load), OUT/model.onnx (ONNX Runtime; needs the [deploy] extra), OUT/README.md.
 
     checkpoint: RUN/checkpoints/state_XX.pt of any method; out: a new or empty folder, or an
     earlier export, which the new one replaces whole (written beside it, then swapped in).
+    push: ORG/NAME, a Hugging Face Hub model repository: once OUT is written, what it holds is
+    uploaded there in one commit (a login is needed: `hf auth login` or HF_TOKEN; without one,
+    or without a network, nothing is written); private: a new repository is made private.
     """
     target = Path(os.path.realpath(out))  # a link to a folder: the export is swapped in where it points
     _check_out(target)
+    _check_push(push, private, "--push")
     ck = load_checkpoint(checkpoint)
     model, structure = masked_model(ck)
     compact = compact_model(model, structure)
@@ -167,13 +172,16 @@ def export(checkpoint, out):
               "preprocessing": checkpoint_preprocessing(ck), "keep_set_sha256": keep_set_hash(structure),
               "source": source(checkpoint, ck)}
     from vitprune.card import model_card
-    formats = write_export(target, compact, config, lambda formats: model_card(ck, config, model, structure, formats))
+    formats = write_export(target, compact, config,
+                           lambda formats: model_card(ck, config, model, structure, formats, push))
     if structure.elements is not None:
         print(f"note: {checkpoint} is unstructured ({ck['config'].get('method')}): no whole head or neuron is "
               f"pruned, so the export keeps the dense shapes with the pruned weights stored as zeros")
     print(f"exported {checkpoint} to {out} ({', '.join(formats)}, README.md): {config['params'] / 1e6:.3f}M of "
           f"{n_params(model) / 1e6:.3f}M parameters; heads per block {config['num_heads']}, MLP widths "
           f"{config['mlp_hidden']}")
+    if push:
+        _push(target, push, private, f"vitprune export of {config['source']['checkpoint']}", "--push")
 
 
 def source(checkpoint, ck: dict) -> dict:
@@ -252,19 +260,41 @@ def _is_cwd(folder: Path) -> bool:
         return False
 
 
-def export_model(model, out, card: str = None) -> Path:
+def export_model(model, out, card: str = None, push: str = None, private: bool = False) -> Path:
     """vitprune.export: the prunable `model` as it computes now (after structure.apply_structure)
     in the formats `export` writes, to folder `out`: README.md is `card` (Markdown), else a card
-    of what the model tells (card.library_card). Returns `out`."""
+    of what the model tells (card.library_card). push="ORG/NAME": then upload the folder to that
+    Hub repository in one commit, as `export --push` does (private: a new one is private).
+    Returns `out`."""
     target = Path(os.path.realpath(out))
     _check_out(target)
+    _check_push(push, private, "export: push")
     structure = Structure.live(model)
     compact = compact_model(model, structure).cpu()
     config = {**architecture(model, structure), "params": n_params(compact), "keep_set_sha256": keep_set_hash(structure)}
     from vitprune.card import library_card
-    write_export(target, compact, config,
-                 lambda formats: card if card is not None else library_card(config, model, structure, formats))
+    write_export(target, compact, config, lambda formats: card if card is not None else
+                 library_card(config, model, structure, formats, push))
+    if push:
+        _push(target, push, private, "vitprune export", "export: push")
     return target
+
+
+def _check_push(push, private: bool, label: str):
+    """push/private before anything is read or written (hub.check_push: a name, a token, a network)."""
+    if push is None:
+        if private:
+            raise ConfigError(f"{label.replace('push', 'private')}: applies only with a push to ORG/NAME")
+        return
+    from vitprune.hub import check_push
+    check_push(push, label)
+
+
+def _push(target: Path, repo: str, private: bool, message: str, label: str):
+    from vitprune.hub import push_export
+    url = push_export(target, repo, private, message, replaces=EXPORT_FILES, label=label)
+    files = sorted(p.name for p in target.iterdir())
+    print(f"pushed {target} to https://huggingface.co/{repo} in one commit ({', '.join(files)}): {url}")
 
 
 def checkpoint_preprocessing(ck: dict) -> dict:
@@ -346,7 +376,11 @@ def _is_export(folder: Path) -> bool:
 
 
 def load_exported(path, device="cpu") -> VisionTransformer:
-    """The model `export` wrote to folder `path`, on `device`, in eval mode."""
+    """The model `export` wrote to folder `path`, or pushed to the Hub ("hf-hub:ORG/NAME",
+    optionally @REVISION: fetched, or the Hub cache's copy offline), on `device`, in eval mode."""
+    if str(path).startswith("hf-hub:"):
+        from vitprune.hub import download_export
+        path = download_export(str(path))
     path = Path(path)
     try:
         arch = json.loads((path / "config.json").read_text())

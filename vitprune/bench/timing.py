@@ -1,4 +1,5 @@
-"""Timing and memory helpers for the benchmarks: side-by-side medians, peak memory, the device."""
+"""Timing and memory helpers for the benchmarks: side-by-side medians, peak memory, the device,
+and the peaks model FLOPs utilisation is measured against (a matmul timed here, a datasheet)."""
 import ctypes
 import platform
 import statistics
@@ -87,3 +88,47 @@ def peak_memory(fn, device: torch.device):
         return _proc_status("VmHWM:") - base
     except (OSError, AttributeError, StopIteration):
         return None
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = None) -> tuple:
+    """(FLOP/s, n): the rate of one large n×n @ n×n matmul at `dtype` on `device` with the
+    threads torch uses now (median after warm-up): the peak a step's matmuls can reach in
+    this process. n: 8192 on CUDA, 2048 on a CPU (a few tenths of a second there)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = time_fn(lambda: a @ b, warmup=3 if cuda else 1, iters=20 if cuda else 5, device=device)
+    return 2 * n ** 3 / seconds, n
+
+
+# NVIDIA's datasheet peaks of dense bf16 tensor-core math (no sparsity), FLOP/s per GPU.
+DATASHEET_BF16 = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200 SXM": 989e12,
+                  "H200 NVL": 835e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def datasheet_card(name: str, sms: int, memory_gib: float):
+    """Which DATASHEET_BF16 card a CUDA device is, from its name, SM count and memory (GiB);
+    None for one not in the table. An H100 is PCIe by its name or its 114 SMs (SXM and NVL
+    have 132), NVL by its name or its 94 GB (SXM: 80 GB); an H200 is SXM unless named NVL."""
+    upper = name.upper()
+    words = upper.replace("-", " ").split()
+    if "GH200" in upper:
+        return "GH200"
+    if "H100" in upper:
+        if "PCIE" in upper or sms == 114:
+            return "H100 PCIe"
+        return "H100 NVL" if "NVL" in upper or memory_gib > 85 else "H100 SXM"
+    if "H200" in upper:
+        return "H200 NVL" if "NVL" in upper else "H200 SXM"
+    if "A100" in upper:
+        return "A100"
+    return next((card for card in ("L40S", "L4") if card in words), None)
+
+
+def datasheet_peak(device: torch.device):
+    """(card, dense bf16 FLOP/s) of a CUDA device from DATASHEET_BF16, or None."""
+    if device.type != "cuda":
+        return None
+    p = torch.cuda.get_device_properties(device)
+    card = datasheet_card(p.name, p.multi_processor_count, p.total_memory / 2 ** 30)
+    return (card, DATASHEET_BF16[card]) if card else None

@@ -6,9 +6,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vitprune.bench.timing import device_name, time_side_by_side
+from vitprune.bench.timing import datasheet_peak, device_name, matmul_peak, time_side_by_side
 from vitprune.deploy import compact_model
-from vitprune.structure import Structure
+from vitprune.structure import Structure, count, step_flops
 from vitprune.devices import resolve_device, use_bf16
 
 
@@ -18,9 +18,10 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     state pruned at `ratio` (heads and neurons, magnitude, global) as the state loop runs it
     (dense parameter shapes, compute following the structure), and the floor: the same pruned
     network physically compacted (`export`'s timm model, plain nn.Linear) with its own
-    optimizer; forward-only evaluation of the three; the tensor-resident data path against
-    torchvision's DataLoader with the classic PIL transforms; then the projected wall time of
-    the seed's experiment (16 × 60 epochs of 45k images + evaluation of 15k per epoch).
+    optimizer; forward-only evaluation of the three; their model FLOPs per second and MFU
+    (`_mfu_rows`); the tensor-resident data path against torchvision's DataLoader with the
+    classic PIL transforms; then the projected wall time of the seed's experiment (16 × 60
+    epochs of 45k images + evaluation of 15k per epoch).
     img_size/patch_size: the models' input (the synthetic 32-px batch is resized to it)."""
     from vitprune.data.core import train_batches
     from vitprune.data.synth import synthetic
@@ -39,6 +40,9 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
         step, infer = _step_fns(net, (x, y), device, bf16, optimizer, compile)
         fns.update({name: step, f"{name}_eval": infer})
     t = time_side_by_side(fns, warmup=3 if not compile else 10, iters=iters, device=device)
+    flops = model_flops(nets, batch)
+    peak, n = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    sheet = datasheet_peak(device) if bf16 else None  # the table holds bf16 peaks only
     # The data paths, on the CPU copy of the same images (DataLoader + PIL never sees a GPU).
     tensor_imgs_s = _tensor_loader_rate(data, batch)
     pil_imgs_s = _pil_loader_rate(data, batch, workers)
@@ -46,11 +50,15 @@ def bench_train(model="vit_tiny", batch=64, ratio=0.7, iters=None, device="auto"
     setting = (f"{model} ({img_size} px, patch {patch_size}), batch {batch}, {'bf16' if bf16 else 'fp32'}, "
                f"{optimizer}, ratio {ratio:g}, kernels={backend}{', torch.compile' if compile else ''}")
     lines, total_h = _train_table(t, batch, ratio, setting, device, (pil_imgs_s, tensor_imgs_s), workers)
+    lines += _mfu_rows(t, flops, ratio, (peak, n, "bf16" if bf16 else "fp32"), sheet)
     lines += _finetune_rows(finetune, device, workers)
     print("\n".join(lines), flush=True)
     return {"step_s": t, "tensor_loader_img_s": tensor_imgs_s, "pil_loader_img_s": pil_imgs_s,
             "finetune_img_s": finetune,
-            "projected_h": total_h, "pruned_vs_twin": t["pruned"] / t["twin"], "kernels": backend}
+            "projected_h": total_h, "pruned_vs_twin": t["pruned"] / t["twin"], "kernels": backend,
+            "flops": flops, "flops_per_s": {k: flops[k] / t[k] for k in t}, "peak_flops_s": peak,
+            "mfu": {k: flops[k] / t[k] / peak for k in t}, "datasheet": sheet,
+            "mfu_datasheet": {k: flops[k] / t[k] / sheet[1] for k in t} if sheet else None}
 
 
 TRAIN_ROWS = {"dense": "dense (State 0)", "pruned": "pruned {ratio:g}",
@@ -80,6 +88,43 @@ def _train_table(t, batch, ratio, setting, device, loader_rates, workers):
     lines += ["", f"Projected seed experiment with this model and batch (16 states × 60 epochs): "
               f"{total / 3600:.2f} h (a dense epoch {epoch_dense:.1f} s, a pruned epoch {epoch_pruned:.1f} s)."]
     return lines, total / 3600
+
+
+def model_flops(nets: dict, batch: int) -> dict:
+    """FLOPs of one batch on each path, counted from the structure: a training step
+    (structure.step_flops: forward + backward, 3× the alive network's forward) and an
+    evaluation forward. The twin computes the pruned network, so it counts the same."""
+    dense, pruned = nets["dense"], nets["pruned"]
+    kept = {"dense": Structure.full(dense), "pruned": Structure.live(pruned)}
+    kept["twin"] = kept["pruned"]
+    flops = {name: step_flops(pruned, s) * batch for name, s in kept.items()}
+    flops.update({f"{name}_eval": count(pruned, s)["flops_alive"] * batch for name, s in kept.items()})
+    return flops
+
+
+def _rate(flop_s: float) -> str:
+    return f"{flop_s / 1e12:.1f} TFLOP/s" if flop_s >= 1e12 else f"{flop_s / 1e9:.1f} GFLOP/s"
+
+
+def _mfu_rows(t: dict, flops: dict, ratio: float, measured: tuple, sheet) -> list:
+    """Model FLOPs utilisation of every timed path: its counted FLOPs per second, as a fraction
+    of the matmul peak measured in this process and, on a GPU in bf16, of the datasheet's."""
+    peak, n, dtype = measured
+    about = (f"Model FLOPs utilisation (MFU): the FLOPs a path computes, counted from the structure (a training "
+             f"step: forward + backward, 3× the alive network's forward; eval: the forward; matmuls and attention, "
+             f"not norms, softmax or GELU), per second, as a fraction of the peak of a {n}×{n} {dtype} matmul "
+             f"measured in this process with the same threads: {_rate(peak)}")
+    about += f"; and of the datasheet's dense bf16 peak of the {sheet[0]}, {_rate(sheet[1])}." if sheet else "."
+    lines = ["", about, "", "| path | GFLOP / batch | model FLOP/s | MFU (measured peak) | MFU (datasheet) |",
+             "|---|---|---|---|---|"]
+    for kind, suffix in (("train step", ""), ("eval forward", "_eval")):
+        for name, label in TRAIN_ROWS.items():
+            key = name + suffix
+            rate = flops[key] / t[key]
+            of_sheet = f"{rate / sheet[1]:.1%}" if sheet else "n/a"
+            lines.append(f"| {kind}, {label.format(ratio=ratio)} | {flops[key] / 1e9:.2f} | {_rate(rate)} | "
+                         f"{rate / peak:.1%} | {of_sheet} |")
+    return lines
 
 
 def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
