@@ -329,3 +329,55 @@ def test_budget_cpu_sweeps_end_to_end(tmp_path, monkeypatch):
         trained = torch.load(d / "checkpoints" / "state_00.pt", weights_only=True)["model"]["blocks.0.mlp.fc1.weight"]
         kept = start != 0
         assert torch.equal(start[kept], trained[kept]) == (name != "Scratch-B")  # Scratch-B: a fresh init
+    # The report of all sixteen runs: every configuration of every strategy drawn in the compute
+    # figure, and every verdict's p-value Holm-adjusted within one family (the equal-compute pairs
+    # and the loops' State 1 test together), recomputed here from the records.
+    import re
+
+    import matplotlib.figure
+    drawn, save = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: (
+        drawn.__setitem__(Path(path).name, [c.get_label().split(" (")[0] for c in fig.axes[0].containers]),
+        save(fig, path, **kw))[1])
+    out = tmp_path / "report" / "budget.md"
+    report.main(*map(str, runs), out=str(out))
+    md = out.read_text()
+
+    def label(c):  # the configuration's name in the report
+        if c.states > 2:
+            return f"{c.method} loop, {c.states} × {c.epochs} epochs"
+        kind = {"learning-rate rewinding": "learning-rate rewinding", "fine-tuning": "fine-tuning at lr=final",
+                "Scratch-B": "scratch"}[sweep_strategy(c)]
+        return f"{c.method} {kind}, {c.epochs} + {c.pruned_epochs} epochs"
+    best = {}  # (configuration, seed) -> test accuracy of the run's best pruned state by val
+    for c, _, rs in runs.values():
+        pruned = [r for r in rs if r["kind"] == "state" and r["state"] >= 1]
+        best[label(c), c.seed] = max(pruned, key=lambda r: r["final_val_acc"])["final_test_acc"]
+    configurations = {name for name, _ in best}
+    assert len(configurations) == 8
+    (curves,) = [v for k, v in drawn.items() if k.endswith("_compute.png")]
+    assert sorted(curves) == sorted(configurations)  # the loops and all three retrainings, twice each
+
+    tests = {}  # verdict cell -> raw p
+    section = md.split("## Compute: accuracy vs training compute")[1]
+    for row in section.splitlines():
+        cells = row.split(" | ")
+        if len(cells) == 8 and cells[1] in configurations and "Holm p=" in cells[-1]:
+            a, b, seeds = cells[0].lstrip("| "), cells[1], [int(s) for s in re.findall(r"\d+", cells[3].split("(")[1])]
+            tests[row] = ttest_rel([best[a, s] for s in seeds], [best[b, s] for s in seeds]).pvalue
+    state1 = {(c.method, c.seed): next(r["final_test_acc"] for r in rs if r["kind"] == "state" and r["state"] == 1)
+              for c, _, rs in runs.values() if c.states > 2}
+    loops = md.split("### State by state (final pruned test accuracy) — pruned_epochs=None")[1].split("\n\n")[1]
+    row = next(r for r in loops.splitlines() if r.startswith("| 1 |"))
+    p = ttest_rel([state1["rsst", s] for s in (0, 1)], [state1["refill", s] for s in (0, 1)]).pvalue
+    if p == p:  # a constant difference has no test (and is no member of the family)
+        tests[row] = p
+    assert len(tests) >= 12 and f"Holm over {len(tests)} tests" in md
+    order = sorted(tests, key=tests.get)
+    adjusted, running = {}, 0.0
+    for i, key in enumerate(order):  # Holm's step-down: the i-th smallest times (m - i), kept monotone
+        running = max(running, min(1.0, (len(order) - i) * tests[key]))
+        adjusted[key] = running
+    for row, p_holm in adjusted.items():
+        printed = float(re.search(r"Holm p=([\d.]+)", row).group(1))
+        assert printed == pytest.approx(p_holm, abs=0.0051), row

@@ -115,11 +115,6 @@ def activation_scores(model, batches, criterion: str):
     modules = {id(b.attn): (l, "attn") for l, b in enumerate(model.blocks)}
     modules.update({id(b.mlp): (l, "mlp") for l, b in enumerate(model.blocks)})
 
-    def reduce(x, dim_groups):
-        if criterion == "l1":
-            return x.abs().mean(dim_groups)
-        return x.square().mean(dim_groups)  # l2: mean square now, sqrt at the end
-
     def observe(module, out):
         l, kind = modules[id(module)]
         if kind == "attn":
@@ -134,8 +129,8 @@ def activation_scores(model, batches, criterion: str):
             def taylor(grad):
                 target.index_add_(0, index, (grad.float().unflatten(-1, split) * x).sum((1, 3)).abs().sum(0) / len(x))
             out.register_hook(taylor)
-        else:
-            target.index_add_(0, index, reduce(x, (0, 1, 3)))
+        else:  # l1: mean |output|; l2: mean square now, sqrt at the end
+            target.index_add_(0, index, (x.abs() if criterion == "l1" else x.square()).mean((0, 1, 3)))
 
     was_training = model.training
     model.eval()

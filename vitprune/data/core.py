@@ -88,8 +88,10 @@ class Data:
 
 def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """Images in 0..255 (uint8, or float after a resize) -> float, (x/255 - mean) / std per channel."""
-    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in (mean, std))
-    return (x.float() / 255 - mean) / std
+    # One multiply-add pass over the batch (x · 1/(255 std) − mean/std), not three: at 224 px
+    # on a CPU this is a memory-bound pass over the whole batch.
+    mean, std = (torch.tensor(v, device=x.device, dtype=torch.float64).view(-1, 1, 1) for v in (mean, std))
+    return torch.addcmul((-mean / std).float(), x.float(), (1 / (255 * std)).float())
 
 
 def model_input(x: torch.Tensor, prep) -> torch.Tensor:
