@@ -291,7 +291,7 @@ def test_runs_of_one_seed_record_the_same_splits_and_state0(tmp_path, monkeypatc
         run_dir = tmp_path / "runs" / name
         summary = json.loads((run_dir / "summary.json").read_text())
         states = [r for r in comparable(run_dir) if r["kind"] == "state"]
-        weights = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=False)["model"]
+        weights = torch.load(run_dir / "checkpoints" / "state_00.pt", weights_only=True)["model"]
         h = hashlib.sha256()
         for key in sorted(weights):
             t = weights[key].contiguous()

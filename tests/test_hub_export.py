@@ -210,7 +210,7 @@ def lay_out_hub_cache(export: Path, home: Path, repo: str) -> Path:
 LOAD = """
 import sys, torch, vitprune
 from vitprune.errors import ConfigError
-x = torch.load("x.pt")
+x = torch.load("x.pt", weights_only=True)
 with torch.no_grad():
     torch.save(vitprune.load_exported("hf-hub:my-lab/vit-micro-refill")(x), "hub.pt")
 try:
@@ -231,7 +231,7 @@ def test_load_exported_reads_the_hub_cache_offline(checkpoint, tmp_path, monkeyp
                        timeout=300)
     assert p.returncode == 0, p.stderr
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "hub.pt"), load_exported(out)(x))
+        assert torch.equal(torch.load(tmp_path / "hub.pt", weights_only=True), load_exported(out)(x))
     assert p.stdout.strip() == ("load_exported: hf-hub:my-lab/not-cached is not in the Hugging Face cache and the "
                                 "Hub cannot be reached; load it once online (or set HF_HOME to a cache holding it)")
     assert json.loads((out / "config.json").read_text())["format"].startswith("vitprune-export/")

@@ -64,7 +64,7 @@ def comparable(run_dir):
 
 
 def checkpoint(run_dir, name):
-    return torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
 
 
 def alive(w: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,38 @@ def test_a_run_that_finds_its_point_held_is_running_elsewhere_not_failed(tmp_pat
     assert captured.out.splitlines()[-1] == "sweep: 2 points: 1 trained here, 1 running elsewhere"
 
 
+@pytest.mark.parametrize("looked", ["new", "restart"])
+def test_a_point_taken_between_the_look_and_the_runs_claim_is_not_failed(tmp_path, monkeypatch, capsys, looked):
+    """Two runners at one point: this runner looks (free: new, or a dead run's skeleton) and starts
+    its run; before that run claims the folder (python's start-up, seconds) another runner's run
+    takes the point and finishes it. This run then refuses the folder, which is no longer what it
+    looked (exit 2): it removes nothing (no --overwrite), and the runner says what happened to the
+    point, not that it failed."""
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    (command, first, _), _ = sweep.plan(path, out)
+    if looked == "restart":  # a run that died before its first checkpoint
+        (first / "checkpoints").mkdir(parents=True)
+        (first / "config.json").write_text(json.dumps(sweep.parse_run_flags(sweep._run_flags(command)).to_dict()))
+    calls = []
+
+    def run(cmd):
+        calls.append(cmd)
+        if len(calls) == 1:  # meanwhile the other runner's run finished the point
+            assert "--overwrite" not in cmd  # it would remove the other runner's finished run
+            (first / "checkpoints").mkdir(parents=True)
+            (first / "config.json").write_text(json.dumps(sweep.parse_run_flags(sweep._run_flags(cmd)).to_dict()))
+            (first / "summary.json").write_text(json.dumps({"status": "finished"}))
+            return type("P", (), {"returncode": run_cli(monkeypatch, *cmd[cmd.index("run"):])})
+        return type("P", (), {"returncode": 0})
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    sweep.main(str(path), out_dir=str(out))  # no SystemExit: nothing failed
+    captured = capsys.readouterr()
+    assert "already exists" in captured.err  # the run's own refusal, as it happened
+    assert len(calls) == 2 and captured.out.splitlines()[-1] == \
+        "sweep: 2 points: 1 trained here, 1 finished by another runner", captured.out
+    assert json.loads((first / "summary.json").read_text()) == {"status": "finished"}  # left as it was
+
+
 def test_a_point_whose_holder_died_is_resumed_at_the_end(tmp_path, monkeypatch, capsys):
     path, out = write_grid(tmp_path), tmp_path / "runs"
     ran = fake_runs(monkeypatch, codes={1: RunLocked.EXIT_CODE})  # held at first, free when looked at again
@@ -335,7 +367,8 @@ def test_soak_sweep_runners_sharing_an_out_dir_train_every_point_once(tmp_path):
         time.sleep(0.2)
     runners.append(start())  # mid-way
     outputs = [r.communicate(timeout=900)[0] for r in runners]
-    assert all(r.returncode == 0 for r in runners), outputs
+    assert all(r.returncode == 0 for r in runners), [(r.returncode, o[-3000:]) for r, o in zip(runners, outputs)
+                                                     if r.returncode]
     counts = [last_line_counts(text) for text in outputs]
     assert sum(c.get("trained here", 0) for c in counts) == 6, [o.splitlines()[-1] for o in outputs]
     assert all(sum(c.values()) == 6 and "failed" not in c for c in counts)

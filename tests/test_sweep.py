@@ -131,10 +131,12 @@ def test_local_runner_skips_finished_resumes_interrupted(tmp_path, monkeypatch, 
     point = sweep.parse_run_flags(sweep._run_flags(runs[2][0])).to_dict()
     (out / names[2] / "config.json").write_text(json.dumps(point))  # died before its first checkpoint
     (out / names[3]).mkdir()  # empty
-    ran = []
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or type("P", (), {"returncode": 0}))
+    ran, there = [], []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: ran.append(cmd) or there.append(
+        (out / names[2]).exists()) or type("P", (), {"returncode": 0}))
     sweep.main(str(path), out_dir=str(out))
-    assert [c[-1] for c in ran] == ["--resume", "--overwrite", f"--out_dir={out}"]
+    # the dead run's folder is emptied by the runner under its lock, and the point started as new
+    assert [c[-1] for c in ran] == ["--resume", f"--out_dir={out}", f"--out_dir={out}"] and there[1:] == [False, False]
     assert ran[0][:5] == [sys.executable, "-m", "vitprune", "run", "--method=refill"]
     assert "finished, skipped" in capsys.readouterr().out
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from vitprune.config import from_flags
 from vitprune.errors import ConfigError, RunLocked
-from vitprune.runfolder import NAME_FIELDS, config_difference, run_name, saved_config, take_lock
+from vitprune.runfolder import NAME_FIELDS, config_difference, is_run_folder, run_name, saved_config, take_lock
 
 
 def load_sweep(path) -> dict:
@@ -149,11 +150,16 @@ def _look(command: list, run_dir: Path):
         lock = take_lock(run_dir)
     except RunLocked:
         return "elsewhere", command
+    base = [w for w in command if w not in ("--resume", "--overwrite")]
     try:
         status = _status(run_dir)
+        if status == "restart" and is_run_folder(run_dir):
+            # Emptied here, under the lock, and started as new: a run started with --overwrite
+            # would remove whatever another runner made of the point since this look.
+            shutil.rmtree(run_dir)
+            return status, base
     finally:
         lock.release()
-    base = [w for w in command if w not in ("--resume", "--overwrite")]
     return status, base + _status_flags(status)
 
 
@@ -173,6 +179,17 @@ def _run_point(i: int, n: int, command: list, run_dir: Path, first_pass: bool) -
         return "running elsewhere"
     print(f"{head} ({status}): {shlex.join(command)}", flush=True)
     code = subprocess.run(command).returncode
+    if code not in (0, RunLocked.EXIT_CODE) and status in ("new", "restart"):
+        # Between this look and the run's own claim (python's start-up) another runner's run may
+        # have taken the point: this run then refused a folder that was no longer what it looked.
+        # Finished or held by another process now, it is that runner's point (looked at again at
+        # the end); anything else is this run's failure.
+        now = _look(command, run_dir)[0]
+        if now == "finished" and not first_pass:
+            return "finished by another runner"
+        if now in ("finished", "elsewhere"):
+            print(f"# {head}: taken by another runner meanwhile{'; back to it at the end' * first_pass}")
+            return "running elsewhere"
     return {0: "trained here", RunLocked.EXIT_CODE: "running elsewhere"}.get(code, "failed")
 
 
