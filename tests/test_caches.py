@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision
-from PIL import Image
 
+from conftest import class_folders
 from vitprune.data import cifar
 from vitprune.errors import ConfigError
 
 
-def write_tree(root, per_class=10):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog", "fox")):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            rgb = np.clip(np.roll([200.0, 60.0, 60.0], c) + rng.normal(0, 40, (20, 24, 3)), 0, 255)
-            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"img_{i:03d}.png")
-    return root
+def write_tree(root):
+    return class_folders(root)
 
 
 # One process of the race: waits at a start line until both are ready, then asks for the decoded

@@ -14,14 +14,12 @@ import types
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitprune.train as train
 import vitprune.runtime as runtime
-from conftest import run_cli, small_data
+from conftest import class_folders, run_cli, small_data
 from vitprune import checkpoint, files
 from vitprune.data import folder as folder_module
 from vitprune.data import images
@@ -423,14 +421,8 @@ def test_full_disk_during_an_export_keeps_the_earlier_export(reference, tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def write_tree(root, per_class=12):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog", "fox")):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            rgb = np.clip(np.roll([200.0, 60.0, 60.0], c) + rng.normal(0, 40, (20, 24, 3)), 0, 255)
-            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"img_{i:03d}.png")
-    return root
+def write_tree(root):
+    return class_folders(root, per_class=12)
 
 
 def test_full_disk_during_the_decode_cache_leaves_no_cache(tmp_path, monkeypatch, capsys):

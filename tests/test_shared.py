@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import class_folders, run_cli
 from vitprune import runfolder, sweep
 from vitprune.config import Config
 from vitprune.errors import ConfigError, RunLocked
@@ -262,16 +262,8 @@ def test_a_sweep_with_a_hand_broken_config_json_is_one_line(tmp_path):
 
 # ---- real processes -----------------------------------------------------------------------
 
-def write_images(root, per_class=10):
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog")):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            rgb = np.clip(np.roll([200.0, 60.0, 60.0], c) + rng.normal(0, 40, (20, 24, 3)), 0, 255)
-            Image.fromarray(rgb.astype(np.uint8)).save(root / name / f"img_{i:03d}.png")
-    return root
+def write_images(root):
+    return class_folders(root, classes=("cat", "dog"))
 
 
 def folder_grid(images, data_dir, methods=("refill", "rsst"), seeds=(0,)):
