@@ -139,6 +139,7 @@ def nearest_multiple(width: int, n: int, most: int) -> int:
     return min(range(n, most + 1, n), key=lambda m: (abs(m - width), -m))
 
 
+@pytest.mark.slow
 def test_bench_export_times_rounded_widths_of_one_network_per_flop(capsys, monkeypatch):
     """Without a checkpoint: vit_micro pruned at 0.7 by select, and its widths rounded to 8, 32
     and 64, each in eager torch, torch.compile (its inductor build is most of a minute per model

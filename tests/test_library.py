@@ -217,6 +217,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_every_process_keeps_the_same_groups(tmp_path):
     """2 processes on gloo, each with its own calibration batches (and, for magnitude, its own
     weights): both keep the same groups; the l1 keep set is the one a single process selects
