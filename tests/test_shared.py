@@ -220,6 +220,24 @@ def test_a_point_taken_between_the_look_and_the_runs_claim_is_not_failed(tmp_pat
     assert json.loads((first / "summary.json").read_text()) == {"status": "finished"}  # left as it was
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_keeps_its_folder(tmp_path, monkeypatch, capsys):
+    """The look after a failed run only reads the folder: the config.json and log of a run that
+    failed before its first checkpoint stay for the user to read."""
+    path, out = write_grid(tmp_path), tmp_path / "runs"
+    (command, first, _), _ = sweep.plan(path, out)
+
+    def run(cmd):
+        if first.name in " ".join(cmd) or "--method=refill" in cmd:
+            (first / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (first / "config.json").write_text(json.dumps(sweep.parse_run_flags(sweep._run_flags(cmd)).to_dict()))
+            return type("P", (), {"returncode": 1})
+        return type("P", (), {"returncode": 0})
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    with pytest.raises(SystemExit):
+        sweep.main(str(path), out_dir=str(out))
+    assert "1 failed" in capsys.readouterr().err and (first / "config.json").is_file()
+
+
 def test_a_point_whose_holder_died_is_resumed_at_the_end(tmp_path, monkeypatch, capsys):
     path, out = write_grid(tmp_path), tmp_path / "runs"
     ran = fake_runs(monkeypatch, codes={1: RunLocked.EXIT_CODE})  # held at first, free when looked at again

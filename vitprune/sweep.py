@@ -141,9 +141,10 @@ def _status(run_dir: Path) -> str:
     return "resume" if any((run_dir / "checkpoints").glob("*.pt")) else "restart"
 
 
-def _look(command: list, run_dir: Path):
+def _look(command: list, run_dir: Path, clear: bool = False):
     """(status, command) of a point as it is now, looked at under its folder's lock so that no
-    runner reads a folder another is changing; status "elsewhere" when another process holds it."""
+    runner reads a folder another is changing; status "elsewhere" when another process holds it.
+    clear: about to run it, so a dead run's skeleton is emptied (and the point started as new)."""
     if not run_dir.parent.is_dir():  # no --out_dir yet: nothing to look at, nothing to lock
         return "new", command
     try:
@@ -153,7 +154,7 @@ def _look(command: list, run_dir: Path):
     base = [w for w in command if w not in ("--resume", "--overwrite")]
     try:
         status = _status(run_dir)
-        if status == "restart" and is_run_folder(run_dir):
+        if clear and status == "restart" and is_run_folder(run_dir):
             # Emptied here, under the lock, and started as new: a run started with --overwrite
             # would remove whatever another runner made of the point since this look.
             shutil.rmtree(run_dir)
@@ -169,7 +170,7 @@ OUTCOMES = ("trained here", "finished already", "finished by another runner", "r
 
 def _run_point(i: int, n: int, command: list, run_dir: Path, first_pass: bool) -> str:
     """Run one point unless it is finished or held elsewhere; its outcome (OUTCOMES)."""
-    status, command = _look(command, run_dir)
+    status, command = _look(command, run_dir, clear=True)
     head = f"[{i}/{n}] {run_dir}"
     if status == "finished":
         print(f"# {head}: finished, skipped" if first_pass else f"# {head}: finished by another runner")
