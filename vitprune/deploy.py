@@ -98,8 +98,10 @@ def compact_state_dict(model, structure: Structure) -> dict:
     to `structure` (apply_structure), so element-masked weights are already zero."""
     L, H, hd, D, M = dims(model)
     state = model.state_dict()
+    device = state["blocks.0.attn.qkv.weight"].device  # the structure's masks live on the CPU
     for l in range(L):
-        heads, neurons = structure.heads[l].nonzero().flatten(), _alive(structure.neurons[l])
+        heads = structure.heads[l].nonzero().flatten().to(device)
+        neurons = _alive(structure.neurons[l]).to(device)
         rows, cols = head_rows(heads, H, hd), head_cols(heads, hd)
         p = f"blocks.{l}."
         state.update({

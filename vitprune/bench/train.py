@@ -131,8 +131,6 @@ def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
     """({dense, pruned, twin}, kernels backend): a fresh `model_name` (State 0), the same
     weights pruned at `ratio` (magnitude, global) running through the run's kernels, and the
     pruned network compacted by export into a plain timm model with its own parameters."""
-    import copy
-
     from vitprune import kernels
     from vitprune.model import build_model, set_kernels
     from vitprune.importance import importance, keep_set
@@ -149,9 +147,7 @@ def _bench_models(model_name, ratio, device, bf16, img_size, patch_size):
     structure = Structure(keep_set(heads, heads > -1, 1 - ratio, "global", 1),
                           keep_set(neurons, neurons > -1, 1 - ratio, "global", 1))
     apply_structure(nets["pruned"], structure)
-    # From a CPU copy (the structure's indices live there): parameters of its own, not views
-    # of the pruned model's.
-    nets["twin"] = compact_model(copy.deepcopy(nets["pruned"]).cpu(), structure).to(device).train()
+    nets["twin"] = compact_model(nets["pruned"], structure).train()  # parameters of its own
     return nets, backend
 
 
