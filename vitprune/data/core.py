@@ -9,13 +9,14 @@ another size than S (resize.py: the rule of training crops and evaluation alike)
 and the augmentation of every batch depend only on (seed, state, epoch), so a run is
 reproducible and resumes at any epoch, or at any step of one.
 """
+import functools
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
 from vitprune.data.augment import finetune_draws, resized_crop
-from vitprune.data.resize import resize, whole
+from vitprune.data.resize import resize_whole
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm's augreg ViTs; from scratch too (else the weights' own)
 EVAL_BATCH = 1000
@@ -90,8 +91,15 @@ def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """Images in 0..255 (uint8, or float after a resize) -> float, (x/255 - mean) / std per channel."""
     # One multiply-add pass over the batch (x · 1/(255 std) − mean/std), not three: at 224 px
     # on a CPU this is a memory-bound pass over the whole batch.
-    mean, std = (torch.tensor(v, device=x.device, dtype=torch.float64).view(-1, 1, 1) for v in (mean, std))
-    return torch.addcmul((-mean / std).float(), x.float(), (1 / (255 * std)).float())
+    shift, scale = _affine(tuple(mean), tuple(std), x.device)
+    return torch.addcmul(shift, x.float(), scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple, std: tuple, device: torch.device):
+    """normalize's constants, made once per preprocessing and device rather than per batch."""
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(-1, 1, 1) for v in (mean, std))
+    return (-mean / std).float().to(device), (1 / (255 * std)).float().to(device)
 
 
 def model_input(x: torch.Tensor, prep) -> torch.Tensor:
@@ -99,7 +107,7 @@ def model_input(x: torch.Tensor, prep) -> torch.Tensor:
     (CIFAR for a 224-px ViT: the set stays small in memory whatever --img_size is) by resize.py's
     rule, with prep.interpolation, as training crops are; normalised with prep.mean/std."""
     if x.shape[-1] != prep.img_size:
-        x = resize(x, whole(x), prep.img_size, prep.interpolation)
+        x = resize_whole(x, prep.img_size, prep.interpolation)
     return normalize(x, prep.mean, prep.std)
 
 

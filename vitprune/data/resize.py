@@ -10,6 +10,8 @@ resizes whole images with it (core.model_input), --aug=finetune's random-resized
 boxes (augment.resized_crop): the model never sees training images resampled another way than
 the images it is tested on.
 """
+import functools
+
 import torch
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -53,6 +55,14 @@ def resize(x: torch.Tensor, boxes: torch.Tensor, size: int, interpolation: str, 
     return wy[:, None] @ x.float() @ wx[:, None].transpose(-1, -2)
 
 
-def whole(x: torch.Tensor) -> torch.Tensor:
-    """The box of every whole image of x [B, C, H, W]: (0, 0, H, W)."""
-    return torch.tensor([0, 0, x.shape[-2], x.shape[-1]], device=x.device).expand(len(x), 4)
+@functools.lru_cache(maxsize=16)
+def _whole_weights(height: int, width: int, size: int, interpolation: str, device: torch.device):
+    zero = torch.zeros(1, device=device)
+    return weights(zero, zero + height, size, height, interpolation), weights(zero, zero + width, size, width, interpolation)
+
+
+def resize_whole(x: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """Every whole image of x [B, C, H, W] resized (resize() of the box (0, 0, H, W)): the weights
+    are made once per shape and device, not per batch, and broadcast over the batch."""
+    wy, wx = _whole_weights(x.shape[-2], x.shape[-1], size, interpolation, x.device)
+    return wy[:, None] @ x.float() @ wx[:, None].transpose(-1, -2)
