@@ -17,7 +17,7 @@ def numerics(config: dict, recorded: dict) -> dict:
     written before they were recorded: the flags, resolved where they tell (a Triton backend ran on
     CUDA; `auto` precision is bf16 on CUDA, fp32 on the CPU); `auto` that nothing resolves stays
     `auto`. Other numerics flags (--compile) as given."""
-    flag = lambda k: complete(config)[k]
+    flag = complete(config).__getitem__
     device = recorded.get("device_type") or flag("device").split(":")[0]
     kernels = recorded.get("kernels_backend") or flag("kernels")
     if device == "auto" and kernels == "triton":

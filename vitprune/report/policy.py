@@ -194,7 +194,7 @@ class Verdicts:
         t, (cell, a, b, _) = self.tests[key], key
         if t.n != 1:
             return t.p
-        sigma = one_seed_sigma(self.noise[cell], a, b, cell.mode)
+        sigma = one_seed_sigma(self.noise[cell], a, b)
         return None if not sigma else one_seed_z(t.delta, sigma)[1]
 
     def verdict(self, cell, a, b, state) -> Judged:
@@ -206,9 +206,10 @@ class Verdicts:
         return Judged(t, decide(t, self.holm.get(key), self.noise[cell], cell.mode, a, b, len(self)))
 
 
-def one_seed_sigma(noise: dict, a, b, mode):
-    """σ of a one-seed comparison: the larger within-run std of the two (None where there is none)."""
-    if mode != "oneshot" or noise.get(a) is None or noise.get(b) is None:
+def one_seed_sigma(noise: dict, a, b):
+    """σ of a one-seed comparison: the larger within-run std of the two (None where there is none:
+    within_run_noise has none outside oneshot cells)."""
+    if noise.get(a) is None or noise.get(b) is None:
         return None
     return max(noise[a], noise[b])
 
@@ -236,7 +237,7 @@ def decide(t: Paired, p_holm, noise: dict, mode: str, a: str, b: str, family: in
                                                                           f"paired over {t.n} seeds")
     if mode != "oneshot":
         return f"no verdict: one seed, and no within-run noise under {mode} (run several seeds)"
-    sigma = one_seed_sigma(noise, a, b, mode)
+    sigma = one_seed_sigma(noise, a, b)
     if sigma is None:
         return "no verdict: one seed, and within-run noise needs >= 4 states"
     if sigma == 0:

@@ -2,6 +2,7 @@
 run's history, as one RunRecords."""
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from vitprune.config import NOT_ZEROED
@@ -38,12 +39,12 @@ class RunRecords:
         found = [s[key] for s in self.states if s.get(key) is not None]
         return self.summary.get(key) if self.summary.get(key) is not None else (found[-1] if found else None)
 
-    @property
+    @cached_property  # the records do not change once loaded; identity is read many times
     def resolved(self) -> dict:
         """The numerics the run recorded as resolved (None each in records before they were)."""
         return {k: self.recorded(k) for k in NUMERICS}
 
-    @property
+    @cached_property
     def identity(self) -> dict:
         """What the run computes, seed aside (identity.identity): its completed configuration, how
         it retrains, its resolved numerics."""
