@@ -4,6 +4,7 @@ its keep set and the preprocessing the network was trained with, under the YAML 
 Hugging Face Hub reads for the model page. vitprune.export without a card: what the model
 itself tells (library_card)."""
 from vitprune import fmt
+from vitprune.hub import HF_HUB
 from vitprune.structure import count, dims, widths
 from vitprune.zoo import is_weights_file
 
@@ -34,7 +35,7 @@ def loading(formats: list, size: int, repo: str = None) -> str:
     """The card's Loading code for the formats written: from the folder, or from Hub `repo`."""
     where = (lambda f: f'hf_hub_download("{repo}", "{f}")') if repo else (lambda f: f'"./{f}"')
     blocks = [code.format(pt2=where("model.pt2"), onnx=where("model.onnx"), s=size,
-                          folder=f'"hf-hub:{repo}"' if repo else '"."')
+                          folder=f'"{HF_HUB}{repo}"' if repo else '"."')
               for name, code in LOADING.items() if name in formats]
     fetched = repo and {"model.pt2", "model.onnx"} & set(formats)
     fetch = "from huggingface_hub import hf_hub_download\n\n" if fetched else ""

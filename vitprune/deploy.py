@@ -380,8 +380,8 @@ def _is_export(folder: Path) -> bool:
 def load_exported(path, device="cpu") -> VisionTransformer:
     """The model `export` wrote to folder `path`, or pushed to the Hub ("hf-hub:ORG/NAME",
     optionally @REVISION: fetched, or the Hub cache's copy offline), on `device`, in eval mode."""
-    if str(path).startswith("hf-hub:"):
-        from vitprune.hub import download_export
+    from vitprune.hub import HF_HUB, download_export
+    if str(path).startswith(HF_HUB):
         path = download_export(str(path))
     path = Path(path)
     try:

@@ -15,7 +15,7 @@ import torch
 from vitprune import fmt
 from vitprune.bench.timing import device_name, time_side_by_side
 from vitprune.data.checks import MAX_IMAGE_PIXELS
-from vitprune.data.images import EXTENSIONS, check_images, decode_all
+from vitprune.data.images import DECODE_THREADS, EXTENSIONS, check_images, decode_all
 
 
 def bench_images(folder=None, n=10000, width=160, height=120, img_size=32, iters=3, warmup=1):
@@ -58,8 +58,8 @@ def _generate(folder: str, n: int, width: int, height: int):
 
 
 def _cpu() -> str:
-    """The CPU and the threads both passes use (their pool: min(16, os.cpu_count()))."""
-    threads = min(16, os.cpu_count() or 1)
+    """The CPU and the threads both passes use (their pool: data.images.DECODE_THREADS)."""
+    threads = DECODE_THREADS
     return device_name(torch.device("cpu")).split(", ")[0] + f", {threads} decoding thread{'s' * (threads > 1)}"
 
 

@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from vitprune.errors import ConfigError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io decodes (PIL-only formats are skipped)
+DECODE_THREADS = min(16, os.cpu_count() or 1)  # decoding releases the GIL: threads, at most 16
 
 
 def decode(path: str, size: int) -> torch.Tensor:
@@ -39,7 +40,7 @@ def decode_all(files: list, size: int) -> torch.Tensor:
     """uint8 [N, 3, size, size], decoded by a thread pool (torchvision's decoders and resize
     release the GIL); ConfigError naming the first file that fails."""
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(DECODE_THREADS)
     try:
         for i, img in enumerate(pool.map(lambda f: _decode_or_fail(f, size), files)):
             out[i] = img
@@ -88,7 +89,7 @@ def check_images(files: list, max_pixels: int):
     from PIL import Image
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # max_pixels is the limit, said in one line
     try:
-        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
             for error in pool.map(lambda path: _image_error(path, max_pixels), files):
                 if error:
                     raise ConfigError(error)
