@@ -21,7 +21,7 @@ from vitprune.errors import ConfigError
 from vitprune.model import build_model, fresh_weights, set_kernels
 from vitprune.runfolder import RunFolder, claim, run_name
 from vitprune.step import evaluate, make_optimizer, state0_last_lr
-from vitprune.structure import Structure, count, set_live
+from vitprune.structure import Structure, count, set_live, step_flops
 from vitprune.zoo import preprocessing
 
 
@@ -120,6 +120,9 @@ class Run:
         teacher = self.teacher_of(state)
         return teacher.flops if teacher else 0
 
+    def epoch_flops(self, alive, state: int) -> int:
+        """Training FLOPs of one epoch of state `state` with the groups `alive`, teacher included."""
+        return self.steps * self.cfg.batch_size * step_flops(self.model, alive, self.teacher_flops(state))
 
 
 def setup(cfg: Config, folder: RunFolder = None) -> Run:

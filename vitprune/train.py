@@ -244,8 +244,7 @@ def train_epoch(r: Run, pos: Position, tools: StepTools, epoch: int, stop: StopR
         **rsst_fields(pos, tools, (epoch + 1 - r.first_epoch(state)) * r.steps, r.steps),
         "state_progress": (epoch + 1 - r.first_epoch(state)) / (r.epochs_of(state) - r.first_epoch(state)),
         "time_s": time.time() - t0,
-        "train_flops": pos.train_flops + r.steps * cfg.batch_size * step_flops(r.model, pos.alive,
-                                                                               r.teacher_flops(state)),
+        "train_flops": pos.train_flops + r.epoch_flops(pos.alive, state),
         "train_time_s": train_time,
     }
 
@@ -329,7 +328,7 @@ def finish_state(r: Run, pos: Position, tools: StepTools):
         **count(r.model, pos.alive), **widths(pos.alive), "time_s": pos.state_time,
         "train_flops": pos.train_flops, "train_time_s": pos.train_time,
         # an epoch of this state's final network as a retraining trains it: the equal-compute unit
-        "ticket_epoch_flops": r.steps * cfg.batch_size * step_flops(r.model, pos.alive, r.teacher_flops(state)),
+        "ticket_epoch_flops": r.epoch_flops(pos.alive, state),
         **r.facts, "state0_fingerprint": pos.state0_fingerprint,
     })
     if r.main:

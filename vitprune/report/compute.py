@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 from vitprune.config import complete
 from vitprune.report.identity import OWN, STRATEGIES, identity, pair_by_seed, retraining, strategy
-from vitprune.report.policy import CONTESTANTS, significance
+from vitprune.report.policy import CONTESTANTS, differing, significance
 from vitprune.report.runs import HEADLINE, RunRecords
 from vitprune.report.stats import Paired, Summary, holm, mean, paired_test, run_stats, std, summarize
 
@@ -47,8 +47,7 @@ def compute_cells(runs) -> list:
     for r in runs:
         cells.setdefault(compute_cell_key(r.config, r.resolved), []).append(r)
     keys = [dict(k) for k in cells]
-    shown = ["dataset", "model", "ratio"] + [k for k in dict.fromkeys(f for c in keys for f in c)
-                                             if k not in ("dataset", "model", "ratio") and len({c.get(k) for c in keys}) > 1]
+    shown = ["dataset", "model", "ratio"] + [k for k in differing(keys) if k not in ("dataset", "model", "ratio")]
     out = []
     for key, members in cells.items():
         c = dict(key)
