@@ -154,6 +154,15 @@ def resumable_folder(root, **config):
     return run_dir
 
 
+def test_resume_of_a_finished_run_still_refuses_a_changed_configuration(tmp_path, monkeypatch, capsys):
+    """`--resume --lr=...` on a finished run is refused in one line, not answered "nothing to
+    resume" with the flag silently dropped."""
+    run_dir = resumable_folder(tmp_path, lr=0.05)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished"}))
+    code, err = cli(monkeypatch, capsys, "run", "--resume", f"--out_dir={tmp_path / 'runs'}", "--name=r", "--lr=0.1")
+    assert code == 2 and err.startswith("error: --lr: 0.1 differs from 0.05") and err.count("\n") == 1
+
+
 def test_resume_refuses_a_changed_configuration_and_warns_on_changed_execution(tmp_path, monkeypatch, capsys):
     resumable_folder(tmp_path, method="rsst", lr=0.05)
     started = []

@@ -200,20 +200,21 @@ def resumed_config(cfg: Config, flags: dict) -> Optional[Config]:
     saved = read_json(path)
     if saved is None:
         raise ConfigError(f"--resume: no run folder with config.json at {path.parent}; check --out_dir and --name")
+    missing = [k for k in FIELDS if k not in saved]
+    if missing:  # written before these flags existed: the run ran with their values of then
+        saved = {k: v for k, v in complete(saved).items() if k in FIELDS}
+    for key in flags:
+        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
+            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "
+                              f"a resumed run keeps its config (drop the flag or start a new run)")
     summary = read_json(path.parent / "summary.json") or {}
     if summary.get("status") == "finished":
         print(f"{path.parent} finished all its {saved.get('states')} states already: nothing to resume "
               f"(results in metrics.jsonl, summary.json)")
         return None
-    missing = [k for k in FIELDS if k not in saved]
-    if missing:  # written before these flags existed: the run ran with their values of then
-        saved = {k: v for k, v in complete(saved).items() if k in FIELDS}
+    if missing:
         print(f"note: {path} predates " + ", ".join(f"--{k}" for k in missing) +
               ": the run continues with their values from before they existed", file=sys.stderr)
-    for key in flags:
-        if key not in EXECUTION_FLAGS and getattr(cfg, key) != saved[key]:
-            raise ConfigError(f"--{key}: {getattr(cfg, key)!r} differs from {saved[key]!r} in {path}; "
-                              f"a resumed run keeps its config (drop the flag or start a new run)")
     changed = [k for k in flags if k in NUMERICS_FLAGS and getattr(cfg, k) != saved[k]]
     if changed:
         print("warning: " + ", ".join(f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed) +
